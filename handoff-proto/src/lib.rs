@@ -1,0 +1,4 @@
+//! Sans-io core of `handoff`.
+pub mod types;
+pub mod wire;
+pub use types::*;

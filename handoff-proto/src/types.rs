@@ -1,0 +1,221 @@
+//! Plain data shared by the wire format, the role machines and the journal.
+
+use core::fmt;
+use core::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Process id, as the kernel reports it. The core never signals or inspects a process; it only
+/// names one so that a driver can.
+pub type Pid = u32;
+
+/// Identifies one handoff. The supervisor picks it; every message of that handoff carries it,
+/// and a message with another id is peer misbehaviour, never silently applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct HandoffId(pub u64);
+
+impl fmt::Display for HandoffId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// The kind of socket a listener is. The driver checks every received descriptor against it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum ListenerKind {
+    /// A listening `SOCK_STREAM` socket in `AF_INET` or `AF_INET6`.
+    Tcp,
+    /// A bound `SOCK_DGRAM` socket in `AF_INET` or `AF_INET6`.
+    Udp,
+    /// A listening `SOCK_STREAM` socket in `AF_UNIX`.
+    UnixStream,
+    /// A bound `SOCK_DGRAM` socket in `AF_UNIX`.
+    UnixDatagram,
+}
+
+/// A listener as the protocol sees it: a name and a kind. The descriptor itself travels beside
+/// the frame (SCM_RIGHTS) and never enters this crate.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ListenerInfo {
+    /// The name the application asks for (`LISTEN_FDNAMES` entry).
+    pub name: String,
+    /// What the descriptor must be.
+    pub kind: ListenerKind,
+}
+
+/// Most descriptors one `sendmsg` may carry (the kernel's `SCM_MAX_FD` is 253).
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// What the incumbent's drain hook reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct DrainReport {
+    /// Connections still open when the drain returned (they are cut or handed over by the
+    /// application; the protocol only reports the number).
+    pub open_conns_remaining: u64,
+    /// Whether the application stopped accepting on its listeners.
+    pub accept_closed: bool,
+}
+
+/// What the incumbent's seal hook reports: the state the successor must find on disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct SealReport {
+    /// Last durable revision of every shard, in shard order.
+    pub last_revision_per_shard: Vec<u64>,
+    /// A fingerprint of the sealed data directory, chosen by the application.
+    pub data_dir_fingerprint: u64,
+}
+
+/// What the successor reports with `Ready`. The supervisor checks it against the seal report
+/// before it commits (see [`SealReport::accepts`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ReadinessSnapshot {
+    /// Human-readable addresses the successor serves on.
+    pub listening_on: Vec<String>,
+    /// The application's own health check passed.
+    pub healthz_ok: bool,
+    /// The revision of every shard as the successor opened it.
+    pub advertised_revision_per_shard: Vec<u64>,
+}
+
+/// A point-in-time view of the application, sent with `Resumed` and on status requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct StateSnapshot {
+    /// Number of shards.
+    pub shard_count: u32,
+    /// Connections currently open.
+    pub open_conns: u64,
+    /// Last durable revision of every shard.
+    pub last_revision_per_shard: Vec<u64>,
+}
+
+impl SealReport {
+    /// Whether a successor that reports `ready` has opened the data this seal left behind: the
+    /// application must be healthy, have the same number of shards, and no shard may be older
+    /// than sealed. `Err` names the first mismatch.
+    pub fn accepts(&self, ready: &ReadinessSnapshot) -> Result<(), String> {
+        if !ready.healthz_ok {
+            return Err("successor reported healthz_ok = false".into());
+        }
+        let (sealed, opened) = (
+            &self.last_revision_per_shard,
+            &ready.advertised_revision_per_shard,
+        );
+        if sealed.len() != opened.len() {
+            return Err(format!(
+                "successor opened {} shards, incumbent sealed {}",
+                opened.len(),
+                sealed.len()
+            ));
+        }
+        for (shard, (s, o)) in sealed.iter().zip(opened).enumerate() {
+            if o < s {
+                return Err(format!(
+                    "shard {shard}: successor opened revision {o}, incumbent sealed {s}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a handoff did not commit. Carried in `Abort` and in the supervisor's outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[non_exhaustive]
+pub enum AbortReason {
+    /// The successor binary could not be started.
+    SpawnFailed(String),
+    /// The successor exited before it was committed.
+    SuccessorExited,
+    /// The successor's channel closed before it was committed.
+    SuccessorDisconnected,
+    /// The overall deadline passed before the successor was ready.
+    DeadlineExceeded,
+    /// A peer stayed silent longer than the silence limit.
+    PeerSilent,
+    /// The incumbent's control socket could not be reached.
+    IncumbentUnreachable(String),
+    /// The incumbent's drain hook failed.
+    DrainFailed(String),
+    /// The incumbent's seal hook failed.
+    SealFailed(String),
+    /// The successor could not take the data-directory lock.
+    LockUnavailable,
+    /// The successor's readiness did not match what the incumbent sealed.
+    ReadinessRejected(String),
+    /// A peer broke the protocol.
+    ProtocolViolation(String),
+    /// The descriptors that arrived did not match the listener names announced.
+    ListenerMismatch(String),
+    /// The supervisor is going away (shutdown) or was lost.
+    SupervisorLost,
+}
+
+impl fmt::Display for AbortReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::SpawnFailed(e) => write!(f, "successor could not be spawned: {e}"),
+            Self::SuccessorExited => f.write_str("successor exited before commit"),
+            Self::SuccessorDisconnected => f.write_str("successor closed its channel before commit"),
+            Self::DeadlineExceeded => f.write_str("handoff deadline exceeded"),
+            Self::PeerSilent => f.write_str("peer silent past the silence limit"),
+            Self::IncumbentUnreachable(e) => write!(f, "incumbent unreachable: {e}"),
+            Self::DrainFailed(e) => write!(f, "drain hook failed: {e}"),
+            Self::SealFailed(e) => write!(f, "seal hook failed: {e}"),
+            Self::LockUnavailable => f.write_str("successor could not take the data-directory lock"),
+            Self::ReadinessRejected(e) => write!(f, "successor readiness rejected: {e}"),
+            Self::ProtocolViolation(e) => write!(f, "protocol violation: {e}"),
+            Self::ListenerMismatch(e) => write!(f, "listener mismatch: {e}"),
+            Self::SupervisorLost => f.write_str("supervisor lost"),
+        }
+    }
+}
+
+/// What the lock file in the data directory says, next to the kernel `flock` itself.
+///
+/// The holder writes it right after taking the lock, and the successor marks it committed before
+/// it acknowledges `Commit`. An incumbent that lost its supervisor after releasing the lock reads
+/// it to learn, without anyone's help, whether the successor committed (then it retires) or not
+/// (then it waits for the lock and resumes). See ARCHITECTURE.md, "Supervisor loss".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct LockRecord {
+    /// The process that holds (or last held) the lock.
+    pub owner: Pid,
+    /// Set once the owner committed this handoff as successor.
+    pub committed: Option<HandoffId>,
+}
+
+/// Timings every machine needs. One value is shared by all roles of a deployment; the per
+/// handoff drain grace and deadline travel in the messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Timing {
+    /// How often a party sends `Heartbeat` while a handoff runs. The machines schedule these
+    /// themselves; application code never has to.
+    pub heartbeat_interval: Duration,
+    /// A peer that sends nothing for this long during a handoff is considered lost.
+    pub peer_silence: Duration,
+    /// Time allowed past a handoff's deadline for aborts and acknowledgements to finish.
+    /// The handoff is over, one way or the other, by `deadline + slack` (invariant I5).
+    pub slack: Duration,
+    /// How often a waiting party retries the data-directory lock or a reconnect.
+    pub retry_interval: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(500),
+            peer_silence: Duration::from_secs(5),
+            slack: Duration::from_secs(5),
+            retry_interval: Duration::from_millis(50),
+        }
+    }
+}
