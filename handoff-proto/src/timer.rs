@@ -21,10 +21,6 @@ impl<const N: usize> Timers<N> {
         self.at[timer] = None;
     }
 
-    pub(crate) fn get(&self, timer: usize) -> Option<Instant> {
-        self.at[timer]
-    }
-
     /// Whether `timer` is set and due at `now`; a due timer is cleared.
     pub(crate) fn expire(&mut self, timer: usize, now: Instant) -> bool {
         match self.at[timer] {

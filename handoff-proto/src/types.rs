@@ -163,13 +163,17 @@ impl fmt::Display for AbortReason {
         match self {
             Self::SpawnFailed(e) => write!(f, "successor could not be spawned: {e}"),
             Self::SuccessorExited => f.write_str("successor exited before commit"),
-            Self::SuccessorDisconnected => f.write_str("successor closed its channel before commit"),
+            Self::SuccessorDisconnected => {
+                f.write_str("successor closed its channel before commit")
+            }
             Self::DeadlineExceeded => f.write_str("handoff deadline exceeded"),
             Self::PeerSilent => f.write_str("peer silent past the silence limit"),
             Self::IncumbentUnreachable(e) => write!(f, "incumbent unreachable: {e}"),
             Self::DrainFailed(e) => write!(f, "drain hook failed: {e}"),
             Self::SealFailed(e) => write!(f, "seal hook failed: {e}"),
-            Self::LockUnavailable => f.write_str("successor could not take the data-directory lock"),
+            Self::LockUnavailable => {
+                f.write_str("successor could not take the data-directory lock")
+            }
             Self::ReadinessRejected(e) => write!(f, "successor readiness rejected: {e}"),
             Self::ProtocolViolation(e) => write!(f, "protocol violation: {e}"),
             Self::ListenerMismatch(e) => write!(f, "listener mismatch: {e}"),

@@ -63,10 +63,7 @@ impl VersionRange {
         if lo <= hi && self.min <= self.max && theirs.min <= theirs.max {
             Ok(hi)
         } else {
-            Err(NoCommonVersion {
-                ours: self,
-                theirs,
-            })
+            Err(NoCommonVersion { ours: self, theirs })
         }
     }
 }
@@ -104,6 +101,8 @@ pub enum PeerRole {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum DaemonStatus {
+    /// Started cold and still waiting for the data-directory lock.
+    Starting,
     /// Serving and holding the data-directory lock, no handoff in progress.
     Serving,
     /// In the middle of a handoff with some supervisor.
@@ -113,6 +112,8 @@ pub enum DaemonStatus {
     Reclaiming(HandoffId),
     /// A successor that has not been committed yet.
     Successor,
+    /// Committed away; about to exit.
+    Retired,
 }
 
 /// Opening message of every session, sent by the supervisor.
@@ -702,7 +703,10 @@ mod tests {
 
         let mut d = Decoder::new(SUPPORTED_VERSIONS);
         d.push(&(MAX_FRAME_LEN + 1).to_le_bytes());
-        assert!(matches!(d.next_message(), Err(DecodeError::Oversize { .. })));
+        assert!(matches!(
+            d.next_message(),
+            Err(DecodeError::Oversize { .. })
+        ));
 
         let mut d = Decoder::new(SUPPORTED_VERSIONS);
         d.push(&1u32.to_le_bytes());
@@ -734,7 +738,10 @@ mod tests {
 
         let mut d = Decoder::new(SUPPORTED_VERSIONS);
         d.push(&[3, 0, 0, 0, 0, 0, 99]);
-        assert_eq!(d.next_message(), Err(DecodeError::UnknownMessage { tag: 99 }));
+        assert_eq!(
+            d.next_message(),
+            Err(DecodeError::UnknownMessage { tag: 99 })
+        );
 
         let mut bad = encode(1, &Message::Heartbeat).unwrap();
         bad.push(0xAA);
