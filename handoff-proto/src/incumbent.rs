@@ -672,6 +672,19 @@ impl Incumbent {
                 return Err(PeerMisbehaved::NoCommonVersion(e).into());
             }
         };
+        // There is one supervisor: a new session supersedes every older one. Whatever is
+        // still buffered on an older connection comes from a supervisor that is gone or has
+        // moved on (a restarted supervisor racing its predecessor's last `Prepare`).
+        let older: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(id, c)| **id != conn && c.version().is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for old in older {
+            let now = self.conns[&old].last_heard;
+            self.close(now, old);
+        }
         let status = self.status();
         let ch = self.conns.get_mut(&conn).expect("checked by caller");
         ch.decoder.set_negotiated(version);

@@ -269,6 +269,8 @@ enum RecStep {
 struct Recovery {
     record: Option<JournalRecord>,
     alive: BTreeSet<Pid>,
+    /// Pids reported exited while recovering: an answer from one of them is stale.
+    exited: BTreeSet<Pid>,
     wait_until: Instant,
     step: RecStep,
 }
@@ -553,6 +555,7 @@ impl Supervisor {
             }
             State::Recovering(r) => {
                 r.alive.remove(&pid);
+                r.exited.insert(pid);
             }
             State::Handoff(h) => {
                 if h.successor == Some(pid) && h.successor_alive {
@@ -931,6 +934,8 @@ impl Supervisor {
                     }
                     Ok(())
                 }
+                // A greeting that raced with an abort is stale, not misbehaviour.
+                Stage::Aborting { .. } | Stage::Finishing(_) => Ok(()),
                 _ => Err(self.violation(now, peer, unexpected("HelloAck", "handoff"))),
             },
             (State::Recovering(r), Peer::Incumbent) if r.step == RecStep::Greeting => {
@@ -1171,6 +1176,19 @@ impl Supervisor {
             return;
         };
         match &h.stage {
+            // Never asked to drain: the incumbent serves whatever became of the successor.
+            Stage::Aborting {
+                reason,
+                touched: false,
+                ..
+            } => {
+                let v = Verdict::RolledBack {
+                    incumbent: h.incumbent,
+                    reason: reason.clone(),
+                    drained: false,
+                };
+                self.finish(v);
+            }
             Stage::Aborting { reason, .. } => {
                 let reason = reason.clone();
                 self.finish(Verdict::IncumbentLost { reason });
@@ -1221,6 +1239,10 @@ impl Supervisor {
         let hard = h.deadline.max(now) + self.cfg.timing.slack;
         self.timers.set(T::Deadline as usize, hard);
         let (handoff, successor, alive) = (h.id, h.successor, h.successor_alive);
+        if !touched {
+            // The incumbent was never asked to do anything: end that session now.
+            self.drop_chan(Peer::Incumbent);
+        }
         if self.succ.as_ref().is_some_and(|c| c.version().is_some()) {
             self.send(Peer::Successor, Message::Abort { handoff, reason });
         }
@@ -1313,10 +1335,12 @@ impl Supervisor {
             Verdict::RolledBack { incumbent, .. } => Some(*incumbent).filter(|_| incumbent_alive),
             Verdict::IncumbentLost { .. } => None,
         };
-        let known_dead = match &verdict {
+        // Recovery watches whoever may still serve: a process that died right after the
+        // verdict, or the incumbent nobody could confirm.
+        let suspect = match &verdict {
             Verdict::Committed { successor } => Some(*successor).filter(|_| !successor_alive),
             Verdict::RolledBack { incumbent, .. } => Some(*incumbent).filter(|_| !incumbent_alive),
-            Verdict::IncumbentLost { .. } => None,
+            Verdict::IncumbentLost { .. } => Some(h.incumbent).filter(|_| incumbent_alive),
         };
         self.timers = Timers::new();
         self.state = State::Idle;
@@ -1330,7 +1354,7 @@ impl Supervisor {
             Some(_) => {}
             None => {
                 let record = JournalRecord::Idle {
-                    serving: known_dead,
+                    serving: suspect,
                     last_handoff: id,
                 };
                 self.enter_recovery(now, Some(record));
@@ -1351,6 +1375,7 @@ impl Supervisor {
         self.state = State::Recovering(Recovery {
             record,
             alive: pids.into_iter().collect(),
+            exited: BTreeSet::new(),
             wait_until: now + self.cfg.recovery_wait,
             step: RecStep::Connecting,
         });
@@ -1363,7 +1388,7 @@ impl Supervisor {
         };
         let obs = Observation {
             alive: r.alive.iter().copied().collect(),
-            answer,
+            answer: answer.filter(|(pid, _)| !r.exited.contains(pid)),
             waited_out: now >= r.wait_until,
         };
         let decision = decide(r.record.as_ref(), &obs);
