@@ -72,7 +72,9 @@ pub enum PeerMisbehaved {
 }
 
 /// The driver or the application fed the machine something it did not ask for. This is a bug
-/// in the caller; the machine's state is unchanged.
+/// in the caller (or a race an asynchronous driver must expect, such as a spawn finishing after
+/// its handoff ended); the machine's state is unchanged, though it may ask to clean up (kill an
+/// unwanted process).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Misuse {

@@ -54,8 +54,12 @@ impl SealProof {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum LockResult {
-    /// The exclusive lock is ours.
-    Acquired,
+    /// The exclusive lock is ours. `previous` is the lock record as the last holder left it,
+    /// read before this process writes its own.
+    Acquired {
+        /// The record found, if it could be read.
+        previous: Option<LockRecord>,
+    },
     /// Someone else holds it; the lock record says who, when it could be read.
     Held(Option<LockRecord>),
 }
@@ -100,13 +104,16 @@ pub enum IncumbentOutput {
     /// Try to take the data-directory lock without blocking, then feed
     /// [`Incumbent::handle_lock`].
     AcquireLock,
-    /// Last resort after the hard deadline: the named process holds the lock but never
-    /// committed, and the supervisor is gone. Kill it so the lock comes back.
+    /// Last resort after the hard deadline: our successor holds the lock, never committed, and
+    /// the supervisor is gone. Kill it (SIGKILL) so the lock comes back, but only if that pid
+    /// still holds a lock on the lock file (the std driver checks `/proc/locks`), so that a
+    /// reused pid is never hit.
     KillLockHolder {
         /// The holder named by the lock record.
         pid: Pid,
     },
-    /// The handoff committed: stop serving and exit.
+    /// This process is done: the handoff committed, or another process took the data over.
+    /// Stop serving and exit.
     Retire {
         /// The handoff.
         handoff: HandoffId,
@@ -123,8 +130,14 @@ enum Step {
     Sealing,
     /// Lock released, waiting for `Commit` or `Abort`.
     Sealed,
-    /// Taking the lock back: an attempt is out (`acquiring`) or the retry timer runs.
-    Reclaiming { acquiring: bool, killed: bool },
+    /// Taking the lock back: an attempt is out (`acquiring`) or the retry timer runs. `late`
+    /// counts hard-deadline firings: at 1 an uncommitted successor holding the lock is killed,
+    /// once (`killed`); at 2 the incumbent gives up and exits.
+    Reclaiming {
+        acquiring: bool,
+        late: u8,
+        killed: bool,
+    },
     /// Resume hook running (`running`) or waiting to be retried.
     Resuming { running: bool },
 }
@@ -132,6 +145,8 @@ enum Step {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Handoff {
     id: HandoffId,
+    /// The successor's pid, from `Prepare`.
+    successor: Pid,
     /// The supervisor's session; `None` once the supervisor is lost.
     conn: Option<ConnId>,
     step: Step,
@@ -139,8 +154,6 @@ struct Handoff {
     abort: bool,
     /// The supervisor asked for the abort and waits for `Resumed`.
     ack: bool,
-    /// Last known holder of the lock while reclaiming.
-    holder: Option<Pid>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -356,11 +369,13 @@ impl Incumbent {
             Message::Heartbeat | Message::ListenersAck { .. } => Ok(()),
             Message::Prepare {
                 handoff,
+                successor,
                 drain_grace_ms,
                 deadline_ms,
             } => match self.phase {
                 Phase::Serving => {
-                    self.start_handoff(now, conn, handoff, drain_grace_ms, deadline_ms);
+                    let d = (drain_grace_ms, deadline_ms);
+                    self.start_handoff(now, conn, handoff, successor, d);
                     Ok(())
                 }
                 Phase::Handoff(_) if !on_handoff_conn => {
@@ -559,7 +574,7 @@ impl Incumbent {
         let retry_at = now + self.cfg.timing.retry_interval;
         match &mut self.phase {
             Phase::Starting { acquiring: true } => {
-                if result == LockResult::Acquired {
+                if matches!(result, LockResult::Acquired { .. }) {
                     self.phase = Phase::Serving;
                 } else {
                     self.phase = Phase::Starting { acquiring: false };
@@ -576,13 +591,33 @@ impl Incumbent {
                     }
                 ) =>
             {
-                let Step::Reclaiming { killed, .. } = h.step else {
+                let Step::Reclaiming { late, killed, .. } = h.step else {
                     unreachable!("matched above")
                 };
                 match result {
-                    LockResult::Acquired => self.start_resume(),
-                    LockResult::Held(Some(rec)) if rec.committed == Some(h.id) => {
-                        // The successor committed while we could not hear about it.
+                    // Free, and nobody took over: ours again.
+                    LockResult::Acquired { previous }
+                        if !previous.is_some_and(|rec| superseded(rec, h, self.cfg.pid)) =>
+                    {
+                        self.start_resume()
+                    }
+                    // The successor committed while we could not hear about it; or a process
+                    // other than our successor (a replacement a recovering supervisor started)
+                    // holds the data. Either way we have been superseded. (The record still
+                    // naming us means the new holder has not written it yet: keep waiting.)
+                    // Superseded (whether the lock is free now or not), or out of patience: exit.
+                    // After the commit mark the old binary never touches the data again, even
+                    // if the committed successor died since; the supervisor starts a new one.
+                    LockResult::Acquired { .. } => {
+                        let id = h.id;
+                        if let Some(conn) = h.conn {
+                            self.close(now, conn);
+                        }
+                        self.retire(id);
+                    }
+                    LockResult::Held(rec)
+                        if late >= 2 || rec.is_some_and(|rec| superseded(rec, h, self.cfg.pid)) =>
+                    {
                         let id = h.id;
                         if let Some(conn) = h.conn {
                             self.close(now, conn);
@@ -590,11 +625,22 @@ impl Incumbent {
                         self.retire(id);
                     }
                     LockResult::Held(rec) => {
-                        h.holder = rec.map(|r| r.owner).or(h.holder);
+                        // Judged on this fresh reading of the record only: a holder that
+                        // committed since an older reading must never be killed.
+                        let kill = match rec {
+                            Some(rec) if late >= 1 && !killed && rec.owner == h.successor => {
+                                Some(rec.owner)
+                            }
+                            _ => None,
+                        };
                         h.step = Step::Reclaiming {
                             acquiring: false,
-                            killed,
+                            late,
+                            killed: killed || kill.is_some(),
                         };
+                        if let Some(pid) = kill {
+                            self.out.push_back(IncumbentOutput::KillLockHolder { pid });
+                        }
                         self.timers.set(T::Retry as usize, retry_at);
                     }
                 }
@@ -632,9 +678,10 @@ impl Incumbent {
                     self.out.push_back(IncumbentOutput::AcquireLock);
                 }
                 Phase::Handoff(h) => match h.step {
-                    Step::Reclaiming { killed, .. } => {
+                    Step::Reclaiming { late, killed, .. } => {
                         h.step = Step::Reclaiming {
                             acquiring: true,
+                            late,
                             killed,
                         };
                         self.out.push_back(IncumbentOutput::AcquireLock);
@@ -704,17 +751,17 @@ impl Incumbent {
         now: Instant,
         conn: ConnId,
         id: HandoffId,
-        drain_grace_ms: u64,
-        deadline_ms: u64,
+        successor: Pid,
+        (drain_grace_ms, deadline_ms): (u64, u64),
     ) {
         let t = self.cfg.timing;
         self.phase = Phase::Handoff(Handoff {
             id,
+            successor,
             conn: Some(conn),
             step: Step::Draining,
             abort: false,
             ack: false,
-            holder: None,
         });
         let deadline = Duration::from_millis(deadline_ms);
         self.timers
@@ -745,8 +792,10 @@ impl Incumbent {
     fn lose_supervisor(&mut self, now: Instant) {
         if let Phase::Handoff(h) = &mut self.phase {
             if let Some(conn) = h.conn.take() {
-                self.conns.remove(&conn);
-                self.out.push_back(IncumbentOutput::Close { conn });
+                // Already gone if the driver reported it closed.
+                if self.conns.remove(&conn).is_some() {
+                    self.out.push_back(IncumbentOutput::Close { conn });
+                }
             }
             self.timers.stop(T::Heartbeat as usize);
             self.abort_handoff();
@@ -764,6 +813,7 @@ impl Incumbent {
             Step::Sealed => {
                 h.step = Step::Reclaiming {
                     acquiring: true,
+                    late: 0,
                     killed: false,
                 };
                 self.out.push_back(IncumbentOutput::AcquireLock);
@@ -778,20 +828,32 @@ impl Incumbent {
             return;
         };
         match h.step {
+            // Still without the lock a slack after giving up on the supervisor: the next
+            // reading of the lock record decides whether our successor is stuck (kill it).
+            // Another slack later, give up and exit at the next reading (or now, if none is
+            // out), so old processes never pile up; a recovering supervisor starts a daemon
+            // if nobody serves.
             Step::Reclaiming {
                 acquiring,
-                killed: false,
+                late,
+                killed,
             } => {
-                if let Some(pid) = h.holder {
-                    h.step = Step::Reclaiming {
-                        acquiring,
-                        killed: true,
-                    };
-                    self.out.push_back(IncumbentOutput::KillLockHolder { pid });
+                let late = (late + 1).min(2);
+                h.step = Step::Reclaiming {
+                    acquiring,
+                    late,
+                    killed,
+                };
+                if late < 2 {
+                    self.timers.set(T::Deadline as usize, now + slack);
+                } else if !acquiring {
+                    let id = h.id;
+                    if let Some(conn) = h.conn {
+                        self.close(now, conn);
+                    }
+                    self.retire(id);
                 }
-                self.timers.set(T::Deadline as usize, now + slack);
             }
-            Step::Reclaiming { killed: true, .. } => {}
             _ => {
                 self.lose_supervisor(now);
                 // Check again after another slack: if we are still reclaiming then, the lock
@@ -863,4 +925,12 @@ pub(crate) fn listener_batches(listeners: &[ListenerInfo]) -> Vec<Vec<ListenerIn
         .chunks(MAX_FDS_PER_MESSAGE)
         .map(<[ListenerInfo]>::to_vec)
         .collect()
+}
+
+/// Whether the lock record shows that this incumbent was superseded during handoff `h`: the
+/// successor committed it, or a process other than its successor took the data over (a
+/// replacement a recovering supervisor started). A record still naming this process means the
+/// new holder has not written its own yet.
+fn superseded(rec: LockRecord, h: &Handoff, me: Pid) -> bool {
+    rec.committed == Some(h.id) || (rec.owner != h.successor && rec.owner != me)
 }

@@ -185,13 +185,13 @@ pub enum Resolution {
 /// What to do.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Decision {
-    /// `pid` serves: adopt it (take the listeners back from it) and kill `kill`, processes of
-    /// the interrupted handoff that are still around.
+    /// `pid` serves: adopt it (take the listeners back from it). Other processes of the
+    /// interrupted handoff are left alone: they resolve on their own (an old incumbent retires
+    /// on the commit mark, an uncommitted successor exits at its deadline), and killing them on
+    /// an answer that may be stale could kill the one that serves.
     Adopt {
         /// The serving daemon.
         pid: Pid,
-        /// Leftovers to kill.
-        kill: Vec<Pid>,
         /// What became of the interrupted handoff, if the record names one.
         resolution: Option<(HandoffId, Resolution)>,
     },
@@ -250,11 +250,7 @@ pub fn decide(record: Option<&JournalRecord>, obs: &Observation) -> Decision {
             };
             (h, r)
         });
-        return Decision::Adopt {
-            pid,
-            kill: leftovers(Some(pid)),
-            resolution,
-        };
+        return Decision::Adopt { pid, resolution };
     }
     let someone_resolving = obs.answer.is_some() || !obs.alive.is_empty();
     if someone_resolving && !obs.waited_out {
@@ -317,7 +313,7 @@ mod tests {
             answer,
             waited_out,
         };
-        // The successor committed and answers: adopt it, kill the old one if still there.
+        // The successor committed and answers: adopt it; the old one retires on its own.
         assert_eq!(
             decide(
                 Some(&rec),
@@ -325,7 +321,6 @@ mod tests {
             ),
             Decision::Adopt {
                 pid: 11,
-                kill: vec![10],
                 resolution: Some((HandoffId(3), Resolution::Committed))
             }
         );
@@ -337,7 +332,6 @@ mod tests {
             ),
             Decision::Adopt {
                 pid: 10,
-                kill: vec![],
                 resolution: Some((HandoffId(3), Resolution::RolledBack))
             }
         );

@@ -328,7 +328,7 @@ impl Successor {
         };
         let (handoff, seal) = (*handoff, seal.clone());
         match result {
-            LockResult::Acquired => {
+            LockResult::Acquired { .. } => {
                 self.phase = Phase::Opening { handoff };
                 self.out.push_back(SuccessorOutput::Begun { handoff, seal });
             }

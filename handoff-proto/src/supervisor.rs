@@ -271,6 +271,9 @@ struct Recovery {
     alive: BTreeSet<Pid>,
     /// Pids reported exited while recovering: an answer from one of them is stale.
     exited: BTreeSet<Pid>,
+    /// A daemon this recovery started cold, not yet serving. If another one turns out to serve
+    /// (it was only slow to answer), this one is killed: it can never get the lock.
+    cold_started: Option<Pid>,
     wait_until: Instant,
     step: RecStep,
 }
@@ -480,7 +483,9 @@ impl Supervisor {
 
     // ---- handle: processes and journal ----
 
-    /// The process requested by `SpawnSuccessor` or `SpawnColdStart` started.
+    /// The process requested by `SpawnSuccessor` or `SpawnColdStart` started. A process
+    /// reported when no spawn is pending (the handoff ended first) is unwanted: the machine
+    /// asks to kill it and reports the misuse.
     pub fn handle_spawned(&mut self, now: Instant, pid: Pid) -> Result<(), Misuse> {
         match &mut self.state {
             State::Handoff(h) if h.stage == Stage::Spawning => {
@@ -498,6 +503,7 @@ impl Supervisor {
             }
             State::Recovering(r) if r.step == RecStep::ColdSpawning => {
                 r.alive.insert(pid);
+                r.cold_started = Some(pid);
                 r.record = Some(JournalRecord::Idle {
                     serving: Some(pid),
                     last_handoff: self.last_handoff,
@@ -912,6 +918,7 @@ impl Supervisor {
                     h.marks[Mark::Prepare as usize] = Some(now);
                     let prepare = Message::Prepare {
                         handoff: h.id,
+                        successor: h.successor.expect("greeted a successor"),
                         drain_grace_ms: h.spec.drain_grace.as_millis() as u64,
                         deadline_ms: remaining_ms(h.deadline, now),
                     };
@@ -1193,22 +1200,31 @@ impl Supervisor {
                 let reason = reason.clone();
                 self.finish(Verdict::IncumbentLost { reason });
             }
-            // Past the commit point the handoff finishes on acknowledgements and exits.
-            Stage::CommittingSuccessor | Stage::CommittingIncumbent | Stage::Finishing(_) => {
-                if matches!(h.stage, Stage::CommittingIncumbent) {
-                    let successor = h.successor.expect("committing has a successor");
-                    // The incumbent neither acknowledged nor exited by the deadline plus
-                    // slack; the successor has committed, so kill the old process.
-                    if now >= h.deadline + self.cfg.timing.slack {
-                        let pid = h.incumbent;
-                        self.out.push_back(SupervisorOutput::Kill { pid });
-                        self.finish(Verdict::Committed { successor });
-                        return;
-                    }
-                    let at = h.deadline + self.cfg.timing.slack;
-                    self.timers.set(T::Deadline as usize, at);
+            // Committing, but the successor has not acknowledged by the deadline plus slack:
+            // stop waiting. `abort` kills it and waits for its exit before the incumbent takes
+            // the lock back, so this is safe even if it did commit.
+            Stage::CommittingSuccessor => {
+                let hard = h.deadline + self.cfg.timing.slack;
+                if now >= hard {
+                    self.abort(now, AbortReason::DeadlineExceeded);
+                } else {
+                    self.timers.set(T::Deadline as usize, hard);
                 }
             }
+            // The successor serves; the old incumbent neither acknowledged nor exited by the
+            // deadline plus slack: kill it (it no longer holds the lock).
+            Stage::CommittingIncumbent => {
+                let successor = h.successor.expect("committing has a successor");
+                let hard = h.deadline + self.cfg.timing.slack;
+                if now >= hard {
+                    let pid = h.incumbent;
+                    self.out.push_back(SupervisorOutput::Kill { pid });
+                    self.finish(Verdict::Committed { successor });
+                } else {
+                    self.timers.set(T::Deadline as usize, hard);
+                }
+            }
+            Stage::Finishing(_) => {}
             _ => self.abort(now, AbortReason::DeadlineExceeded),
         }
     }
@@ -1219,7 +1235,13 @@ impl Supervisor {
         let State::Handoff(h) = &mut self.state else {
             return;
         };
-        if matches!(h.stage, Stage::Aborting { .. } | Stage::Finishing(_)) {
+        // Once the successor acknowledged Commit it serves: nothing aborts the handoff any
+        // more (a successor that misbehaves or dies after that is a daemon crash, which
+        // recovery handles once the handoff is over).
+        if matches!(
+            h.stage,
+            Stage::Aborting { .. } | Stage::Finishing(_) | Stage::CommittingIncumbent
+        ) {
             return;
         }
         let touched = !matches!(
@@ -1376,6 +1398,7 @@ impl Supervisor {
             record,
             alive: pids.into_iter().collect(),
             exited: BTreeSet::new(),
+            cold_started: None,
             wait_until: now + self.cfg.recovery_wait,
             step: RecStep::Connecting,
         });
@@ -1392,24 +1415,15 @@ impl Supervisor {
             waited_out: now >= r.wait_until,
         };
         let decision = decide(r.record.as_ref(), &obs);
-        let unwatched = |pid: Pid| match &self.state {
-            State::Recovering(r) => !r.alive.contains(&pid),
-            _ => false,
-        };
         match decision {
-            Decision::Adopt {
-                pid,
-                kill,
-                resolution,
-            } => {
-                for k in kill {
-                    self.out.push_back(SupervisorOutput::Kill { pid: k });
-                }
-                if unwatched(pid) {
-                    self.out.push_back(SupervisorOutput::Watch { pid });
-                }
+            Decision::Adopt { pid, resolution } => {
                 if let State::Recovering(r) = &mut self.state {
-                    r.alive.insert(pid);
+                    if let Some(cold) = r.cold_started.take().filter(|c| *c != pid) {
+                        self.out.push_back(SupervisorOutput::Kill { pid: cold });
+                    }
+                    if r.alive.insert(pid) {
+                        self.out.push_back(SupervisorOutput::Watch { pid });
+                    }
                 }
                 if self.holds_listeners {
                     self.adopt(pid, resolution);
@@ -1505,6 +1519,13 @@ impl Supervisor {
                 reason: reason.clone(),
             },
         );
+        if let State::Handoff(h) = &self.state {
+            if matches!(h.stage, Stage::CommittingIncumbent | Stage::Finishing(_)) {
+                // The successor committed; its channel has served its purpose.
+                self.drop_chan(peer);
+                return e.into();
+            }
+        }
         if let State::Handoff(_) = self.state {
             if peer == Peer::Successor || self.pre_seal() {
                 self.drop_chan(peer);

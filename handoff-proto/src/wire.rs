@@ -179,6 +179,9 @@ pub enum Message {
     Prepare {
         /// The handoff.
         handoff: HandoffId,
+        /// The successor's pid. An incumbent that lost its supervisor and finds the lock held
+        /// by anyone else knows it was superseded.
+        successor: Pid,
         /// How long the drain hook may take, in milliseconds.
         drain_grace_ms: u64,
         /// Time left until the handoff's deadline, in milliseconds.

@@ -248,13 +248,14 @@ pub fn message_with(ids: BoxedStrategy<HandoffId>) -> BoxedStrategy<Message> {
         }),
         listener_batch().prop_map(|batch| Message::Listeners { batch }),
         count.prop_map(|count| Message::ListenersAck { count }),
-        (ids.clone(), ms.clone(), ms).prop_map(|(handoff, drain_grace_ms, deadline_ms)| {
-            Message::Prepare {
+        (ids.clone(), any::<u32>(), ms.clone(), ms).prop_map(
+            |(handoff, successor, drain_grace_ms, deadline_ms)| Message::Prepare {
                 handoff,
+                successor,
                 drain_grace_ms,
                 deadline_ms,
             }
-        }),
+        ),
         (ids.clone(), drain_report())
             .prop_map(|(handoff, report)| Message::Drained { handoff, report }),
         (ids.clone(), text())

@@ -25,8 +25,9 @@ use handoff_proto::supervisor::{
 };
 use handoff_proto::wire::{Message, SUPPORTED_VERSIONS};
 use handoff_proto::{
-    ConnId, DrainReport, HandoffId, Incumbent, JournalRecord, ListenerInfo, ListenerKind,
-    LockRecord, Pid, ReadinessSnapshot, SealReport, StateSnapshot, Successor, Timing,
+    AbortReason, ConnId, DrainReport, HandoffId, Incumbent, JournalRecord, ListenerInfo,
+    ListenerKind, LockRecord, Pid, ReadinessSnapshot, Resolution, SealReport, StateSnapshot,
+    Successor, Timing,
 };
 
 pub const SUP_PID: Pid = 100;
@@ -38,6 +39,8 @@ pub const MSG_DELAY: u64 = 1;
 /// Longest time an application hook (drain, seal, resume, open) may take: past the handoff
 /// deadline, so slow hooks are explored too.
 pub const HOOK_DELAY: u64 = 11;
+/// A crash may cut a step after any of its first this many outputs (no step has more).
+pub const MAX_CUT: usize = 8;
 
 fn base() -> Instant {
     static BASE: OnceLock<Instant> = OnceLock::new();
@@ -68,6 +71,10 @@ pub enum Build {
     Good,
     /// Exits when it should open the data (a build that cannot read the data).
     FailsOnOpen,
+    /// Starts and never does anything (hung in its own start-up).
+    Hangs,
+    /// Cannot be started at all (missing binary).
+    Missing,
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +85,11 @@ pub struct Config {
     /// One entry per handoff to trigger, in order.
     pub builds: Vec<Build>,
     pub crashes: u8,
+    /// Drain and seal hooks may fail.
+    pub hook_failures: bool,
+    /// Treat a handoff abandoned for silence as a violation: with heartbeats shorter than the
+    /// silence limit, no live peer may ever look silent.
+    pub forbid_silence_aborts: bool,
     pub bug: Option<Bug>,
 }
 
@@ -211,6 +223,10 @@ pub struct World {
     pub restarted: bool,
     pub outcomes: Vec<(HandoffId, VerdictKind)>,
     pub recovered: bool,
+    /// What recoveries concluded about interrupted handoffs.
+    pub resolutions: Vec<Resolution>,
+    /// An incumbent read a committed lock record (and so learned the outcome on its own).
+    pub mark_seen: bool,
     /// Invariant violations seen while performing a step (checked as properties).
     pub violation: Option<String>,
 }
@@ -230,6 +246,8 @@ pub enum Action {
     ToSup(u64),
     ToDaemon(u64),
     DaemonEvent(Pid),
+    /// The hook at the head of the process's events fails (drain or seal).
+    HookFails(Pid),
     AppOpen(Pid),
     FireSup,
     FireDaemon(Pid),
@@ -283,6 +301,8 @@ impl World {
             restarted: false,
             outcomes: Vec::new(),
             recovered: false,
+            resolutions: Vec::new(),
+            mark_seen: false,
             violation: None,
         };
         let m = Supervisor::with_incumbent(cfg.supervisor(), a, HandoffId(0));
@@ -304,6 +324,12 @@ impl World {
             .iter_mut()
             .find(|p| p.pid == pid)
             .expect("known pid")
+    }
+
+    /// Alive and taking steps (a hung process is alive but does nothing).
+    fn responsive(&self, pid: Pid) -> bool {
+        self.proc(pid)
+            .is_some_and(|p| p.alive && p.build != Build::Hangs)
     }
 
     fn alive(&self, pid: Pid) -> bool {
@@ -337,16 +363,24 @@ impl World {
             if sup_can && self.sup.is_some() {
                 out.push(Action::ToSup(l.id));
             }
-            let daemon_can = self.alive(l.daemon)
+            let daemon_can = self.responsive(l.daemon)
                 && l.daemon_open
                 && (!l.to_daemon.is_empty() || (l.sup_peer.is_none() && !l.daemon_saw_eof));
             if daemon_can {
                 out.push(Action::ToDaemon(l.id));
             }
         }
-        for p in self.procs.iter().filter(|p| p.alive) {
-            if !p.events.is_empty() {
+        for p in self
+            .procs
+            .iter()
+            .filter(|p| p.alive && p.build != Build::Hangs)
+        {
+            if let Some((ev, _)) = p.events.front() {
                 out.push(Action::DaemonEvent(p.pid));
+                let fallible = matches!(ev, DaemonEvent::Drained | DaemonEvent::Sealed(_));
+                if cfg.hook_failures && fallible {
+                    out.push(Action::HookFails(p.pid));
+                }
             }
             if matches!(p.app, App::Opening(_)) {
                 out.push(Action::AppOpen(p.pid));
@@ -363,7 +397,7 @@ impl World {
             let steps: Vec<Action> = out[base_len..].to_vec();
             for a in steps {
                 if a != Action::Trigger {
-                    for k in 1..=4 {
+                    for k in 1..=MAX_CUT {
                         out.push(Action::CrashMidStep(Box::new(a.clone()), k));
                     }
                 }
@@ -390,7 +424,7 @@ impl World {
                 .to_daemon
                 .front()
                 .map(|(_, t)| *t)
-                .filter(|_| self.alive(l.daemon) && l.daemon_open);
+                .filter(|_| self.responsive(l.daemon) && l.daemon_open);
             let s = l
                 .to_sup
                 .front()
@@ -398,7 +432,7 @@ impl World {
                 .filter(|_| l.sup_peer.is_some() && self.sup.is_some());
             let e1 = l
                 .eof_to_daemon_due
-                .filter(|_| !l.daemon_saw_eof && l.daemon_open && self.alive(l.daemon));
+                .filter(|_| !l.daemon_saw_eof && l.daemon_open && self.responsive(l.daemon));
             let e2 = l
                 .eof_to_sup_due
                 .filter(|_| !l.sup_saw_eof && l.sup_peer.is_some() && self.sup.is_some());
@@ -408,13 +442,17 @@ impl World {
             .sup
             .iter()
             .flat_map(|s| s.events.front().map(|(_, t)| *t));
-        let procs = self.procs.iter().filter(|p| p.alive).flat_map(|p| {
-            let app = match p.app {
-                App::Opening(t) => Some(t),
-                App::Idle => None,
-            };
-            [p.events.front().map(|(_, t)| *t), app]
-        });
+        let procs = self
+            .procs
+            .iter()
+            .filter(|p| p.alive && p.build != Build::Hangs)
+            .flat_map(|p| {
+                let app = match p.app {
+                    App::Opening(t) => Some(t),
+                    App::Idle => None,
+                };
+                [p.events.front().map(|(_, t)| *t), app]
+            });
         links.flatten().chain(sup).chain(procs.flatten()).min()
     }
 
@@ -427,7 +465,7 @@ impl World {
         let daemons = self
             .procs
             .iter()
-            .filter(|p| p.alive)
+            .filter(|p| p.alive && p.build != Build::Hangs)
             .filter_map(|p| match &p.m {
                 Machine::Incumbent(m) => m.poll_timeout(),
                 Machine::Successor(m) => m.poll_timeout(),
@@ -536,17 +574,24 @@ impl World {
                 self.gc_links();
                 self.drain_daemon(cfg, pid, cut)
             }
-            Action::DaemonEvent(pid) => {
+            Action::DaemonEvent(pid) | Action::HookFails(pid) => {
+                let ok = matches!(action, Action::DaemonEvent(_));
                 let p = self.proc_mut(pid);
                 let (ev, _) = p.events.pop_front().expect("enabled");
                 let r = match (&mut p.m, ev.clone()) {
-                    (Machine::Incumbent(m), DaemonEvent::Drained) => {
+                    (Machine::Incumbent(m), DaemonEvent::Drained) if ok => {
                         p.writer = false;
                         m.handle_drained(now, Ok(DrainReport::default()))
                     }
-                    (Machine::Incumbent(m), DaemonEvent::Sealed(h)) => {
+                    (Machine::Incumbent(m), DaemonEvent::Drained) => {
+                        m.handle_drained(now, Err("disk on fire".into()))
+                    }
+                    (Machine::Incumbent(m), DaemonEvent::Sealed(h)) if ok => {
                         p.sealed_ok = Some(h);
                         m.handle_sealed(now, Ok(seal_report()))
+                    }
+                    (Machine::Incumbent(m), DaemonEvent::Sealed(_)) => {
+                        m.handle_sealed(now, Err("segment footer write failed".into()))
                     }
                     (Machine::Incumbent(m), DaemonEvent::Resumed) => {
                         m.handle_resumed(now, Ok(StateSnapshot::default()))
@@ -706,10 +751,7 @@ impl World {
     /// after the `k`-th output instead; returns false if there were no more than `k`.
     fn drain_sup(&mut self, cfg: &Config, cut: Option<usize>) -> bool {
         let mut performed = 0;
-        loop {
-            let Some(o) = self.sup.as_mut().and_then(|s| s.m.poll_output()) else {
-                break;
-            };
+        while let Some(o) = self.sup.as_mut().and_then(|s| s.m.poll_output()) {
             if cut == Some(performed) {
                 self.crashes_left -= 1;
                 self.crash(Party::Sup);
@@ -777,6 +819,14 @@ impl World {
             SupervisorOutput::SpawnSuccessor { handoff: _ } => {
                 let pid = self.next_pid();
                 let build = cfg.builds[self.triggered as usize - 1];
+                if build == Build::Missing {
+                    let now = at(self.now);
+                    let sup = self.sup.as_mut().expect("performing its outputs");
+                    if let Err(e) = sup.m.handle_spawn_failed(now, "no such file".into()) {
+                        self.fail(format!("supervisor rejected its spawn failure: {e}"));
+                    }
+                    return;
+                }
                 let m = Successor::new(cfg.daemon(pid), at(self.now));
                 self.procs.push(Proc {
                     pid,
@@ -826,8 +876,6 @@ impl World {
                     has_listeners: true,
                     sealed_ok: None,
                 });
-                // A cold-started daemon binds the control socket at once.
-                self.control_owner = Some(pid);
                 let sup = self.sup.as_mut().expect("performing its outputs");
                 sup.watched.push(pid);
                 let r = sup.m.handle_spawned(at(self.now), pid);
@@ -928,10 +976,42 @@ impl World {
                     }
                     Verdict::IncumbentLost { .. } => VerdictKind::Lost,
                 };
+                // A slow but live successor is only ever aborted by the overall deadline.
+                let early = match (&o.verdict, self.trigger_time) {
+                    (
+                        Verdict::RolledBack { reason, .. } | Verdict::IncumbentLost { reason },
+                        Some(t),
+                    ) => {
+                        *reason == AbortReason::DeadlineExceeded
+                            && self.now < t + cfg.spec.deadline.as_millis() as u64
+                    }
+                    _ => false,
+                };
+                if early {
+                    self.fail("aborted for the deadline before the deadline".into());
+                }
+                let silent = matches!(
+                    &o.verdict,
+                    Verdict::RolledBack {
+                        reason: AbortReason::PeerSilent,
+                        ..
+                    } | Verdict::IncumbentLost {
+                        reason: AbortReason::PeerSilent
+                    }
+                );
+                if silent && cfg.forbid_silence_aborts {
+                    self.fail("a live peer was taken for silent".into());
+                }
                 self.outcomes.push((o.handoff, kind));
             }
-            SupervisorOutput::Recovered { serving, .. } => {
+            SupervisorOutput::Recovered {
+                serving,
+                resolution,
+            } => {
                 self.recovered = true;
+                if let Some((_, r)) = resolution {
+                    self.resolutions.push(r);
+                }
                 // It answered `Serving`. Since then it may have died (its exit is reported
                 // next), or picked up a stale `Prepare` from the dead supervisor's connection
                 // (which it undoes on that connection's end-of-file); it still holds the lock.
@@ -940,7 +1020,9 @@ impl World {
                     Machine::Successor(_) => false,
                 };
                 if self.proc(serving).is_some_and(|p| p.alive && !holds(p)) {
-                    self.fail(format!("recovery adopted {serving}, which does not hold the lock"));
+                    self.fail(format!(
+                        "recovery adopted {serving}, which does not hold the lock"
+                    ));
                 }
             }
         }
@@ -966,11 +1048,11 @@ impl World {
         match self.lock {
             None => {
                 self.lock = Some(pid);
-                self.lock_record = Some(LockRecord {
+                let previous = self.lock_record.replace(LockRecord {
                     owner: pid,
                     committed: None,
                 });
-                LockResult::Acquired
+                LockResult::Acquired { previous }
             }
             Some(_) => LockResult::Held(self.lock_record),
         }
@@ -1020,8 +1102,19 @@ impl World {
             IncumbentOutput::ReleaseLock(proof) => self.release(pid, Some(proof.handoff())),
             IncumbentOutput::AcquireLock => {
                 let r = self.acquire(pid);
-                if r == LockResult::Acquired {
-                    // A cold-started incumbent opens and writes once it has the lock.
+                if matches!(
+                    r,
+                    LockResult::Held(Some(LockRecord {
+                        committed: Some(_),
+                        ..
+                    }))
+                ) {
+                    self.mark_seen = true;
+                }
+                if matches!(r, LockResult::Acquired { .. }) {
+                    // A cold-started incumbent opens and writes once it has the lock, and
+                    // binds the control socket then (as `Incumbent::bind_cold_start` takes the
+                    // lock): the control socket always leads to a process that serves.
                     if matches!(&self.proc(pid).expect("known").m, Machine::Incumbent(m) if m.phase_name() == "starting")
                     {
                         let p = self.proc_mut(pid);
@@ -1029,6 +1122,7 @@ impl World {
                         p.data_open = true;
                         self.last_writer = Some(pid);
                         self.sealed = false;
+                        self.control_owner = Some(pid);
                     }
                 }
                 let now = at(self.now);
@@ -1065,11 +1159,13 @@ impl World {
             SuccessorOutput::TakeListeners { .. } => self.proc_mut(pid).has_listeners = true,
             SuccessorOutput::AcquireLock => {
                 let r = if cfg.bug == Some(Bug::SuccessorSkipsLock) {
-                    LockResult::Acquired
+                    LockResult::Acquired {
+                        previous: self.lock_record,
+                    }
                 } else {
                     self.acquire(pid)
                 };
-                if r == LockResult::Acquired {
+                if matches!(r, LockResult::Acquired { .. }) {
                     let writer_alive = self.last_writer.is_some_and(|w| self.alive(w) && w != pid);
                     if !self.sealed && writer_alive {
                         self.fail(format!(
@@ -1145,17 +1241,27 @@ impl World {
             .map(|l| {
                 let d: Vec<&str> = l.to_daemon.iter().map(|(m, _)| m.kind()).collect();
                 let s: Vec<&str> = l.to_sup.iter().map(|(m, _)| m.kind()).collect();
-                format!("#{}({:?}<->{}): >{d:?} <{s:?}{}{}", l.id, l.sup_peer, l.daemon,
+                format!(
+                    "#{}({:?}<->{}): >{d:?} <{s:?}{}{}",
+                    l.id,
+                    l.sup_peer,
+                    l.daemon,
                     if l.daemon_open { "" } else { " dclosed" },
-                    if l.sup_peer.is_some() { "" } else { " sclosed" })
+                    if l.sup_peer.is_some() { "" } else { " sclosed" }
+                )
             })
             .collect();
         format!(
             "t={} sup={} lock={:?} rec={:?} journal={:?} procs=[{}] links=[{}] out={:?}",
             self.now,
-            self.sup.as_ref().map_or("dead".to_string(), |s| format!("{}({:?})", s.m.phase_name(), s.m.incumbent())),
+            self.sup.as_ref().map_or("dead".to_string(), |s| format!(
+                "{}({:?})",
+                s.m.phase_name(),
+                s.m.incumbent()
+            )),
             self.lock,
-            self.lock_record.map(|r| (r.owner, r.committed.map(|h| h.0))),
+            self.lock_record
+                .map(|r| (r.owner, r.committed.map(|h| h.0))),
             self.journal,
             procs.join(", "),
             links.join(", "),
