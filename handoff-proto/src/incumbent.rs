@@ -312,12 +312,12 @@ impl Incumbent {
     }
 
     /// The connection closed (EOF or error). If it carried a handoff, the supervisor is lost.
-    pub fn handle_closed(&mut self, now: Instant, conn: ConnId) -> Result<(), Misuse> {
+    pub fn handle_closed(&mut self, _now: Instant, conn: ConnId) -> Result<(), Misuse> {
         if self.conns.remove(&conn).is_none() {
             return Err(Misuse::UnknownConnection(conn.0));
         }
         if self.handoff_conn() == Some(conn) {
-            self.lose_supervisor(now);
+            self.lose_supervisor();
         }
         Ok(())
     }
@@ -336,7 +336,7 @@ impl Incumbent {
             match ch.decoder.next_message() {
                 Ok(Some(msg)) => self.handle_message(now, conn, msg)?,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(self.violation(now, conn, e.into())),
+                Err(e) => return Err(self.violation(conn, e.into())),
             }
         }
     }
@@ -357,11 +357,9 @@ impl Incumbent {
         if ch.version().is_none() {
             return match msg {
                 Message::Hello(hello) => self.on_hello(conn, hello),
-                other => Err(self.violation(
-                    now,
-                    conn,
-                    PeerMisbehaved::NotNegotiated { kind: other.kind() },
-                )),
+                other => {
+                    Err(self.violation(conn, PeerMisbehaved::NotNegotiated { kind: other.kind() }))
+                }
             };
         }
         let on_handoff_conn = self.handoff_conn() == Some(conn);
@@ -382,28 +380,28 @@ impl Incumbent {
                     self.refuse(conn, format!("busy: {}", self.phase_name()));
                     Ok(())
                 }
-                _ => Err(self.unexpected(now, conn, "Prepare")),
+                _ => Err(self.unexpected(conn, "Prepare")),
             },
             Message::Seal { handoff } => {
-                self.check_handoff(now, conn, handoff)?;
+                self.check_handoff(conn, handoff)?;
                 match &mut self.phase {
                     Phase::Handoff(h) if h.step == Step::Drained => {
                         h.step = Step::Sealing;
                         self.out.push_back(IncumbentOutput::CallSeal { handoff });
                         Ok(())
                     }
-                    _ => Err(self.unexpected(now, conn, "Seal")),
+                    _ => Err(self.unexpected(conn, "Seal")),
                 }
             }
             Message::Commit { handoff } => {
-                self.check_handoff(now, conn, handoff)?;
+                self.check_handoff(conn, handoff)?;
                 match &self.phase {
                     Phase::Handoff(h) if h.step == Step::Sealed => {
                         self.send(conn, Message::CommitAck { handoff });
                         self.retire(handoff);
                         Ok(())
                     }
-                    _ => Err(self.unexpected(now, conn, "Commit")),
+                    _ => Err(self.unexpected(conn, "Commit")),
                 }
             }
             Message::Abort { handoff, .. } => {
@@ -417,7 +415,7 @@ impl Incumbent {
                         return Ok(());
                     }
                 }
-                self.check_handoff(now, conn, handoff)?;
+                self.check_handoff(conn, handoff)?;
                 if let Phase::Handoff(h) = &mut self.phase {
                     h.ack = true;
                 }
@@ -431,10 +429,10 @@ impl Incumbent {
                 Ok(())
             }
             Message::Refused { reason } => {
-                self.close(now, conn);
+                self.close(conn);
                 Err(PeerMisbehaved::Refused(reason).into())
             }
-            other => Err(self.unexpected(now, conn, other.kind())),
+            other => Err(self.unexpected(conn, other.kind())),
         }
     }
 
@@ -611,7 +609,7 @@ impl Incumbent {
                     LockResult::Acquired { .. } => {
                         let id = h.id;
                         if let Some(conn) = h.conn {
-                            self.close(now, conn);
+                            self.close(conn);
                         }
                         self.retire(id);
                     }
@@ -620,7 +618,7 @@ impl Incumbent {
                     {
                         let id = h.id;
                         if let Some(conn) = h.conn {
-                            self.close(now, conn);
+                            self.close(conn);
                         }
                         self.retire(id);
                     }
@@ -659,7 +657,7 @@ impl Incumbent {
             .map(|(id, _)| *id)
             .collect();
         for conn in silent {
-            self.close(now, conn);
+            self.close(conn);
         }
         if self.timers.expire(T::Heartbeat as usize, now) {
             if let Some(conn) = self.handoff_conn() {
@@ -729,8 +727,7 @@ impl Incumbent {
             .map(|(id, _)| *id)
             .collect();
         for old in older {
-            let now = self.conns[&old].last_heard;
-            self.close(now, old);
+            self.close(old);
         }
         let status = self.status();
         let ch = self.conns.get_mut(&conn).expect("checked by caller");
@@ -773,23 +770,22 @@ impl Incumbent {
             .push_back(IncumbentOutput::CallDrain { handoff: id, grace });
     }
 
-    fn check_handoff(&mut self, now: Instant, conn: ConnId, got: HandoffId) -> Result<(), Error> {
+    fn check_handoff(&mut self, conn: ConnId, got: HandoffId) -> Result<(), Error> {
         match &self.phase {
             Phase::Handoff(h) if h.conn == Some(conn) && h.id == got => Ok(()),
             Phase::Handoff(h) if h.conn == Some(conn) => Err(self.violation(
-                now,
                 conn,
                 PeerMisbehaved::WrongHandoff {
                     expected: h.id,
                     got,
                 },
             )),
-            _ => Err(self.unexpected(now, conn, "handoff message")),
+            _ => Err(self.unexpected(conn, "handoff message")),
         }
     }
 
     /// The supervisor went away (EOF, silence, protocol violation, deadline): abort on our own.
-    fn lose_supervisor(&mut self, now: Instant) {
+    fn lose_supervisor(&mut self) {
         if let Phase::Handoff(h) = &mut self.phase {
             if let Some(conn) = h.conn.take() {
                 // Already gone if the driver reported it closed.
@@ -799,7 +795,6 @@ impl Incumbent {
             }
             self.timers.stop(T::Heartbeat as usize);
             self.abort_handoff();
-            let _ = now;
         }
     }
 
@@ -849,13 +844,13 @@ impl Incumbent {
                 } else if !acquiring {
                     let id = h.id;
                     if let Some(conn) = h.conn {
-                        self.close(now, conn);
+                        self.close(conn);
                     }
                     self.retire(id);
                 }
             }
             _ => {
-                self.lose_supervisor(now);
+                self.lose_supervisor();
                 // Check again after another slack: if we are still reclaiming then, the lock
                 // holder is stuck.
                 self.timers.set(T::Deadline as usize, now + slack);
@@ -884,9 +879,9 @@ impl Incumbent {
         }
     }
 
-    fn close(&mut self, now: Instant, conn: ConnId) {
+    fn close(&mut self, conn: ConnId) {
         if self.handoff_conn() == Some(conn) {
-            self.lose_supervisor(now);
+            self.lose_supervisor();
         } else if self.conns.remove(&conn).is_some() {
             self.out.push_back(IncumbentOutput::Close { conn });
         }
@@ -900,17 +895,17 @@ impl Incumbent {
         }
     }
 
-    fn unexpected(&mut self, now: Instant, conn: ConnId, kind: &'static str) -> Error {
+    fn unexpected(&mut self, conn: ConnId, kind: &'static str) -> Error {
         let phase = self.phase_name();
-        self.violation(now, conn, PeerMisbehaved::UnexpectedMessage { kind, phase })
+        self.violation(conn, PeerMisbehaved::UnexpectedMessage { kind, phase })
     }
 
     /// The peer on `conn` broke the protocol: tell it why, close, and if it was our
     /// supervisor, abort the handoff on our own.
-    fn violation(&mut self, now: Instant, conn: ConnId, e: PeerMisbehaved) -> Error {
+    fn violation(&mut self, conn: ConnId, e: PeerMisbehaved) -> Error {
         let reason = bounded_text(e.to_string());
         self.send(conn, Message::Refused { reason });
-        self.close(now, conn);
+        self.close(conn);
         e.into()
     }
 }

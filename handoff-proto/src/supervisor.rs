@@ -1010,10 +1010,8 @@ impl Supervisor {
                 // lock record and exits, and its exit finishes the handoff.
                 Ok(())
             }
-            (m, _) if matches!(h.stage, Stage::Aborting { .. } | Stage::Finishing(_)) => {
-                let _ = m;
-                Ok(())
-            }
+            // Messages that raced with an abort are stale, not misbehaviour.
+            (_, Stage::Aborting { .. } | Stage::Finishing(_)) => Ok(()),
             (m, _) => {
                 let phase = self.phase_name();
                 Err(self.violation(now, Peer::Successor, unexpected(m.kind(), phase)))
