@@ -736,7 +736,7 @@ impl Incumbent {
             role: PeerRole::Incumbent,
             version,
             pid: self.cfg.pid,
-            build_id: self.cfg.build_id.clone(),
+            build_id: bounded_text(self.cfg.build_id.clone()),
             status,
         };
         self.send(conn, Message::HelloAck(ack));

@@ -13,8 +13,8 @@ use crate::wire::DaemonStatus;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum JournalRecord {
-    /// No handoff in progress. `serving` is the daemon believed to serve (`None` right after a
-    /// cold start was requested and before it was confirmed).
+    /// No handoff in progress. `serving` is the daemon believed to serve; `None` when a
+    /// handoff ended with nobody confirmed serving (the supervisor then recovers).
     Idle {
         /// The serving daemon.
         serving: Option<Pid>,

@@ -234,7 +234,7 @@ impl Successor {
                 role: PeerRole::Successor,
                 version,
                 pid: self.cfg.pid,
-                build_id: self.cfg.build_id.clone(),
+                build_id: bounded_text(self.cfg.build_id.clone()),
                 status: DaemonStatus::Successor,
             }));
             self.timers.set(

@@ -37,8 +37,8 @@ pub struct SupervisorConfig {
 pub struct HandoffSpec {
     /// How long the incumbent's drain may take.
     pub drain_grace: Duration,
-    /// The whole handoff, trigger to commit, must fit in this; an abort adds at most the
-    /// timing's `slack`.
+    /// The whole handoff, trigger to commit, must fit in this; aborting and acknowledging add
+    /// at most two of the timing's `slack` (see [`Timing::slack`]).
     pub deadline: Duration,
 }
 
@@ -274,6 +274,9 @@ struct Recovery {
     /// A daemon this recovery started cold, not yet serving. If another one turns out to serve
     /// (it was only slow to answer), this one is killed: it can never get the lock.
     cold_started: Option<Pid>,
+    /// What the cold start concluded about the handoff the journal named, reported when the
+    /// new daemon is adopted.
+    resolution: Option<(HandoffId, Resolution)>,
     wait_until: Instant,
     step: RecStep,
 }
@@ -648,11 +651,11 @@ impl Supervisor {
     /// The journal could not be written (full disk, I/O error). Before the commit point this
     /// aborts the handoff; the reason names the error.
     pub fn handle_journal_failed(&mut self, now: Instant, reason: String) -> Result<(), Misuse> {
-        let reason = bounded_text(format!("journal write failed: {reason}"));
+        let reason = bounded_text(reason);
         match &mut self.state {
             State::Handoff(h) => match &h.stage {
                 Stage::JournalInFlight | Stage::JournalCommitting => {
-                    self.abort(now, AbortReason::ProtocolViolation(reason));
+                    self.abort(now, AbortReason::JournalFailed(reason));
                     Ok(())
                 }
                 // The outcome stands; a stale record only makes a later recovery look.
@@ -673,7 +676,8 @@ impl Supervisor {
 
     // ---- handle: channels ----
 
-    /// The control-socket connection requested by `Connect` is up.
+    /// The control-socket connection requested by `Connect` is up. A connection nobody asked
+    /// for is misuse; the driver closes it.
     pub fn handle_connected(&mut self, now: Instant) -> Result<(), Misuse> {
         let ok = match &mut self.state {
             State::Handoff(h) => match &mut h.stage {
@@ -694,9 +698,8 @@ impl Supervisor {
             _ => false,
         };
         if !ok {
-            self.out.push_back(SupervisorOutput::Close {
-                peer: Peer::Incumbent,
-            });
+            // Not asked for: the driver closes the socket it opened; any session the machine
+            // has stays as it is.
             return Err(Misuse::WrongPhase {
                 input: "connected",
                 phase: self.phase_name(),
@@ -855,7 +858,7 @@ impl Supervisor {
             role: PeerRole::Supervisor,
             versions: self.cfg.versions,
             pid: self.cfg.pid,
-            build_id: self.cfg.build_id.clone(),
+            build_id: bounded_text(self.cfg.build_id.clone()),
         })
     }
 
@@ -1397,6 +1400,7 @@ impl Supervisor {
             alive: pids.into_iter().collect(),
             exited: BTreeSet::new(),
             cold_started: None,
+            resolution: None,
             wait_until: now + self.cfg.recovery_wait,
             step: RecStep::Connecting,
         });
@@ -1415,7 +1419,9 @@ impl Supervisor {
         let decision = decide(r.record.as_ref(), &obs);
         match decision {
             Decision::Adopt { pid, resolution } => {
+                let mut resolution = resolution;
                 if let State::Recovering(r) = &mut self.state {
+                    resolution = resolution.or(r.resolution.take());
                     if let Some(cold) = r.cold_started.take().filter(|c| *c != pid) {
                         self.out.push_back(SupervisorOutput::Kill { pid: cold });
                     }
@@ -1437,13 +1443,14 @@ impl Supervisor {
                 }
             }
             Decision::Wait => self.retry_recovery(now),
-            Decision::ColdStart { kill, .. } => {
+            Decision::ColdStart { kill, resolution } => {
                 for k in kill {
                     self.out.push_back(SupervisorOutput::Kill { pid: k });
                 }
                 self.drop_chan(Peer::Incumbent);
                 if let State::Recovering(r) = &mut self.state {
                     r.step = RecStep::ColdSpawning;
+                    r.resolution = r.resolution.or(resolution);
                 }
                 self.out.push_back(SupervisorOutput::SpawnColdStart);
                 // A cold start brings listeners with it (the driver binds them if we had none).

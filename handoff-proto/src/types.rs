@@ -156,6 +156,8 @@ pub enum AbortReason {
     ListenerMismatch(String),
     /// The supervisor is going away (shutdown) or was lost.
     SupervisorLost,
+    /// The supervisor could not make its journal durable (full disk, I/O error).
+    JournalFailed(String),
 }
 
 impl fmt::Display for AbortReason {
@@ -178,6 +180,7 @@ impl fmt::Display for AbortReason {
             Self::ProtocolViolation(e) => write!(f, "protocol violation: {e}"),
             Self::ListenerMismatch(e) => write!(f, "listener mismatch: {e}"),
             Self::SupervisorLost => f.write_str("supervisor lost"),
+            Self::JournalFailed(e) => write!(f, "journal write failed: {e}"),
         }
     }
 }
@@ -206,8 +209,11 @@ pub struct Timing {
     pub heartbeat_interval: Duration,
     /// A peer that sends nothing for this long during a handoff is considered lost.
     pub peer_silence: Duration,
-    /// Time allowed past a handoff's deadline for aborts and acknowledgements to finish.
-    /// The handoff is over, one way or the other, by `deadline + slack` (invariant I5).
+    /// Time allowed past a handoff's deadline for aborts and acknowledgements to finish. The
+    /// supervisor's outcome comes by `deadline + 2 × slack` at the latest (an unacknowledged
+    /// commit is abandoned at `deadline + slack`, and its abort takes up to one slack more), and
+    /// an incumbent that lost its supervisor exits by `deadline + 3 × slack` if it cannot get
+    /// the lock back (invariant I5).
     pub slack: Duration,
     /// How often a waiting party retries the data-directory lock or a reconnect.
     pub retry_interval: Duration,

@@ -10,9 +10,9 @@
 //! ```
 //!
 //! The body is one [`Message`] in postcard encoding: a varint variant tag, then the fields.
-//! Variant tags are append-only: a tag is never reused or renumbered, and tags 0..=1
-//! (`Hello`, `HelloAck`) keep their layout in every protocol version, so two builds can always
-//! negotiate.
+//! Variant tags are append-only: a tag is never reused or renumbered, and tags 0 (`Hello`),
+//! 1 (`HelloAck`) and 20 (`Refused`) keep their layout in every protocol version, so two builds
+//! can always negotiate, or say why not.
 
 use core::fmt;
 
@@ -258,8 +258,9 @@ pub enum Message {
         /// The application's state after resuming.
         snapshot: StateSnapshot,
     },
-    /// I→S: the resume hook failed. The incumbent keeps the lock and retries nothing; the
-    /// supervisor reports the incumbent lost.
+    /// I→S: the resume hook failed. The incumbent keeps the lock and retries the hook every
+    /// retry interval; the supervisor keeps waiting for `Resumed` until its deadline plus
+    /// slack, then reports the incumbent lost and recovers.
     ResumeFailed {
         /// The handoff.
         handoff: HandoffId,

@@ -219,6 +219,7 @@ fn hung_and_missing_successors_roll_back_with_every_crash() {
     let (c, took) = check(config(vec![Build::Missing, Build::Hangs], 1, None));
     report("missing then hung successor", &c, took);
     assert_holds(&c);
+    pin(&c, 122);
     assert!(c
         .discovery("supervisor restart recovered from the journal")
         .is_some());
@@ -244,6 +245,8 @@ fn checker_catches_successor_that_skips_the_lock() {
         .discovery("I1-I3: one writer, lock before data, release after seal")
         .expect("the checker must catch two writers");
     let why = path.last_state().safety().unwrap_err();
+    // Which of the two the parallel search meets first varies; both are the same bug.
+    assert!(why.starts_with("I1") || why.starts_with("I3"), "{why}");
     println!("caught: {why} after {} steps", path.into_actions().len());
 }
 

@@ -183,6 +183,7 @@ pub fn abort_reason() -> BoxedStrategy<AbortReason> {
         text().prop_map(AbortReason::ProtocolViolation),
         text().prop_map(AbortReason::ListenerMismatch),
         Just(AbortReason::SupervisorLost),
+        text().prop_map(AbortReason::JournalFailed),
     ]
     .boxed()
 }
