@@ -1,0 +1,79 @@
+//! The system layer shared by the drivers: everything `handoff-proto`'s outputs ask of the
+//! operating system, as small blocking-agnostic functions over file descriptors.
+//!
+//! - [`fdpass`]: send and receive bytes with listener descriptors (`SCM_RIGHTS`).
+//! - [`sockcheck`]: check that a received descriptor is the listener kind announced, and put
+//!   it in the mode this process needs.
+//! - [`lock`]: the data-directory `flock`, its lock record, and the `/proc/locks` guard used
+//!   before killing a lock holder.
+//! - [`journal_file`]: atomic replacement and reading of the supervisor's journal.
+//! - [`peercred`]: peer credentials of a control connection, and binding the control socket
+//!   with mode 0600.
+//!
+//! Linux only. Every descriptor created or received here is close-on-exec, so nothing leaks
+//! into a spawned successor by accident: a driver that wants a descriptor inherited must clear
+//! `FD_CLOEXEC` deliberately. The layer contains no `unsafe` code (enforced below); all system
+//! calls go through `rustix`.
+
+#![forbid(unsafe_code)]
+
+pub mod fdpass;
+pub mod journal_file;
+pub mod lock;
+pub mod peercred;
+pub mod sockcheck;
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! A fresh temporary directory per test, made with `std` only.
+
+    use std::io;
+    use std::os::fd::AsFd;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
+    /// A directory under the system temp dir, removed (best-effort) on drop.
+    #[derive(Debug)]
+    pub(crate) struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new(tag: &str) -> TempDir {
+            let base = std::env::temp_dir();
+            loop {
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                let p = base.join(format!("hois-{}-{tag}-{n}", std::process::id()));
+                match std::fs::create_dir(&p) {
+                    Ok(()) => return TempDir(p),
+                    // Left behind by an earlier run whose pid we reuse: take the next name.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => panic!("cannot create temp dir {}: {e}", p.display()),
+                }
+            }
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Whether `FD_CLOEXEC` is set on `fd`.
+    pub(crate) fn is_cloexec(fd: impl AsFd) -> bool {
+        rustix::io::fcntl_getfd(fd)
+            .expect("F_GETFD")
+            .contains(rustix::io::FdFlags::CLOEXEC)
+    }
+
+    /// `(st_dev, st_ino)` of `fd`: equal for two descriptors of the same socket or file.
+    pub(crate) fn identity(fd: impl AsFd) -> (u64, u64) {
+        let st = rustix::fs::fstat(fd).expect("fstat");
+        (st.st_dev, st.st_ino)
+    }
+}
