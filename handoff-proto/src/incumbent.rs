@@ -450,28 +450,24 @@ impl Incumbent {
         match result {
             Ok(report) if !abort => {
                 h.step = Step::Drained;
-                if let Some(conn) = conn {
-                    self.send(
-                        conn,
-                        Message::Drained {
-                            handoff: id,
-                            report,
-                        },
-                    );
-                }
+                self.to_supervisor(
+                    conn,
+                    Message::Drained {
+                        handoff: id,
+                        report,
+                    },
+                );
             }
             Ok(_) => self.start_resume(),
             Err(reason) => {
-                if let Some(conn) = conn {
-                    let reason = bounded_text(reason);
-                    self.send(
-                        conn,
-                        Message::DrainFailed {
-                            handoff: id,
-                            reason,
-                        },
-                    );
-                }
+                let reason = bounded_text(reason);
+                self.to_supervisor(
+                    conn,
+                    Message::DrainFailed {
+                        handoff: id,
+                        reason,
+                    },
+                );
                 self.start_resume();
             }
         }
@@ -495,29 +491,25 @@ impl Incumbent {
                 h.step = Step::Sealed;
                 let proof = SealProof { handoff: id };
                 self.out.push_back(IncumbentOutput::ReleaseLock(proof));
-                if let Some(conn) = conn {
-                    self.send(
-                        conn,
-                        Message::Sealed {
-                            handoff: id,
-                            report,
-                        },
-                    );
-                }
+                self.to_supervisor(
+                    conn,
+                    Message::Sealed {
+                        handoff: id,
+                        report,
+                    },
+                );
             }
             // Aborted while sealing: the lock was never released, resume in place.
             Ok(_) => self.start_resume(),
             Err(reason) => {
-                if let Some(conn) = conn {
-                    let reason = bounded_text(reason);
-                    self.send(
-                        conn,
-                        Message::SealFailed {
-                            handoff: id,
-                            reason,
-                        },
-                    );
-                }
+                let reason = bounded_text(reason);
+                self.to_supervisor(
+                    conn,
+                    Message::SealFailed {
+                        handoff: id,
+                        reason,
+                    },
+                );
                 self.start_resume();
             }
         }
@@ -550,16 +542,14 @@ impl Incumbent {
             }
             Err(reason) => {
                 h.step = Step::Resuming { running: false };
-                if let Some(conn) = conn {
-                    let reason = bounded_text(reason);
-                    self.send(
-                        conn,
-                        Message::ResumeFailed {
-                            handoff: id,
-                            reason,
-                        },
-                    );
-                }
+                let reason = bounded_text(reason);
+                self.to_supervisor(
+                    conn,
+                    Message::ResumeFailed {
+                        handoff: id,
+                        reason,
+                    },
+                );
                 let at = now + self.cfg.timing.retry_interval;
                 self.timers.set(T::Retry as usize, at);
             }
@@ -870,6 +860,13 @@ impl Incumbent {
         self.phase = Phase::Retired;
         self.timers = Timers::new();
         self.out.push_back(IncumbentOutput::Retire { handoff });
+    }
+
+    /// Send on the handoff's connection, if the supervisor is still there.
+    fn to_supervisor(&mut self, conn: Option<ConnId>, message: Message) {
+        if let Some(conn) = conn {
+            self.send(conn, message);
+        }
     }
 
     fn send(&mut self, conn: ConnId, message: Message) {
