@@ -450,7 +450,7 @@ impl Incumbent {
         match result {
             Ok(report) if !abort => {
                 h.step = Step::Drained;
-                self.to_supervisor(
+                self.send_to_supervisor(
                     conn,
                     Message::Drained {
                         handoff: id,
@@ -461,7 +461,7 @@ impl Incumbent {
             Ok(_) => self.start_resume(),
             Err(reason) => {
                 let reason = bounded_text(reason);
-                self.to_supervisor(
+                self.send_to_supervisor(
                     conn,
                     Message::DrainFailed {
                         handoff: id,
@@ -491,7 +491,7 @@ impl Incumbent {
                 h.step = Step::Sealed;
                 let proof = SealProof { handoff: id };
                 self.out.push_back(IncumbentOutput::ReleaseLock(proof));
-                self.to_supervisor(
+                self.send_to_supervisor(
                     conn,
                     Message::Sealed {
                         handoff: id,
@@ -503,7 +503,7 @@ impl Incumbent {
             Ok(_) => self.start_resume(),
             Err(reason) => {
                 let reason = bounded_text(reason);
-                self.to_supervisor(
+                self.send_to_supervisor(
                     conn,
                     Message::SealFailed {
                         handoff: id,
@@ -543,7 +543,7 @@ impl Incumbent {
             Err(reason) => {
                 h.step = Step::Resuming { running: false };
                 let reason = bounded_text(reason);
-                self.to_supervisor(
+                self.send_to_supervisor(
                     conn,
                     Message::ResumeFailed {
                         handoff: id,
@@ -863,7 +863,7 @@ impl Incumbent {
     }
 
     /// Send on the handoff's connection, if the supervisor is still there.
-    fn to_supervisor(&mut self, conn: Option<ConnId>, message: Message) {
+    fn send_to_supervisor(&mut self, conn: Option<ConnId>, message: Message) {
         if let Some(conn) = conn {
             self.send(conn, message);
         }
