@@ -1,0 +1,748 @@
+//! systemd-style listener inheritance for a cold start (`sd_listen_fds(3)`).
+//!
+//! A socket-activating launcher (systemd, `systemfd`, a test harness) starts the daemon with
+//! its listeners at descriptors 3, 4, … ([`SD_LISTEN_FDS_START`]) and describes them in three
+//! environment variables:
+//!
+//! - `LISTEN_PID`: the pid the descriptors are meant for. Unset or another pid: they are not
+//!   ours (they were inherited through an intermediate process) and are ignored.
+//! - `LISTEN_FDS`: how many descriptors, from fd 3 on.
+//! - `LISTEN_FDNAMES`: their names, colon-separated (`http:dns:admin`). Unset: every name is
+//!   `"unknown"`, as systemd does.
+//!
+//! What is here:
+//!
+//! - [`parse`]: the pure reading of the three variables, with the rules above and the errors
+//!   of [`InheritError`]. No descriptor is touched.
+//! - [`InheritedListeners`]: named, checked, close-on-exec, blocking listeners, and the takers
+//!   an application uses (`inherited.take("http")`).
+//!
+//! - [`InheritedListeners::from_env`]: takes ownership of the descriptors [`parse`] names, once
+//!   per process. This is the crate's only `unsafe`: turning a raw descriptor number into an
+//!   `OwnedFd` has no safe API. Before it owns anything it checks through `/proc/self/fd` that
+//!   every named descriptor is an open socket, so a wrong `LISTEN_FDS` can never make it close
+//!   a file the program opened itself.
+//!
+//! The `LISTEN_*` variables are left in the environment (removing them is not thread-safe).
+//! Children the daemon spawns inherit the variables but not the descriptors, which are
+//! close-on-exec once taken; a child's `LISTEN_PID` check fails anyway.
+
+use std::io;
+use std::net::{TcpListener, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixListener};
+
+use handoff_proto::{ListenerInfo, ListenerKind, MAX_FDS_PER_MESSAGE};
+
+use crate::sys::sockcheck::{self, SockCheckError};
+
+/// The first inherited descriptor (`SD_LISTEN_FDS_START`).
+pub const SD_LISTEN_FDS_START: RawFd = 3;
+
+/// Most descriptors accepted in `LISTEN_FDS`: four full `SCM_RIGHTS` messages
+/// ([`MAX_FDS_PER_MESSAGE`] each). A larger count is a launcher bug, not a configuration.
+pub const MAX_INHERITED_FDS: usize = 4 * MAX_FDS_PER_MESSAGE;
+
+/// The name given to a descriptor `LISTEN_FDNAMES` does not name (systemd's default).
+pub const UNKNOWN_NAME: &str = "unknown";
+
+/// Why the inherited listeners cannot be used. Every variant names the variable or the
+/// descriptor at fault and the value found.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InheritError {
+    /// `LISTEN_PID` is set but is not a positive decimal number.
+    #[error("LISTEN_PID={value:?} is not a process id")]
+    BadPid {
+        /// The variable's value.
+        value: String,
+    },
+    /// `LISTEN_FDS` is set but is not a decimal number.
+    #[error("LISTEN_FDS={value:?} is not a descriptor count")]
+    BadCount {
+        /// The variable's value.
+        value: String,
+    },
+    /// `LISTEN_FDS` is larger than [`MAX_INHERITED_FDS`].
+    #[error("LISTEN_FDS={count} is more than the {max} descriptors accepted")]
+    TooMany {
+        /// The count found.
+        count: usize,
+        /// [`MAX_INHERITED_FDS`].
+        max: usize,
+    },
+    /// `LISTEN_FDNAMES` does not have exactly `LISTEN_FDS` entries.
+    #[error("LISTEN_FDNAMES={value:?} has {names} names but LISTEN_FDS={count}")]
+    NameCountMismatch {
+        /// The variable's value.
+        value: String,
+        /// How many colon-separated entries it has.
+        names: usize,
+        /// `LISTEN_FDS`.
+        count: usize,
+    },
+    /// `LISTEN_FDS` names a descriptor that is not open, or not a socket. Nothing was taken.
+    #[error("LISTEN_FDS names descriptor {fd} ({name:?}), which is not an open socket: {found}")]
+    NotASocket {
+        /// The descriptor number.
+        fd: RawFd,
+        /// Its name.
+        name: String,
+        /// What `/proc/self/fd` shows for it (or why it could not be read).
+        found: String,
+    },
+    /// An inherited descriptor is not a socket a listener can be (or is a stream socket that
+    /// is not listening).
+    #[error("inherited descriptor {fd} ({name:?}) is not a listener: {source}")]
+    NotAListener {
+        /// The descriptor number.
+        fd: RawFd,
+        /// Its name.
+        name: String,
+        /// What is wrong with it.
+        source: SockCheckError,
+    },
+    /// Setting close-on-exec or blocking mode on an inherited descriptor failed.
+    #[error("cannot set up inherited descriptor {fd} ({name:?}): {source}")]
+    Setup {
+        /// The descriptor number.
+        fd: RawFd,
+        /// Its name.
+        name: String,
+        /// The system error.
+        source: io::Error,
+    },
+}
+
+/// A decimal number made of ASCII digits only: no sign, no blanks (`u32::from_str` would
+/// accept `"+3"`).
+fn decimal(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Read the three `sd_listen_fds` variables (given as their values, `None` when unset) for a
+/// process whose pid is `my_pid`, and return the inherited descriptors as `(fd, name)` pairs,
+/// fd 3 first. Touches no descriptor.
+///
+/// - `LISTEN_PID` unset, or another pid: `Ok(vec![])` (nothing is checked further: the
+///   variables were meant for another process). Set but not a positive number: an error.
+/// - `LISTEN_FDS` unset: `Ok(vec![])`. Not a number: an error. Zero: `Ok(vec![])` (libsystemd
+///   calls zero `EINVAL`; a launcher that passes nothing is no reason to refuse to start),
+///   provided `LISTEN_FDNAMES` is unset or empty. More than [`MAX_INHERITED_FDS`]: an error.
+/// - `LISTEN_FDNAMES` unset: every name is [`UNKNOWN_NAME`]. Set: exactly `LISTEN_FDS`
+///   colon-separated entries, or an error; an empty entry (`http::admin`) is also
+///   [`UNKNOWN_NAME`]. Names need not be unique.
+pub fn parse(
+    listen_pid: Option<&str>,
+    listen_fds: Option<&str>,
+    listen_fdnames: Option<&str>,
+    my_pid: u32,
+) -> Result<Vec<(RawFd, String)>, InheritError> {
+    let Some(pid) = listen_pid else {
+        return Ok(Vec::new());
+    };
+    match decimal(pid) {
+        Some(0) | None => {
+            return Err(InheritError::BadPid {
+                value: pid.to_owned(),
+            })
+        }
+        Some(p) if p != my_pid => return Ok(Vec::new()),
+        Some(_) => {}
+    }
+    let Some(fds) = listen_fds else {
+        return Ok(Vec::new());
+    };
+    let count = decimal(fds).ok_or_else(|| InheritError::BadCount {
+        value: fds.to_owned(),
+    })? as usize;
+    if count > MAX_INHERITED_FDS {
+        return Err(InheritError::TooMany {
+            count,
+            max: MAX_INHERITED_FDS,
+        });
+    }
+    let names: Vec<String> = match listen_fdnames {
+        None => vec![UNKNOWN_NAME.to_owned(); count],
+        Some("") if count == 0 => Vec::new(),
+        Some(value) => {
+            let names: Vec<&str> = value.split(':').collect();
+            if names.len() != count {
+                return Err(InheritError::NameCountMismatch {
+                    value: value.to_owned(),
+                    names: names.len(),
+                    count,
+                });
+            }
+            names
+                .into_iter()
+                .map(|n| if n.is_empty() { UNKNOWN_NAME } else { n }.to_owned())
+                .collect()
+        }
+    };
+    // count <= MAX_INHERITED_FDS, so the numbers fit in a RawFd.
+    Ok(names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| (SD_LISTEN_FDS_START + i as RawFd, name))
+        .collect())
+}
+
+/// Inherited listeners: each named, checked to be a listener of a known kind, close-on-exec
+/// and in blocking mode. Take them out by name with the takers; what is never taken is closed
+/// on drop.
+#[derive(Debug, Default)]
+pub struct InheritedListeners {
+    entries: Vec<(String, ListenerKind, OwnedFd)>,
+}
+
+impl InheritedListeners {
+    /// The listeners this process inherited (`sd_listen_fds(3)`): checked, named, close-on-exec
+    /// and blocking. Empty if none were meant for this process. Call it early, before the
+    /// program opens descriptors of its own; a second call returns an empty set (the
+    /// descriptors are taken once per process).
+    #[allow(unsafe_code)]
+    pub fn from_env() -> Result<InheritedListeners, InheritError> {
+        static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(InheritedListeners::empty());
+        }
+        let var = |k: &str| std::env::var(k).ok();
+        let list = parse(
+            var("LISTEN_PID").as_deref(),
+            var("LISTEN_FDS").as_deref(),
+            var("LISTEN_FDNAMES").as_deref(),
+            std::process::id(),
+        )?;
+        // Check every descriptor before owning any, without borrowing a number that may not
+        // be open: `/proc/self/fd/N` names the open file, `socket:[inode]` for a socket.
+        for (fd, name) in &list {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}"));
+            let is_socket = target
+                .as_ref()
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:["));
+            if !is_socket {
+                return Err(InheritError::NotASocket {
+                    fd: *fd,
+                    name: name.clone(),
+                    found: match target {
+                        Ok(t) => t.to_string_lossy().into_owned(),
+                        Err(e) => e.to_string(),
+                    },
+                });
+            }
+        }
+        let owned = list.into_iter().map(|(fd, name)| {
+            // SAFETY: by sd_listen_fds(3), the launcher that set LISTEN_PID to this process's
+            // pid passed these descriptors to it at exec; each is open and a socket (checked
+            // just above); nothing else in this process owns them (the launcher's protocol
+            // reserves 3.. for them, and `TAKEN` makes sure this code takes them only once).
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            (name, fd)
+        });
+        InheritedListeners::from_owned(owned)
+    }
+
+    /// No listeners.
+    pub fn empty() -> InheritedListeners {
+        InheritedListeners::default()
+    }
+
+    /// Check and set up descriptors this process owns: each must be a listener (see
+    /// [`sockcheck::inspect`]); each is made close-on-exec and blocking
+    /// ([`sockcheck::normalise`]). On error every descriptor given is closed and the error
+    /// names the first bad one (its number and name).
+    ///
+    /// Blocking mode lives on the open file description, shared with the launcher's copy;
+    /// see [`sockcheck::normalise`].
+    pub fn from_owned(
+        fds: impl IntoIterator<Item = (String, OwnedFd)>,
+    ) -> Result<InheritedListeners, InheritError> {
+        let mut entries = Vec::new();
+        for (name, fd) in fds {
+            let raw = fd.as_raw_fd();
+            let kind = match sockcheck::inspect(fd.as_fd()) {
+                Ok(k) => ListenerKind::from(k),
+                Err(source) => {
+                    return Err(InheritError::NotAListener {
+                        fd: raw,
+                        name,
+                        source,
+                    })
+                }
+            };
+            if let Err(source) = sockcheck::normalise(fd.as_fd()) {
+                return Err(InheritError::Setup {
+                    fd: raw,
+                    name,
+                    source,
+                });
+            }
+            entries.push((name, kind, fd));
+        }
+        Ok(InheritedListeners { entries })
+    }
+
+    /// Remove and return the first entry named `name` of kind `kind`.
+    fn take_kind(&mut self, name: &str, kind: ListenerKind) -> Option<OwnedFd> {
+        let i = self
+            .entries
+            .iter()
+            .position(|(n, k, _)| n == name && *k == kind)?;
+        Some(self.entries.remove(i).2)
+    }
+
+    /// The TCP listener named `name`. `None` if there is none, or if `name` is another kind
+    /// (the entry then stays).
+    pub fn take(&mut self, name: &str) -> Option<TcpListener> {
+        self.take_kind(name, ListenerKind::Tcp)
+            .map(TcpListener::from)
+    }
+
+    /// The UDP socket named `name`, as [`take`](Self::take).
+    pub fn take_udp(&mut self, name: &str) -> Option<UdpSocket> {
+        self.take_kind(name, ListenerKind::Udp).map(UdpSocket::from)
+    }
+
+    /// The Unix stream listener named `name`, as [`take`](Self::take).
+    pub fn take_unix(&mut self, name: &str) -> Option<UnixListener> {
+        self.take_kind(name, ListenerKind::UnixStream)
+            .map(UnixListener::from)
+    }
+
+    /// The Unix datagram socket named `name`, as [`take`](Self::take).
+    pub fn take_unix_datagram(&mut self, name: &str) -> Option<UnixDatagram> {
+        self.take_kind(name, ListenerKind::UnixDatagram)
+            .map(UnixDatagram::from)
+    }
+
+    /// The names of the listeners not taken yet, in descriptor order.
+    pub fn names(&self) -> Vec<&str> {
+        self.entries.iter().map(|(n, _, _)| n.as_str()).collect()
+    }
+
+    /// The listeners not taken yet, as the protocol describes them.
+    pub fn infos(&self) -> Vec<ListenerInfo> {
+        self.entries
+            .iter()
+            .map(|(name, kind, _)| ListenerInfo {
+                name: name.clone(),
+                kind: *kind,
+            })
+            .collect()
+    }
+
+    /// Whether every listener has been taken.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Everything not taken yet, for the supervisor: `(name, kind, descriptor)` in descriptor
+    /// order.
+    pub fn into_parts(self) -> Vec<(String, ListenerKind, OwnedFd)> {
+        self.entries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::testutil::{is_cloexec, TempDir};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::os::unix::net::UnixStream;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    const ME: u32 = 4242;
+
+    fn ok(pid: Option<&str>, fds: Option<&str>, names: Option<&str>) -> Vec<(RawFd, String)> {
+        parse(pid, fds, names, ME).unwrap()
+    }
+
+    fn pairs(v: &[(RawFd, &str)]) -> Vec<(RawFd, String)> {
+        v.iter().map(|(f, n)| (*f, n.to_string())).collect()
+    }
+
+    #[test]
+    fn parse_unset_means_nothing() {
+        assert!(ok(None, None, None).is_empty());
+        // systemd requires LISTEN_PID: without it the descriptors are not known to be ours.
+        assert!(ok(None, Some("2"), Some("a:b")).is_empty());
+        assert!(ok(Some("4242"), None, None).is_empty());
+        assert!(ok(Some("4242"), None, Some("a:b")).is_empty());
+    }
+
+    #[test]
+    fn parse_wrong_pid_means_nothing_and_checks_nothing_else() {
+        assert!(ok(Some("1"), Some("2"), Some("a:b")).is_empty());
+        assert!(ok(Some("42420"), Some("garbage"), Some("a:b:c")).is_empty());
+        assert!(ok(Some("4241"), Some("99999"), None).is_empty());
+    }
+
+    #[test]
+    fn parse_pid_match() {
+        assert_eq!(
+            ok(Some("4242"), Some("3"), Some("http:dns:admin")),
+            pairs(&[(3, "http"), (4, "dns"), (5, "admin")])
+        );
+        assert_eq!(ok(Some("4242"), Some("1"), Some("x")), pairs(&[(3, "x")]));
+        // Duplicate names are allowed (systemd allows them); the takers use the first.
+        assert_eq!(
+            ok(Some("4242"), Some("2"), Some("x:x")),
+            pairs(&[(3, "x"), (4, "x")])
+        );
+        let max = MAX_INHERITED_FDS.to_string();
+        let v = ok(Some("4242"), Some(&max), None);
+        assert_eq!(v.len(), 1012);
+        assert_eq!(v.last().unwrap().0, 3 + 1011);
+    }
+
+    #[test]
+    fn parse_missing_names_are_unknown() {
+        assert_eq!(
+            ok(Some("4242"), Some("2"), None),
+            pairs(&[(3, "unknown"), (4, "unknown")])
+        );
+        assert_eq!(
+            ok(Some("4242"), Some("3"), Some("http::admin")),
+            pairs(&[(3, "http"), (4, "unknown"), (5, "admin")])
+        );
+        assert_eq!(
+            ok(Some("4242"), Some("1"), Some("")),
+            pairs(&[(3, "unknown")])
+        );
+        assert_eq!(
+            ok(Some("4242"), Some("2"), Some(":")),
+            pairs(&[(3, "unknown"), (4, "unknown")])
+        );
+    }
+
+    #[test]
+    fn parse_count_name_mismatch() {
+        for (fds, names, n) in [
+            ("3", "http:dns", 2),
+            ("1", "a:b", 2),
+            ("2", "a", 1),
+            ("3", "a:b:c:", 4),
+        ] {
+            let e = parse(Some("4242"), Some(fds), Some(names), ME).unwrap_err();
+            match &e {
+                InheritError::NameCountMismatch {
+                    value,
+                    names: got,
+                    count,
+                } => {
+                    assert_eq!(
+                        (value.as_str(), *got, count.to_string()),
+                        (names, n, fds.to_string())
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let e = parse(Some("4242"), Some("3"), Some("http:dns"), ME).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "LISTEN_FDNAMES=\"http:dns\" has 2 names but LISTEN_FDS=3"
+        );
+    }
+
+    #[test]
+    fn parse_garbage_numbers() {
+        for pid in [
+            "",
+            "0",
+            "-1",
+            "+4242",
+            " 4242",
+            "4242 ",
+            "42x",
+            "0x10",
+            "99999999999",
+        ] {
+            let e = parse(Some(pid), Some("1"), None, ME).unwrap_err();
+            assert!(
+                matches!(&e, InheritError::BadPid { value } if value == pid),
+                "{pid:?}: {e:?}"
+            );
+        }
+        assert_eq!(
+            parse(Some("x"), None, None, ME).unwrap_err().to_string(),
+            "LISTEN_PID=\"x\" is not a process id"
+        );
+        for fds in ["", "-1", "+1", " 1", "1 ", "one", "0x1", "99999999999"] {
+            let e = parse(Some("4242"), Some(fds), None, ME).unwrap_err();
+            assert!(
+                matches!(&e, InheritError::BadCount { value } if value == fds),
+                "{fds:?}: {e:?}"
+            );
+        }
+        assert_eq!(
+            parse(Some("4242"), Some("three"), None, ME)
+                .unwrap_err()
+                .to_string(),
+            "LISTEN_FDS=\"three\" is not a descriptor count"
+        );
+        for fds in ["1013", "4294967295"] {
+            let e = parse(Some("4242"), Some(fds), None, ME).unwrap_err();
+            assert!(
+                matches!(e, InheritError::TooMany { max: 1012, .. }),
+                "{fds}: {e:?}"
+            );
+        }
+        assert_eq!(
+            parse(Some("4242"), Some("1013"), None, ME)
+                .unwrap_err()
+                .to_string(),
+            "LISTEN_FDS=1013 is more than the 1012 descriptors accepted"
+        );
+    }
+
+    #[test]
+    fn parse_zero() {
+        assert!(ok(Some("4242"), Some("0"), None).is_empty());
+        assert!(ok(Some("4242"), Some("0"), Some("")).is_empty());
+        assert!(ok(Some("4242"), Some("000"), None).is_empty());
+        assert!(matches!(
+            parse(Some("4242"), Some("0"), Some("http"), ME),
+            Err(InheritError::NameCountMismatch {
+                names: 1,
+                count: 0,
+                ..
+            })
+        ));
+    }
+
+    /// `fd` with `FD_CLOEXEC` cleared and `O_NONBLOCK` set, the state a launcher may leave it in.
+    fn as_launched(fd: impl Into<OwnedFd>) -> OwnedFd {
+        let fd = fd.into();
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty()).unwrap();
+        let fl = rustix::fs::fcntl_getfl(&fd).unwrap();
+        rustix::fs::fcntl_setfl(&fd, fl | rustix::fs::OFlags::NONBLOCK).unwrap();
+        fd
+    }
+
+    fn is_nonblocking(fd: impl AsFd) -> bool {
+        rustix::fs::fcntl_getfl(fd)
+            .unwrap()
+            .contains(rustix::fs::OFlags::NONBLOCK)
+    }
+
+    #[test]
+    fn takers_by_name_and_kind() {
+        let dir = TempDir::new("inherit-takers");
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp_addr = tcp.local_addr().unwrap();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_addr = udp.local_addr().unwrap();
+        let us = UnixListener::bind(dir.path().join("s")).unwrap();
+        let ud = UnixDatagram::bind(dir.path().join("d")).unwrap();
+        let mut inh = InheritedListeners::from_owned([
+            ("http".to_string(), as_launched(tcp)),
+            ("dns".to_string(), as_launched(udp)),
+            ("admin".to_string(), as_launched(us)),
+            ("log".to_string(), as_launched(ud)),
+        ])
+        .unwrap();
+        assert_eq!(inh.names(), ["http", "dns", "admin", "log"]);
+        assert_eq!(
+            inh.infos()[1],
+            ListenerInfo {
+                name: "dns".into(),
+                kind: ListenerKind::Udp
+            }
+        );
+
+        // Wrong kind or unknown name: None, and the entry stays.
+        assert!(inh.take("dns").is_none());
+        assert!(inh.take_udp("http").is_none());
+        assert!(inh.take_unix("log").is_none());
+        assert!(inh.take_unix_datagram("admin").is_none());
+        assert!(inh.take("nope").is_none());
+        assert_eq!(inh.names(), ["http", "dns", "admin", "log"]);
+
+        let http = inh.take("http").unwrap();
+        assert_eq!(http.local_addr().unwrap(), tcp_addr);
+        assert!(is_cloexec(&http) && !is_nonblocking(&http));
+        assert!(inh.take("http").is_none());
+        let dns = inh.take_udp("dns").unwrap();
+        assert_eq!(dns.local_addr().unwrap(), udp_addr);
+        assert!(is_cloexec(&dns) && !is_nonblocking(&dns));
+        assert_eq!(inh.names(), ["admin", "log"]);
+
+        // Blocking: this accept waits for the connection rather than failing with EAGAIN.
+        let mut c = TcpStream::connect(tcp_addr).unwrap();
+        let (mut s, _) = http.accept().unwrap();
+        s.write_all(b"ok").unwrap();
+        let mut buf = [0; 2];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ok");
+
+        let parts = inh.into_parts();
+        let kinds: Vec<_> = parts
+            .iter()
+            .map(|(n, k, fd)| (n.as_str(), *k, is_cloexec(fd)))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("admin", ListenerKind::UnixStream, true),
+                ("log", ListenerKind::UnixDatagram, true)
+            ]
+        );
+        assert!(InheritedListeners::empty().is_empty());
+    }
+
+    #[test]
+    fn non_listeners_are_refused_by_number_and_name() {
+        let dir = TempDir::new("inherit-bad");
+        let file = std::fs::File::create(dir.path().join("f")).unwrap();
+        let raw = file.as_raw_fd();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let e = InheritedListeners::from_owned([
+            ("http".to_string(), OwnedFd::from(tcp)),
+            ("db".to_string(), OwnedFd::from(file)),
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(&e, InheritError::NotAListener { fd, name, source: SockCheckError::NotASocket } if *fd == raw && name == "db"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "inherited descriptor {raw} (\"db\") is not a listener: descriptor is not a socket"
+            )
+        );
+        let (a, _b) = UnixStream::pair().unwrap();
+        let e = InheritedListeners::from_owned([("a".to_string(), OwnedFd::from(a))]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                InheritError::NotAListener {
+                    source: SockCheckError::NotListening { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    const CHILD_ENV: &str = "HANDOFF_INHERIT_CHILD";
+    const CHILD_TEST: &str = "inherit::tests::child_side";
+
+    /// The child half of [`inherited_by_a_real_child`]: the test binary re-executed with
+    /// [`CHILD_ENV`] set, the three listeners at fds 3, 4, 5 and the `LISTEN_*` variables set
+    /// for it. In a normal test run [`CHILD_ENV`] is unset and this test returns at once: it
+    /// has nothing to inherit, and it must not be skipped with `#[ignore]` because the parent
+    /// runs it by exact name.
+    ///
+    /// The child takes them with [`InheritedListeners::from_env`], the way a daemon does.
+    #[test]
+    fn child_side() {
+        if std::env::var_os(CHILD_ENV).is_none() {
+            return;
+        }
+        let var = |k: &str| std::env::var(k).ok();
+        let mut inh = InheritedListeners::from_env().unwrap();
+        assert_eq!(inh.names(), ["http", "dns", "admin"]);
+        // Taken once per process: a second call finds nothing.
+        assert!(InheritedListeners::from_env().unwrap().is_empty());
+        assert!(inh.take_udp("http").is_none());
+        let http = inh.take("http").unwrap();
+        let dns = inh.take_udp("dns").unwrap();
+        let admin = inh.take_unix("admin").unwrap();
+        assert!(inh.is_empty());
+        assert_eq!(
+            http.local_addr().unwrap().to_string(),
+            var("HANDOFF_INHERIT_TCP").unwrap()
+        );
+        assert_eq!(
+            dns.local_addr().unwrap().to_string(),
+            var("HANDOFF_INHERIT_UDP").unwrap()
+        );
+        assert_eq!(
+            admin
+                .local_addr()
+                .unwrap()
+                .as_pathname()
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            var("HANDOFF_INHERIT_UNIX").unwrap()
+        );
+        assert!(is_cloexec(&http) && is_cloexec(&dns) && is_cloexec(&admin));
+        let (mut conn, _) = http.accept().unwrap();
+        conn.write_all(format!("ok {}", std::process::id()).as_bytes())
+            .unwrap();
+    }
+
+    /// A real child inherits a TCP listener, a UDP socket and a Unix listener at fds 3, 4, 5
+    /// with `LISTEN_FDS=3`, `LISTEN_FDNAMES=http:dns:admin` and `LISTEN_PID` its own pid, and
+    /// serves the connection this process makes.
+    ///
+    /// No `unsafe` is needed to place the fds: they are handed to `/bin/sh` as its stdin,
+    /// stdout and stderr (std dup2s them in the child, which clears `FD_CLOEXEC` there), and
+    /// the shell moves them to 3, 4, 5 before it execs the test binary. The parent's copies
+    /// stay close-on-exec all along, so tests spawning children in parallel never inherit them
+    /// and no lock is needed.
+    #[test]
+    fn inherited_by_a_real_child() {
+        let dir = TempDir::new("inherit-child");
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp_addr = tcp.local_addr().unwrap();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let unix_path = dir.path().join("admin.sock");
+        let unix = UnixListener::bind(&unix_path).unwrap();
+        let log = dir.path().join("child.log");
+
+        let script = "exec 3<&0 4<&1 5<&2 0</dev/null 1>>\"$HANDOFF_INHERIT_LOG\" 2>&1; \
+                      LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"";
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads", "1"])
+            .env(CHILD_ENV, "1")
+            .env("LISTEN_FDS", "3")
+            .env("LISTEN_FDNAMES", "http:dns:admin")
+            .env_remove("LISTEN_PID")
+            .env("HANDOFF_INHERIT_LOG", &log)
+            .env("HANDOFF_INHERIT_TCP", tcp_addr.to_string())
+            .env("HANDOFF_INHERIT_UDP", udp.local_addr().unwrap().to_string())
+            .env("HANDOFF_INHERIT_UNIX", &unix_path)
+            .stdin(Stdio::from(OwnedFd::from(tcp)))
+            .stdout(Stdio::from(OwnedFd::from(udp)))
+            .stderr(Stdio::from(OwnedFd::from(unix)));
+        let mut child = cmd.spawn().unwrap();
+        // Close this process's copies: only the child can accept now.
+        drop(cmd);
+        let child_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+        // The listener listened before the spawn: the connection is queued at once and
+        // served when the child accepts.
+        let mut c = TcpStream::connect(tcp_addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut reply = String::new();
+        if let Err(e) = c.read_to_string(&mut reply) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "no reply from the child: {e}\n--- child output ---\n{}",
+                child_log()
+            );
+        }
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "child: {status}\n--- child output ---\n{}",
+            child_log()
+        );
+        // `exec` keeps the pid: the reply comes from the process the shell became.
+        assert_eq!(reply, format!("ok {}", child.id()), "{}", child_log());
+    }
+}
