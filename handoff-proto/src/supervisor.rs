@@ -785,15 +785,26 @@ impl Supervisor {
         }
     }
 
-    /// A channel closed (EOF, error, or the peer went silent).
+    /// A channel closed (EOF or error).
     pub fn handle_closed(&mut self, now: Instant, peer: Peer) {
+        let reason = match peer {
+            Peer::Successor => AbortReason::SuccessorDisconnected,
+            Peer::Incumbent => {
+                AbortReason::IncumbentUnreachable("control connection closed".into())
+            }
+        };
+        self.lose_channel(now, peer, reason);
+    }
+
+    /// The channel to `peer` is gone; `reason` says how (closed, or silent too long).
+    fn lose_channel(&mut self, now: Instant, peer: Peer, reason: AbortReason) {
         if self.chan_mut(peer).is_none() {
             return;
         }
         self.drop_chan(peer);
         match peer {
-            Peer::Successor => self.on_successor_closed(now),
-            Peer::Incumbent => self.on_incumbent_closed(now),
+            Peer::Successor => self.on_successor_closed(now, reason),
+            Peer::Incumbent => self.on_incumbent_closed(now, reason),
         }
     }
 
@@ -815,7 +826,7 @@ impl Supervisor {
         for peer in [Peer::Successor, Peer::Incumbent] {
             if let Some(ch) = self.chan_mut(peer) {
                 if ch.last_heard + silence <= now {
-                    self.handle_closed(now, peer);
+                    self.lose_channel(now, peer, AbortReason::PeerSilent);
                 }
             }
         }
@@ -1130,7 +1141,7 @@ impl Supervisor {
         }
     }
 
-    fn on_successor_closed(&mut self, now: Instant) {
+    fn on_successor_closed(&mut self, now: Instant, reason: AbortReason) {
         if let State::Handoff(h) = &self.state {
             let before_ack = matches!(
                 h.stage,
@@ -1147,18 +1158,17 @@ impl Supervisor {
                     | Stage::CommittingSuccessor
             );
             if before_ack {
-                self.abort(now, AbortReason::SuccessorDisconnected);
+                self.abort(now, reason);
             }
         }
     }
 
-    fn on_incumbent_closed(&mut self, now: Instant) {
+    fn on_incumbent_closed(&mut self, now: Instant, reason: AbortReason) {
         match &mut self.state {
             State::Handoff(h) => match &mut h.stage {
-                Stage::GreetingIncumbent | Stage::Draining | Stage::Sealing => self.abort(
-                    now,
-                    AbortReason::IncumbentUnreachable("control connection closed".into()),
-                ),
+                Stage::GreetingIncumbent | Stage::Draining | Stage::Sealing => {
+                    self.abort(now, reason)
+                }
                 Stage::Aborting { step, .. }
                     if matches!(step, AbortStep::Notifying | AbortStep::Confirming) =>
                 {

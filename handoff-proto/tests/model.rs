@@ -43,7 +43,7 @@ impl Model for HandoffModel {
     fn properties(&self) -> Vec<Property<Self>> {
         vec![
             Property::always(
-                "I1-I3: one writer, lock before data, release after seal",
+                "I1-I3 and step checks: one writer, lock before data, release after seal, true outcomes",
                 |_, s: &World| s.safety().is_ok(),
             ),
             Property::always(
@@ -149,7 +149,7 @@ fn pin(c: &impl Checker<HandoffModel>, expected: usize) {
 
 fn assert_holds(c: &impl Checker<HandoffModel>) {
     for name in [
-        "I1-I3: one writer, lock before data, release after seal",
+        "I1-I3 and step checks: one writer, lock before data, release after seal, true outcomes",
         "I4: listeners always held while the supervisor lives",
         "I5/I6: settles with exactly one serving process",
         "I5: a handoff ends within deadline + 2 slack",
@@ -230,7 +230,7 @@ fn checker_catches_lock_released_before_seal() {
     let (c, took) = check(config(vec![Build::Good], 0, Some(Bug::ReleaseBeforeSeal)));
     report("broken: release before seal", &c, took);
     let path = c
-        .discovery("I1-I3: one writer, lock before data, release after seal")
+        .discovery("I1-I3 and step checks: one writer, lock before data, release after seal, true outcomes")
         .expect("the checker must catch the early release");
     let why = path.last_state().safety().unwrap_err();
     assert!(why.starts_with("I2"), "{why}");
@@ -242,7 +242,7 @@ fn checker_catches_successor_that_skips_the_lock() {
     let (c, took) = check(config(vec![Build::Good], 1, Some(Bug::SuccessorSkipsLock)));
     report("broken: successor skips the lock", &c, took);
     let path = c
-        .discovery("I1-I3: one writer, lock before data, release after seal")
+        .discovery("I1-I3 and step checks: one writer, lock before data, release after seal, true outcomes")
         .expect("the checker must catch two writers");
     let why = path.last_state().safety().unwrap_err();
     // Which of the two the parallel search meets first varies; both are the same bug.

@@ -1002,6 +1002,18 @@ impl World {
                 if silent && cfg.forbid_silence_aborts {
                     self.fail("a live peer was taken for silent".into());
                 }
+                // The incumbent closing a live supervisor's session (for silence) shows up here.
+                let dropped_by_live_incumbent = match &o.verdict {
+                    Verdict::RolledBack {
+                        reason: AbortReason::IncumbentUnreachable(_),
+                        incumbent,
+                        ..
+                    } => self.alive(*incumbent),
+                    _ => false,
+                };
+                if dropped_by_live_incumbent && cfg.forbid_silence_aborts {
+                    self.fail("a live incumbent dropped its supervisor".into());
+                }
                 self.outcomes.push((o.handoff, kind));
             }
             SupervisorOutput::Recovered {
@@ -1210,7 +1222,12 @@ impl World {
                 }
                 self.gc_links();
             }
-            SuccessorOutput::Exit { .. } => self.kill(pid),
+            SuccessorOutput::Exit { reason } => {
+                if reason == AbortReason::PeerSilent && cfg.forbid_silence_aborts {
+                    self.fail(format!("successor {pid} took a live supervisor for silent"));
+                }
+                self.kill(pid)
+            }
         }
     }
 
