@@ -862,6 +862,17 @@ impl World {
                 }
             }
             SupervisorOutput::SpawnColdStart => {
+                // With one crash there is never a reason to start more than one daemon cold
+                // per recovery; more means recovery is looping (and the state space with it).
+                let cold = self
+                    .procs
+                    .iter()
+                    .filter(|p| p.build == Build::Good && p.pid > 1)
+                    .filter(|p| matches!(&p.m, Machine::Incumbent(_)))
+                    .count();
+                if cold > 3 {
+                    self.fail("recovery keeps starting daemons cold".into());
+                }
                 let pid = self.next_pid();
                 let m = Incumbent::starting(cfg.daemon(pid));
                 self.procs.push(Proc {
