@@ -638,7 +638,7 @@ mod tests {
     /// The child half of [`inherited_by_a_real_child`]: the test binary re-executed with
     /// [`CHILD_ENV`] set, the three listeners at fds 3, 4, 5 and the `LISTEN_*` variables set
     /// for it. In a normal test run [`CHILD_ENV`] is unset and this test returns at once: it
-    /// has nothing to inherit, and it must not be skipped with `#[ignore]` because the parent
+    /// has nothing to inherit, and it must not be marked ignored because the parent
     /// runs it by exact name.
     ///
     /// The child takes them with [`InheritedListeners::from_env`], the way a daemon does.
