@@ -644,7 +644,7 @@ mod tests {
     /// The child takes them with [`InheritedListeners::from_env`], the way a daemon does.
     #[test]
     fn child_side() {
-        if std::env::var_os(CHILD_ENV).is_none() {
+        if std::env::var(CHILD_ENV).as_deref() != Ok("1") {
             return;
         }
         let var = |k: &str| std::env::var(k).ok();
@@ -744,5 +744,67 @@ mod tests {
         );
         // `exec` keeps the pid: the reply comes from the process the shell became.
         assert_eq!(reply, format!("ok {}", child.id()), "{}", child_log());
+    }
+
+    const NOT_A_SOCKET_TEST: &str = "inherit::tests::child_side_not_a_socket";
+
+    /// The child half of [`a_wrong_listen_fds_takes_nothing`]: fd 3 is a regular file the
+    /// program opened itself, and `LISTEN_FDS` claims it. Returns at once in a normal run.
+    #[test]
+    fn child_side_not_a_socket() {
+        if std::env::var(CHILD_ENV).as_deref() != Ok("2") {
+            return;
+        }
+        let err = InheritedListeners::from_env().unwrap_err();
+        assert!(
+            matches!(&err, InheritError::NotASocket { fd: 3, name, .. } if name == "http"),
+            "{err}"
+        );
+        // Refused before anything was owned: the program's file is still open.
+        let target = std::fs::read_link("/proc/self/fd/3").unwrap();
+        assert_eq!(
+            target.to_string_lossy(),
+            std::env::var("HANDOFF_INHERIT_FILE").unwrap()
+        );
+        println!("refused: {err}");
+    }
+
+    #[test]
+    fn a_wrong_listen_fds_takes_nothing() {
+        let dir = TempDir::new("inherit-not-a-socket");
+        let file = dir.path().join("data.txt");
+        std::fs::write(&file, b"not a socket").unwrap();
+        let log = dir.path().join("child.log");
+        let script = "exec 3<&0 0</dev/null 1>>\"$HANDOFF_INHERIT_LOG\" 2>&1; \
+                      LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"";
+        let status = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                NOT_A_SOCKET_TEST,
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD_ENV, "2")
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "http")
+            .env_remove("LISTEN_PID")
+            .env("HANDOFF_INHERIT_LOG", &log)
+            .env("HANDOFF_INHERIT_FILE", &file)
+            .stdin(Stdio::from(std::fs::File::open(&file).unwrap()))
+            .status()
+            .unwrap();
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            status.success(),
+            "child: {status}\n--- child output ---\n{out}"
+        );
+        assert!(
+            out.contains("refused: LISTEN_FDS names descriptor 3"),
+            "{out}"
+        );
     }
 }
