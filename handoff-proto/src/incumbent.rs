@@ -598,18 +598,12 @@ impl Incumbent {
                     // if the committed successor died since; the supervisor starts a new one.
                     LockResult::Acquired { .. } => {
                         let id = h.id;
-                        if let Some(conn) = h.conn {
-                            self.close(conn);
-                        }
                         self.retire(id);
                     }
                     LockResult::Held(rec)
                         if late >= 2 || rec.is_some_and(|rec| superseded(rec, h, self.cfg.pid)) =>
                     {
                         let id = h.id;
-                        if let Some(conn) = h.conn {
-                            self.close(conn);
-                        }
                         self.retire(id);
                     }
                     LockResult::Held(rec) => {
@@ -833,9 +827,6 @@ impl Incumbent {
                     self.timers.set(T::Deadline as usize, now + slack);
                 } else if !acquiring {
                     let id = h.id;
-                    if let Some(conn) = h.conn {
-                        self.close(conn);
-                    }
                     self.retire(id);
                 }
             }
@@ -856,7 +847,13 @@ impl Incumbent {
         }
     }
 
+    /// This process is done with the data: end the handoff's session and ask to exit.
     fn retire(&mut self, handoff: HandoffId) {
+        if let Some(conn) = self.handoff_conn() {
+            if self.conns.remove(&conn).is_some() {
+                self.out.push_back(IncumbentOutput::Close { conn });
+            }
+        }
         self.phase = Phase::Retired;
         self.timers = Timers::new();
         self.out.push_back(IncumbentOutput::Retire { handoff });

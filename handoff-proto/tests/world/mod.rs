@@ -840,20 +840,7 @@ impl World {
                     has_listeners: false,
                     sealed_ok: None,
                 });
-                let id = self.next_link;
-                self.next_link += 1;
-                self.links.push(Link {
-                    id,
-                    daemon: pid,
-                    sup_peer: Some(Peer::Successor),
-                    daemon_open: true,
-                    to_daemon: VecDeque::new(),
-                    to_sup: VecDeque::new(),
-                    eof_to_daemon_due: None,
-                    eof_to_sup_due: None,
-                    daemon_saw_eof: false,
-                    sup_saw_eof: false,
-                });
+                self.open_link(pid, Peer::Successor);
                 let sup = self.sup.as_mut().expect("performing its outputs");
                 sup.watched.push(pid);
                 let r = sup.m.handle_spawned(at(self.now), pid);
@@ -898,21 +885,8 @@ impl World {
             SupervisorOutput::Connect => {
                 let ev = match self.control_owner.filter(|p| self.alive(*p)) {
                     Some(owner) => {
-                        let id = self.next_link;
-                        self.next_link += 1;
                         // The previous incumbent link, if any, was closed by the machine.
-                        self.links.push(Link {
-                            id,
-                            daemon: owner,
-                            sup_peer: Some(Peer::Incumbent),
-                            daemon_open: true,
-                            to_daemon: VecDeque::new(),
-                            to_sup: VecDeque::new(),
-                            eof_to_daemon_due: None,
-                            eof_to_sup_due: None,
-                            daemon_saw_eof: false,
-                            sup_saw_eof: false,
-                        });
+                        let id = self.open_link(owner, Peer::Incumbent);
                         let now = at(self.now);
                         if let Machine::Incumbent(m) = &mut self.proc_mut(owner).m {
                             m.handle_connected(now, ConnId(id)).expect("fresh id");
@@ -1049,6 +1023,25 @@ impl World {
                 }
             }
         }
+    }
+
+    /// A new channel between the supervisor (naming it `peer`) and `daemon`; returns its id.
+    fn open_link(&mut self, daemon: Pid, peer: Peer) -> u64 {
+        let id = self.next_link;
+        self.next_link += 1;
+        self.links.push(Link {
+            id,
+            daemon,
+            sup_peer: Some(peer),
+            daemon_open: true,
+            to_daemon: VecDeque::new(),
+            to_sup: VecDeque::new(),
+            eof_to_daemon_due: None,
+            eof_to_sup_due: None,
+            daemon_saw_eof: false,
+            sup_saw_eof: false,
+        });
+        id
     }
 
     fn next_pid(&self) -> Pid {
