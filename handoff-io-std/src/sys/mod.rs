@@ -9,19 +9,23 @@
 //! - [`journal_file`]: atomic replacement and reading of the supervisor's journal.
 //! - [`peercred`]: peer credentials of a control connection, and binding the control socket
 //!   with mode 0600.
+//! - [`spawn`]: spawning a successor with its channel, or a daemon cold with its listeners at
+//!   3, 4, … (`LISTEN_FDS`); watching and killing processes through pidfds.
 //!
 //! Linux only. Every descriptor created or received here is close-on-exec, so nothing leaks
-//! into a spawned successor by accident: a driver that wants a descriptor inherited must clear
-//! `FD_CLOEXEC` deliberately. The layer contains no `unsafe` code (enforced below); all system
-//! calls go through `rustix`.
+//! into a spawned successor by accident: a descriptor is made inheritable only by [`spawn`],
+//! in the child, between `fork` and `exec`. All system calls go through `rustix`. `unsafe` is
+//! denied in the layer (below); [`spawn`] alone allows it, for `pre_exec` and for placing
+//! descriptors at fixed numbers in the child, each use with a SAFETY comment.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod fdpass;
 pub mod journal_file;
 pub mod lock;
 pub mod peercred;
 pub mod sockcheck;
+pub mod spawn;
 
 #[cfg(test)]
 pub(crate) mod testutil {
