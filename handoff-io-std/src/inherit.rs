@@ -29,7 +29,7 @@
 
 use std::io;
 use std::net::{TcpListener, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};
 
 use handoff_proto::{ListenerInfo, ListenerKind, MAX_FDS_PER_MESSAGE};
@@ -338,6 +338,13 @@ impl InheritedListeners {
     /// Whether every listener has been taken.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Every listener not taken yet, borrowed.
+    pub(crate) fn borrow_all(&self) -> impl Iterator<Item = (&str, ListenerKind, BorrowedFd<'_>)> {
+        self.entries
+            .iter()
+            .map(|(n, k, fd)| (n.as_str(), *k, fd.as_fd()))
     }
 
     /// Everything not taken yet, for the supervisor: `(name, kind, descriptor)` in descriptor

@@ -1,18 +1,46 @@
-//! Blocking (`std`) driver for the `handoff` roles.
+//! Blocking (`std`) driver for the `handoff` roles, and the public API daemons integrate
+//! with (re-exported by the `handoff` crate).
 //!
-//! The driver proper (running the `handoff-proto` machines over real sockets, processes and
-//! timers) is still in progress. What exists is [`sys`]: the system layer both drivers (this
-//! one and `handoff-io-mio`) share: descriptor passing, listener checks, the data-directory
-//! lock, the journal file and peer credentials. Linux only. [`inherit`] reads systemd-style
-//! inherited listeners (`LISTEN_FDS`) for a cold start.
+//! - [`Drainable`]: the hooks a daemon implements (drain, seal, resume, snapshot).
+//! - [`detect_role`] → [`Role::ColdStart`] (with [`InheritedListeners`]) or
+//!   [`Role::Successor`].
+//! - [`DataDirLock`]: the data directory's exclusive `flock`.
+//! - [`Incumbent`]: the serving daemon's control socket; [`Incumbent::serve`] answers
+//!   supervisors on a thread of its own.
+//! - [`Successor`] → [`HandshookSuccessor`] → [`BegunSuccessor`]: taking over.
+//! - [`supervisor::Supervisor`]: holds the listeners and performs handoffs.
 //!
-//! `unsafe` is denied crate-wide. The one exception is [`inherit::InheritedListeners::from_env`],
-//! which must turn the inherited descriptor numbers 3, 4, … into owned descriptors (no safe
-//! API can); `sys` forbids `unsafe` outright.
+//! Each role runs the matching `handoff-proto` machine over real I/O: `poll(2)` loops over
+//! non-blocking Unix sockets, listener descriptors over `SCM_RIGHTS`, `flock`, `fsync`,
+//! `SO_PEERCRED`, pidfds. [`sys`] is the system layer shared with `handoff-io-mio`.
+//! Linux only.
+//!
+//! `unsafe` is denied crate-wide. The exceptions, each with a SAFETY comment: owning the
+//! descriptors a process inherits ([`inherit::InheritedListeners::from_env`], the successor
+//! channel in [`detect_role`]), placing descriptors in a spawned child (`sys::spawn`), and
+//! duplicating a raw descriptor number given to [`supervisor::Supervisor::with_listener`].
 
 #![deny(unsafe_code)]
 
 pub use handoff_proto as proto;
 
+mod conn;
+mod daemon;
+pub mod drainable;
+pub mod error;
+mod held;
 pub mod inherit;
+mod log;
+mod role;
+mod successor;
+pub mod supervisor;
 pub mod sys;
+
+pub use daemon::{Incumbent, Retired};
+pub use drainable::{DrainReport, Drainable, ReadinessSnapshot, SealReport, StateSnapshot};
+pub use handoff_proto::{AbortReason, HandoffId, ListenerKind, Timing};
+pub use inherit::InheritedListeners;
+pub use role::{detect_role, Role};
+pub use successor::{BegunSuccessor, HandshookSuccessor, Successor, EXIT_ABORTED};
+pub use sys::lock::DataDirLock;
+pub use sys::peercred::PeerPolicy;

@@ -164,6 +164,27 @@ impl Successor {
         matches!(self.phase, Phase::Failed)
     }
 
+    /// Whether every announced listener has arrived (the handshake is complete).
+    pub fn listeners_received(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::AwaitBegin { .. }
+                | Phase::Locking { .. }
+                | Phase::Opening { .. }
+                | Phase::AwaitCommit { .. }
+                | Phase::Committed { .. }
+        )
+    }
+
+    /// While the lock is being taken (after `Begin`): the handoff and what the incumbent
+    /// sealed.
+    pub fn begin(&self) -> Option<(HandoffId, &SealReport)> {
+        match &self.phase {
+            Phase::Locking { handoff, seal } => Some((*handoff, seal)),
+            _ => None,
+        }
+    }
+
     /// The handoff this successor was started for, once known.
     pub fn handoff(&self) -> Option<HandoffId> {
         match self.phase {

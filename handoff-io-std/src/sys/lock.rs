@@ -35,6 +35,15 @@ use handoff_proto::{HandoffId, LockRecord, LockResult, Pid};
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
+/// How long [`DataDirLock::acquire_or_break_stale`] waits for a dead holder's lock to go.
+pub const STALE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether a process with this pid exists (`/proc/<pid>` is there). A zombie counts as
+/// alive; its locks are already released.
+fn pid_alive(pid: Pid) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Name of the lock file inside the data directory.
 pub const LOCK_FILE_NAME: &str = "handoff.lock";
 
@@ -53,6 +62,7 @@ pub struct DataDirLock {
     file: File,
     path: PathBuf,
     record: LockRecord,
+    previous: Option<LockRecord>,
 }
 
 /// A successful [`try_acquire`].
@@ -88,6 +98,15 @@ pub enum LockError {
         /// The holder's record, best-effort.
         record: Option<LockRecord>,
     },
+    /// The recorded owner is dead but the lock stayed held: some other process holds a
+    /// descriptor of the lock file (inherited, or opened by hand).
+    #[error("data-directory lock is held though its recorded owner {owner} is dead; holders per /proc/locks: {holders:?}")]
+    Stale {
+        /// The dead owner named by the lock record.
+        owner: Pid,
+        /// Pids holding a lock on the file, from `/proc/locks`.
+        holders: Vec<Pid>,
+    },
     /// Opening, locking, reading or writing the lock file failed.
     #[error("data-directory lock {}: {source}", path.display())]
     Io {
@@ -104,7 +123,7 @@ impl LockError {
     pub fn lock_result(&self) -> Option<LockResult> {
         match self {
             LockError::Held { record } => Some(LockResult::Held(*record)),
-            LockError::Io { .. } => None,
+            LockError::Stale { .. } | LockError::Io { .. } => None,
         }
     }
 }
@@ -144,12 +163,62 @@ pub fn try_acquire(dir: &Path) -> Result<Acquired, LockError> {
     };
     write_record(&file, &record).map_err(io_err)?;
     Ok(Acquired {
-        lock: DataDirLock { file, path, record },
+        lock: DataDirLock {
+            file,
+            path,
+            record,
+            previous,
+        },
         previous,
     })
 }
 
 impl DataDirLock {
+    /// Take the lock on data directory `dir` without waiting: `<dir>/handoff.lock`, with this
+    /// process's pid recorded. Fails with [`LockError::Held`] (naming the holder) if another
+    /// process holds it.
+    ///
+    /// A successor calls this after `wait_for_begin`, when the incumbent has released the
+    /// lock, so it succeeds unless something other than the protocol holds the directory.
+    pub fn acquire(dir: &Path) -> Result<DataDirLock, LockError> {
+        try_acquire(dir).map(|a| a.lock)
+    }
+
+    /// Take the lock for a cold start, when the recorded holder may have just died.
+    ///
+    /// A `flock` is released by the kernel when its holder's last descriptor closes, so a
+    /// dead holder normally leaves the lock free. It can stay held a little longer while the
+    /// dying process is torn down, or for good if a child inherited the descriptor. So: if the
+    /// lock is held and the pid in the lock record is no longer running, retry for up to
+    /// [`STALE_WAIT`]; if that pid is alive (or unknown), fail at once with
+    /// [`LockError::Held`]. A lock that stays held with its recorded owner dead is reported
+    /// with the pids `/proc/locks` shows holding it ([`LockError::Stale`]). No live holder is
+    /// ever broken.
+    pub fn acquire_or_break_stale(dir: &Path) -> Result<DataDirLock, LockError> {
+        let until = std::time::Instant::now() + STALE_WAIT;
+        loop {
+            match try_acquire(dir) {
+                Ok(a) => return Ok(a.lock),
+                Err(LockError::Held { record: Some(rec) }) if !pid_alive(rec.owner) => {
+                    if std::time::Instant::now() >= until {
+                        let holders = holders(&lock_file_path(dir)).unwrap_or_default();
+                        return Err(LockError::Stale {
+                            owner: rec.owner,
+                            holders,
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The lock record the previous holder left, read when this lock was taken.
+    pub fn previous(&self) -> Option<LockRecord> {
+        self.previous
+    }
+
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -278,6 +347,22 @@ pub fn holds_lock(pid: Pid, path: &Path) -> io::Result<bool> {
         }
     }
     Ok(false)
+}
+
+/// The pids `/proc/locks` shows holding a `flock` on the file at `path` (one scan).
+pub fn holders(path: &Path) -> io::Result<Vec<Pid>> {
+    let st = rustix::fs::stat(path)?;
+    let (major, minor) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
+    let locks = read_proc_locks()?;
+    let mut pids: Vec<Pid> = locks
+        .lines()
+        .filter_map(parse_flock_line)
+        .filter(|&(_, ma, mi, ino)| (ma, mi, ino) == (major, minor, st.st_ino))
+        .map(|(pid, ..)| pid)
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    Ok(pids)
 }
 
 /// How many scans of `/proc/locks` [`holds_lock`] makes before it answers `false`.

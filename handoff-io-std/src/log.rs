@@ -1,0 +1,19 @@
+//! Diagnostics on standard error: one line per event an operator may need (a refused peer, a
+//! handoff's steps, an abort and its reason). `HANDOFF_LOG=off` silences them.
+
+use std::sync::OnceLock;
+
+pub(crate) fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("HANDOFF_LOG").is_none_or(|v| v != "off"))
+}
+
+/// `log!("incumbent", "refused peer uid {uid}")` → `handoff[1234] incumbent: refused peer …`.
+macro_rules! log {
+    ($role:expr, $($arg:tt)*) => {
+        if $crate::log::enabled() {
+            eprintln!("handoff[{}] {}: {}", std::process::id(), $role, format_args!($($arg)*));
+        }
+    };
+}
+pub(crate) use log;

@@ -1,0 +1,82 @@
+//! The commit path: a real handoff from one `testd` to another under client traffic.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use handoff::sys::lock::holds_lock;
+use handoff_tests::{alive, wait_gone, Client, Cluster};
+
+const TESTD: &str = env!("CARGO_BIN_EXE_testd");
+
+#[test]
+fn commit_moves_listeners_lock_and_data_with_no_refused_connection() {
+    let c = Cluster::tcp(TESTD.as_ref(), "commit");
+    let rec = c.sup.resume_from_journal().expect("cold start");
+    let old = rec.serving;
+    let addr = c.http();
+
+    // Before: a long-lived connection, and a write.
+    let mut long = Client::tcp(addr).expect("connect before");
+    assert_eq!(long.ping().expect("ping before"), old);
+    assert_eq!(long.call("SET before 1").expect("set"), "OK 1");
+
+    // During: new connections all the time, each must be accepted and answered; the
+    // long-lived one is answered until the old process half-closes it (clean end of stream).
+    let done = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let (mut answered, mut pids) = (0u64, std::collections::BTreeSet::new());
+            while !done.load(Ordering::SeqCst) {
+                let mut cl =
+                    Client::tcp(addr).expect("a connection was refused during the handoff");
+                let pid = cl
+                    .ping()
+                    .expect("a request was not answered during the handoff");
+                pids.insert(pid);
+                answered += 1;
+            }
+            (answered, pids)
+        })
+    };
+    let long_thread = std::thread::spawn(move || {
+        let mut answers = 0u64;
+        loop {
+            match long.ping() {
+                Ok(_) => answers += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return answers,
+                Err(e) => panic!("long-lived connection failed with {e} (not a clean close)"),
+            }
+        }
+    });
+
+    let outcome = c.sup.perform_handoff(c.spec(&[])).expect("handoff");
+    done.store(true, Ordering::SeqCst);
+    assert!(
+        outcome.committed,
+        "not committed: {:?}",
+        outcome.abort_reason
+    );
+    let new = outcome.serving.expect("serving pid");
+    assert_ne!(new, old);
+    let (answered, pids) = traffic.join().expect("traffic");
+    let long_answers = long_thread.join().expect("long-lived client");
+    eprintln!(
+        "handoff took {:?} ({:?}); {answered} connections answered during it by {pids:?}; \
+         the long-lived connection got {long_answers} answers then a clean close",
+        outcome.times.total, outcome.times
+    );
+
+    // After: the successor serves, the data moved, the old process is gone, the lock moved.
+    let mut after = Client::tcp(addr).expect("connect after");
+    assert_eq!(after.ping().expect("ping after"), new);
+    assert_eq!(after.call("GET before").expect("get"), "VAL 1");
+    assert_eq!(after.call("SET after 2").expect("set after"), "OK 2");
+    assert!(wait_gone(old), "old incumbent {old} did not exit");
+    assert!(!alive(old));
+    assert!(holds_lock(new, &c.lock_file()).expect("/proc/locks"));
+    let mut child = outcome.child.expect("the successor is our child");
+    assert_eq!(child.id(), new);
+    let _ = child.kill();
+    let _ = child.wait();
+}
