@@ -184,11 +184,20 @@ impl BegunSuccessor {
             .iter()
             .find(|h| h.name == name && h.kind == kind)?;
         // The library keeps its own copy for the incumbent this process becomes.
-        rustix::io::fcntl_dupfd_cloexec(&h.fd, 3).ok()
+        let fd = rustix::io::fcntl_dupfd_cloexec(&h.fd, 3).ok()?;
+        // Blocking, as std's types expect. The incumbent has drained and sealed by now (this
+        // is after `Begin`); if the handoff still rolls back, an incumbent that wants
+        // non-blocking accepts sets it again in `resume_after_abort` (the mode is shared).
+        sockcheck::normalise(fd.as_fd()).ok()?;
+        Some(fd)
     }
 
     /// The TCP listener named `name` (`None`: no such listener, or not TCP). Each call gives
-    /// a new descriptor for the same socket.
+    /// a new descriptor for the same socket, in blocking mode.
+    ///
+    /// `O_NONBLOCK` is a property of the socket's open file description, shared by every
+    /// process holding the listener (supervisor, incumbent, successor): set the mode your
+    /// accept loop needs after taking it, as async runtimes do when they register a socket.
     pub fn take_listener(&mut self, name: &str) -> Option<std::net::TcpListener> {
         self.take_kind(name, ListenerKind::Tcp).map(Into::into)
     }
@@ -420,9 +429,10 @@ impl State {
             )
         })?;
         for (info, fd) in batch.iter().zip(fds) {
+            // Checked now, but left in whatever blocking mode it is: `O_NONBLOCK` lives on the
+            // open file description, shared with the incumbent, which may still be serving.
+            // `take_*` sets blocking mode once the incumbent has stopped (after `Begin`).
             sockcheck::check(fd.as_fd(), info.kind)
-                .map_err(|e| format!("listener {:?}: {e}", info.name))?;
-            sockcheck::normalise(fd.as_fd())
                 .map_err(|e| format!("listener {:?}: {e}", info.name))?;
             self.received.push(Held {
                 name: info.name.clone(),

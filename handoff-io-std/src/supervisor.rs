@@ -101,6 +101,8 @@ pub struct HandoffOutcome {
     pub serving: Option<Pid>,
     /// Why the handoff did not commit.
     pub abort_reason: Option<AbortReason>,
+    /// How the successor ended, if it exited (a failed build's exit status or signal).
+    pub successor_status: Option<std::process::ExitStatus>,
     /// The machine's verdict, in full.
     pub verdict: Verdict,
     /// Where the time went.
@@ -144,6 +146,8 @@ struct Inner {
     succ: Option<Conn>,
     watched: BTreeMap<Pid, Watched>,
     children: BTreeMap<Pid, Child>,
+    statuses: BTreeMap<Pid, std::process::ExitStatus>,
+    successor: Option<Pid>,
     spec: SpawnSpec,
     outcome: Option<handoff_proto::Outcome>,
     recovered: Option<Recovery>,
@@ -177,6 +181,8 @@ impl Supervisor {
                 succ: None,
                 watched: BTreeMap::new(),
                 children: BTreeMap::new(),
+                statuses: BTreeMap::new(),
+                successor: None,
                 spec: SpawnSpec::default(),
                 outcome: None,
                 recovered: None,
@@ -404,6 +410,8 @@ impl Inner {
         let deadline = spec.deadline;
         self.spec = spec;
         self.outcome = None;
+        self.successor = None;
+        self.statuses.clear();
         let m = self.machine.as_mut().expect("recovered above");
         let id = m.handle_trigger(now, hspec)?;
         log!(
@@ -428,6 +436,7 @@ impl Inner {
         // Any other child of this handoff (a failed successor) has exited or was killed:
         // reap it.
         self.reap();
+        let successor_status = self.successor.and_then(|p| self.statuses.get(&p).copied());
         log!(
             ROLE,
             "handoff {}: {:?} in {:?}",
@@ -441,6 +450,7 @@ impl Inner {
             child,
             serving,
             abort_reason,
+            successor_status,
             verdict: o.verdict,
             times: o.times,
         })
@@ -448,8 +458,15 @@ impl Inner {
 
     /// Reap children that have exited.
     fn reap(&mut self) {
-        self.children
-            .retain(|_, c| !matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
+        let statuses = &mut self.statuses;
+        self.children.retain(|pid, c| match c.try_wait() {
+            Ok(Some(status)) => {
+                statuses.insert(*pid, status);
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        });
     }
 
     /// Drive the machine until `done`; an error if `bound` passes first.
@@ -531,6 +548,7 @@ impl Inner {
                 Some(Ok(Some(status))) => {
                     log!(ROLE, "pid {pid} exited: {status}");
                     self.children.remove(&pid);
+                    self.statuses.insert(pid, status);
                 }
                 _ => log!(ROLE, "pid {pid} exited"),
             }
@@ -731,6 +749,7 @@ impl Inner {
                     Err(e) => log!(ROLE, "cannot watch successor {pid}: {e}"),
                 }
                 self.children.insert(pid, child);
+                self.successor = Some(pid);
                 if let Err(e) = self.machine_mut().handle_spawned(now, pid) {
                     log!(ROLE, "internal: {e}");
                 }

@@ -171,6 +171,21 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    /// Kill every daemon still holding the data directory (the serving one, or a leftover),
+    /// so no test leaves a process behind.
+    fn drop(&mut self) {
+        let mut pids = handoff::sys::lock::holders(&self.lock_file()).unwrap_or_default();
+        pids.extend(self.sup.serving());
+        for pid in pids {
+            if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
+                let _ = w.kill();
+                let _ = handoff::sys::spawn::wait_any(&[&w], BOUND);
+            }
+        }
+    }
+}
+
 /// One line-protocol connection.
 #[derive(Debug)]
 pub struct Client {
@@ -250,3 +265,260 @@ pub fn wait_gone(pid: u32) -> bool {
             .is_empty(),
     }
 }
+
+// ==== BEGIN: helpers of security.rs, fd_hygiene.rs, listener_kinds.rs, many_listeners.rs ====
+// (Additive block, kept apart from the rest of the harness.)
+
+/// Helpers for the security, descriptor-hygiene and listener tests: what a process holds
+/// open (`/proc/<pid>/fd` and `fdinfo`), the kernel's table of Unix sockets, a supervisor's
+/// `Hello` over a control socket, and stopping a daemon.
+pub mod probe {
+    use std::collections::BTreeMap;
+    use std::io::{self, Read, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
+
+    use handoff::supervisor::Supervisor;
+    use handoff_proto::wire::{
+        encode, Decoder, Hello, HelloAck, Message, PeerRole, HANDSHAKE_VERSION, SUPPORTED_VERSIONS,
+    };
+
+    use super::{Cluster, BOUND};
+
+    /// `O_CLOEXEC` as `/proc/<pid>/fdinfo/<n>` reports it in `flags:` (octal): the kernel adds
+    /// it there when the descriptor has `FD_CLOEXEC`.
+    const O_CLOEXEC: u32 = 0o2_000_000;
+
+    impl Cluster {
+        /// Replace the cold-start command with one carrying extra environment.
+        pub fn with_cold_start_env(mut self, env: &[(&str, &str)]) -> Cluster {
+            let spec = self.spec(env);
+            let placeholder = Supervisor::new(&self.sock).expect("placeholder");
+            self.sup = std::mem::replace(&mut self.sup, placeholder).with_cold_start(spec);
+            self
+        }
+    }
+
+    /// One open descriptor of a process.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Fd {
+        /// Its number.
+        pub fd: i32,
+        /// What `/proc/<pid>/fd/<n>` links to (`socket:[ino]`, a path, `pipe:[ino]`, …).
+        pub target: PathBuf,
+        /// Whether it has `FD_CLOEXEC`.
+        pub cloexec: bool,
+    }
+
+    impl Fd {
+        /// The inode of a `socket:[ino]` target.
+        pub fn socket_inode(&self) -> Option<u64> {
+            self.target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        }
+    }
+
+    /// Every descriptor process `pid` (a number, or `self`) holds, by number. Descriptors that
+    /// close while they are being read are left out.
+    pub fn open_fds(pid: &str) -> io::Result<BTreeMap<i32, Fd>> {
+        let mut out = BTreeMap::new();
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+            let e = e?;
+            let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let (Ok(target), Ok(info)) = (
+                std::fs::read_link(e.path()),
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")),
+            ) else {
+                continue;
+            };
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .ok_or_else(|| io::Error::other(format!("no flags in fdinfo of {fd}")))?;
+            out.insert(
+                fd,
+                Fd {
+                    fd,
+                    target,
+                    cloexec: flags & O_CLOEXEC != 0,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// The descriptors of 3 or more that this process holds *without* close-on-exec: every
+    /// child it starts inherits them (whatever started the test leaked them to it), so they
+    /// are expected in the daemons and their children too.
+    pub fn inheritable_baseline() -> BTreeMap<i32, PathBuf> {
+        open_fds("self")
+            .expect("/proc/self/fd")
+            .into_values()
+            .filter(|f| f.fd > 2 && !f.cloexec)
+            .map(|f| (f.fd, f.target))
+            .collect()
+    }
+
+    /// The inode of a socket (or any file) this process holds.
+    pub fn inode(fd: impl AsFd) -> u64 {
+        rustix::fs::fstat(fd).expect("fstat").st_ino
+    }
+
+    /// One line of `/proc/net/unix`.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct UnixSocket {
+        /// `Flags`: `0x10000` (`__SO_ACCEPTCON`) on a listening socket.
+        pub flags: u32,
+        /// `St`: 1 unconnected (or listening), 3 connected.
+        pub state: u32,
+        /// The address it was bound to (an accepted socket shows its listener's), if any.
+        pub path: Option<PathBuf>,
+    }
+
+    impl UnixSocket {
+        /// Whether it is a listening socket.
+        pub fn listening(&self) -> bool {
+            self.flags & 0x10000 != 0
+        }
+    }
+
+    /// The Unix sockets of this network namespace, by inode.
+    pub fn unix_sockets() -> BTreeMap<u64, UnixSocket> {
+        let table = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let ino = f.get(6)?.parse().ok()?;
+                Some((
+                    ino,
+                    UnixSocket {
+                        flags: u32::from_str_radix(f.get(3)?, 16).ok()?,
+                        state: u32::from_str_radix(f.get(5)?, 16).ok()?,
+                        path: f.get(7).map(PathBuf::from),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Where [`handoff`]'s incumbent `pid` first binds the control socket `sock` (it then
+    /// renames it into place; `/proc/net/unix` keeps the bound name).
+    pub fn control_bind_path(sock: &Path, pid: u32) -> PathBuf {
+        let mut name = sock.file_name().expect("file name").to_os_string();
+        name.push(format!(".{pid}.tmp"));
+        sock.with_file_name(name).join("s")
+    }
+
+    /// The names of process `pid`'s threads.
+    pub fn thread_names(pid: u32) -> Vec<String> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim_end().to_string())
+            .collect()
+    }
+
+    /// Poll `ready` every few milliseconds until it holds or `bound` passes; whether it held.
+    /// Only for states no event announces (a file appearing, a thread ending in another
+    /// process): each step is a bounded `park_timeout`, and the whole wait is bounded.
+    pub fn poll_until(bound: Duration, mut ready: impl FnMut() -> bool) -> bool {
+        let until = Instant::now() + bound;
+        loop {
+            if ready() {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::park_timeout(Duration::from_millis(5));
+        }
+    }
+
+    /// Open a supervisor session on the control socket `sock` (a `Hello` as the supervisor)
+    /// and read the `HelloAck`; the session stays open as long as the returned stream.
+    pub fn hello(sock: &Path) -> io::Result<(UnixStream, HelloAck)> {
+        let mut s = UnixStream::connect(sock)?;
+        s.set_read_timeout(Some(BOUND))?;
+        s.set_write_timeout(Some(BOUND))?;
+        let hello = Message::Hello(Hello {
+            role: PeerRole::Supervisor,
+            versions: SUPPORTED_VERSIONS,
+            pid: std::process::id(),
+            build_id: "handoff-tests probe".into(),
+        });
+        s.write_all(&encode(HANDSHAKE_VERSION, &hello).map_err(io::Error::other)?)?;
+        let mut dec = Decoder::new(SUPPORTED_VERSIONS);
+        let mut buf = [0u8; 4096];
+        loop {
+            match dec.next_message().map_err(io::Error::other)? {
+                Some(Message::HelloAck(ack)) => return Ok((s, ack)),
+                Some(other) => {
+                    return Err(io::Error::other(format!(
+                        "expected HelloAck, got {}",
+                        other.kind()
+                    )))
+                }
+                None => {}
+            }
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "control socket closed before HelloAck",
+                ));
+            }
+            dec.push(&buf[..n]);
+        }
+    }
+
+    /// Kills (through pidfds) the daemons it watches when dropped, also when the test panics:
+    /// a daemon left behind would hold the test's stdout and stderr open, and whatever reads
+    /// them would wait for it.
+    #[derive(Debug, Default)]
+    pub struct Reaper(std::sync::Mutex<Vec<handoff::sys::spawn::Watched>>);
+
+    impl Reaper {
+        /// A reaper watching nobody yet.
+        pub fn new() -> Reaper {
+            Reaper::default()
+        }
+
+        /// Kill `pid` when this is dropped; returns `pid`.
+        pub fn watch(&self, pid: u32) -> u32 {
+            if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+            }
+            pid
+        }
+    }
+
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            for w in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                let _ = w.kill();
+            }
+        }
+    }
+
+    /// Kill daemon `pid` (`SIGKILL` through a pidfd) and wait, bounded, until it is gone.
+    pub fn stop_daemon(pid: u32) {
+        if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
+            let _ = w.kill();
+        }
+        assert!(super::wait_gone(pid), "daemon {pid} did not exit");
+    }
+}
+// ==== END: helpers of security.rs, fd_hygiene.rs, listener_kinds.rs, many_listeners.rs ====

@@ -14,9 +14,10 @@
 //! Configuration (environment): `TESTD_DATA` (data directory), `TESTD_SOCK` (control
 //! socket), `TESTD_FAIL` (a failure to act out as a successor: `exit-before-ready`,
 //! `hang-before-ready`, `no-hello`, `crash-after-lock`, `slow-open=<ms>`), `TESTD_TIMING_MS`
-//! (heartbeat,silence,slack in ms, optional). The incumbent fails its seal hook while a file
+//! (heartbeat,silence,slack in ms, optional), `TESTD_DRAIN_MS` (a slow drain). The incumbent fails its seal hook while a file
 //! `fail-seal` exists in the data directory. Events are printed on stdout, one per line
-//! (`ready pid=…`, `serving pid=…`), for tests that follow them.
+//! (`successor-started`, `draining`, `sealed`, `opening`, `serving … role=…`, `resumed`, each
+//! with `pid=…`), for tests that act at a given point of a handoff.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -308,6 +309,11 @@ struct Hooks {
 impl Drainable for Hooks {
     fn drain(&self, deadline: Instant) -> Result<DrainReport> {
         let s = &self.server;
+        println!("draining pid={}", s.pid);
+        if let Ok(ms) = std::env::var("TESTD_DRAIN_MS") {
+            // Simulated slow drain work (so a test can act while it runs).
+            std::thread::park_timeout(Duration::from_millis(ms.parse().unwrap_or(0)));
+        }
         s.accepting.store(false, Ordering::SeqCst);
         s.db.state.lock().unwrap().writable = false;
         let conns: Vec<Arc<ConnSlot>> = s.conns.lock().unwrap().clone();
@@ -350,6 +356,7 @@ impl Drainable for Hooks {
             log.sync_all()?;
         }
         let rev = st.revision;
+        println!("sealed pid={}", self.server.pid);
         Ok(SealReport {
             last_revision_per_shard: vec![rev],
             data_dir_fingerprint: rev,
@@ -418,7 +425,36 @@ fn take_all_begun(b: &mut BegunSuccessor, names: &[String]) -> Vec<Listeners> {
         .collect()
 }
 
+/// Raise the soft descriptor limit to the hard one (tests hand over 1,000 listeners).
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
+/// `TESTD_CHILD_FDS_OUT=<path>`: spawn a child the ordinary way (std `Command`) that writes
+/// the descriptors it inherited to `<path>`, one number per line, so a test can check that
+/// nothing of the library's leaks into the daemon's own children.
+fn report_child_fds() {
+    if let Some(out) = std::env::var_os("TESTD_CHILD_FDS_OUT") {
+        let out = PathBuf::from(out);
+        let tmp = out.with_extension("tmp");
+        let status = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg("ls /proc/$$/fd > \"$0\" && mv \"$0\" \"$1\"")
+            .arg(&tmp)
+            .arg(&out)
+            .status()
+            .expect("spawn sh");
+        assert!(status.success(), "fd report failed: {status}");
+    }
+}
+
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    raise_nofile();
     let data = env_path("TESTD_DATA");
     let sock = env_path("TESTD_SOCK");
     let fail = std::env::var("TESTD_FAIL").unwrap_or_default();
@@ -444,6 +480,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             let incumbent = Incumbent::bind_cold_start(&sock, lock)?.with_timing(timing());
             start(&server, listeners);
             println!("serving pid={pid} role=cold");
+            report_child_fds();
             incumbent.serve(Hooks { server })?;
         }
         Role::Successor(s) => {
@@ -453,6 +490,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                     std::thread::park();
                 }
             }
+            println!("successor-started pid={pid}");
             let s = s.with_timing(timing()).handshake(format!("testd {pid}"))?;
             let names = s.listener_names();
             let mut s = s.wait_for_begin()?;
@@ -469,6 +507,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                     std::thread::park();
                 }
             }
+            println!("opening pid={pid}");
             if let Some(ms) = fail.strip_prefix("slow-open=") {
                 std::thread::park_timeout(Duration::from_millis(ms.parse()?));
             }
@@ -482,6 +521,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             let server = new_server(pid, db);
             start(&server, listeners);
             println!("serving pid={pid} role=successor");
+            report_child_fds();
             incumbent.with_timing(timing()).serve(Hooks { server })?;
         }
     }

@@ -1,0 +1,183 @@
+//! The supervisor is SIGKILLed at several points of a handoff and restarted: the restarted
+//! one recovers from the journal, converges on whoever serves, takes the listener back from
+//! that daemon (it holds none of its own) and can hand off again.
+//!
+//! The supervisor here is `testsup`, a separate process, so it can really be killed. Its
+//! stdout, shared with the daemons it starts, carries their events (`draining pid=…`, …): the
+//! kill happens when the named event is seen, while the daemons are slowed at that point.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::Instant;
+
+use handoff_tests::{Client, TempDir, BOUND};
+
+const TESTD: &str = env!("CARGO_BIN_EXE_testd");
+const TESTSUP: &str = env!("CARGO_BIN_EXE_testsup");
+
+struct Sup {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+struct Site {
+    dir: TempDir,
+    events: Receiver<String>,
+    tx: Sender<String>,
+}
+
+impl Site {
+    fn new(tag: &str) -> Site {
+        let dir = TempDir::new(tag);
+        std::fs::create_dir(dir.path().join("data")).expect("mkdir");
+        let (tx, events) = channel();
+        Site { dir, events, tx }
+    }
+
+    /// Start `testsup`; every line it or its daemons print arrives on `events`.
+    fn sup(&self, bind: bool, env: &[(&str, &str)]) -> Sup {
+        let mut cmd = Command::new(TESTSUP);
+        cmd.arg(self.dir.path().join("ctl.sock")).arg(TESTD);
+        if bind {
+            cmd.args(["bind", "127.0.0.1:0"]);
+        }
+        cmd.env("TESTD_DATA", self.dir.path().join("data"))
+            .env("TESTD_SOCK", self.dir.path().join("ctl.sock"))
+            .env("TESTD_TIMING_MS", "100,1500,1500")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn testsup");
+        let out = child.stdout.take().expect("stdout");
+        let tx = self.tx.clone();
+        // Reads until every writer (the supervisor and the daemons it started) has closed.
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stdin = child.stdin.take().expect("stdin");
+        Sup { child, stdin }
+    }
+
+    /// The next event containing `prefix` (others are skipped), within [`BOUND`].
+    fn wait(&self, prefix: &str) -> String {
+        let until = Instant::now() + BOUND;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(line) if line.contains(prefix) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no {prefix:?} event within {BOUND:?}: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let lock = handoff::sys::lock::lock_file_path(&self.dir.path().join("data"));
+        for pid in handoff::sys::lock::holders(&lock).unwrap_or_default() {
+            if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
+                let _ = w.kill();
+                let _ = handoff::sys::spawn::wait_any(&[&w], BOUND);
+            }
+        }
+    }
+}
+
+fn field(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        .to_string()
+}
+
+/// Kill the supervisor when `kill_at` is printed during a handoff to a successor started with
+/// `fail`, restart it, and check it converges on the old daemon (`old_wins`) or the new one.
+fn crash_at(tag: &str, kill_at: &str, fail: &str, env: &[(&str, &str)], old_wins: bool) {
+    let site = Site::new(tag);
+    let mut sup = site.sup(true, env);
+    let addr: std::net::SocketAddr = field(&site.wait("listening"), "addr")
+        .parse()
+        .expect("addr");
+    let old: u32 = field(&site.wait("recovered"), "pid").parse().expect("pid");
+    let mut cl = Client::tcp(addr).expect("connect");
+    assert_eq!(cl.call("SET k v1").expect("set"), "OK 1");
+    drop(cl);
+
+    writeln!(sup.stdin, "handoff {fail}").expect("trigger");
+    let event = site.wait(kill_at);
+    sup.child.kill().expect("SIGKILL the supervisor");
+    sup.child.wait().expect("reap");
+    let started = Instant::now();
+
+    // A new supervisor, holding no listener of its own.
+    let mut sup2 = site.sup(false, env);
+    let serving: u32 = field(&site.wait("recovered"), "pid").parse().expect("pid");
+    let recovery = started.elapsed();
+    if old_wins {
+        assert_eq!(
+            serving, old,
+            "{kill_at}: recovered onto {serving}, not the incumbent"
+        );
+    } else {
+        let new: u32 = field(&event, "pid").parse().expect("pid");
+        assert_eq!(
+            serving, new,
+            "{kill_at}: recovered onto {serving}, not the successor"
+        );
+    }
+    eprintln!("{kill_at}: restarted supervisor recovered pid {serving} in {recovery:?}");
+    let mut cl = Client::tcp(addr).expect("connect after recovery");
+    assert_eq!(cl.ping().expect("ping"), serving);
+    assert_eq!(cl.call("GET k").expect("get"), "VAL v1");
+    assert_eq!(cl.call("SET k v2").expect("set"), "OK 2");
+    drop(cl);
+
+    // The listener came back to the restarted supervisor: it hands it to a new successor.
+    writeln!(sup2.stdin, "handoff").expect("trigger");
+    let outcome = site.wait("outcome");
+    assert_eq!(field(&outcome, "committed"), "true", "{outcome}");
+    let newest: u32 = field(&outcome, "pid").parse().expect("pid");
+    let mut cl = Client::tcp(addr).expect("connect after the second handoff");
+    assert_eq!(cl.ping().expect("ping"), newest);
+    assert_eq!(cl.call("GET k").expect("get"), "VAL v2");
+    drop(sup2.stdin);
+    let status = sup2.child.wait().expect("wait");
+    assert!(status.success(), "testsup: {status}");
+}
+
+#[test]
+fn killed_after_the_successor_started() {
+    crash_at("k-spawn", "successor-started", "", &[], true);
+}
+
+#[test]
+fn killed_while_the_incumbent_drains() {
+    crash_at(
+        "k-drain",
+        "draining",
+        "",
+        &[("TESTD_DRAIN_MS", "400")],
+        true,
+    );
+}
+
+#[test]
+fn killed_after_the_seal() {
+    crash_at("k-seal", "sealed", "slow-open=1000", &[], true);
+}
+
+#[test]
+fn killed_while_the_successor_opens_the_data() {
+    crash_at("k-open", "opening", "slow-open=1000", &[], true);
+}
+
+#[test]
+fn killed_after_the_commit() {
+    crash_at("k-commit", "role=successor", "", &[], false);
+}
