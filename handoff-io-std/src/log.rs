@@ -12,8 +12,20 @@ pub(crate) fn enabled() -> bool {
 macro_rules! log {
     ($role:expr, $($arg:tt)*) => {
         if $crate::log::enabled() {
-            eprintln!("handoff[{}] {}: {}", std::process::id(), $role, format_args!($($arg)*));
+            $crate::log::line(&format!(
+                "handoff[{}] {}: {}\n",
+                std::process::id(),
+                $role,
+                format_args!($($arg)*)
+            ));
         }
     };
+}
+
+/// Write one whole line with a single `write(2)`, so lines of the processes sharing a
+/// stderr never interleave mid-line (`eprintln!` writes a formatted line in pieces).
+pub(crate) fn line(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 pub(crate) use log;

@@ -181,3 +181,39 @@ fn killed_while_the_successor_opens_the_data() {
 fn killed_after_the_commit() {
     crash_at("k-commit", "role=successor", "", &[], false);
 }
+
+/// A supervisor that goes silent (SIGSTOP) mid-handoff, connection still open: the incumbent
+/// gives up on it after the silence limit, takes its data back and serves writes again.
+#[test]
+fn silent_supervisor_mid_handoff_is_abandoned() {
+    let site = Site::new("k-stop");
+    let mut sup = site.sup(true, &[("TESTD_DRAIN_MS", "300")]);
+    let addr: std::net::SocketAddr = field(&site.wait("listening"), "addr")
+        .parse()
+        .expect("addr");
+    let old: u32 = field(&site.wait("recovered"), "pid").parse().expect("pid");
+    writeln!(sup.stdin, "handoff").expect("trigger");
+    site.wait("draining");
+    let pid = rustix::process::Pid::from_raw(sup.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+    let stopped = Instant::now();
+    let resumed = site.wait("resumed");
+    assert_eq!(field(&resumed, "pid"), old.to_string());
+    eprintln!(
+        "incumbent resumed {:?} after its supervisor went silent",
+        stopped.elapsed()
+    );
+    let mut cl = Client::tcp(addr).expect("connect");
+    assert_eq!(cl.ping().expect("ping"), old);
+    assert_eq!(cl.call("SET k v").expect("writes accepted again"), "OK 1");
+    drop(cl);
+    sup.child.kill().expect("SIGKILL");
+    sup.child.wait().expect("reap");
+    // A new supervisor finds the incumbent and can hand off.
+    let mut sup2 = site.sup(false, &[]);
+    assert_eq!(field(&site.wait("recovered"), "pid"), old.to_string());
+    writeln!(sup2.stdin, "handoff").expect("trigger");
+    assert_eq!(field(&site.wait("outcome"), "committed"), "true");
+    drop(sup2.stdin);
+    assert!(sup2.child.wait().expect("wait").success());
+}
