@@ -15,6 +15,32 @@
 //! `SO_PEERCRED`, pidfds. [`sys`] is the system layer shared with `handoff-io-mio`.
 //! Linux only.
 //!
+//! # Differences from the 0.1.2 API
+//!
+//! The shape of the earlier crate's API is kept (its README's programs are the `handoff`
+//! crate's examples); where its behaviour was unsafe or left open, this one decides:
+//!
+//! - **A long successor start is never aborted for silence.** The successor's channel is
+//!   serviced by a background thread from `handshake` to the commit, heartbeats included; only
+//!   the handoff's deadline limits `Begin` → `Ready`. The incumbent's hooks run on a thread of
+//!   their own for the same reason.
+//! - **The lock is handed to `announce_and_bind`.** It proves to the protocol that the
+//!   successor holds the lock before `Ready` goes out, and the commit is marked in the lock
+//!   record through it before the commit is acknowledged.
+//! - **An aborted successor exits at once** (status [`EXIT_ABORTED`]); it never touches the
+//!   data. **A retired incumbent exits** (status 0) when `serve` learns that a successor took
+//!   over, unless [`Incumbent::exit_on_retire`] is turned off.
+//! - **`resume_from_journal` really recovers**, and `perform_handoff` recovers first when
+//!   needed; `HandoffOutcome::committed == false` means the incumbent confirmed it serves again
+//!   (or, with `serving: None`, that nobody could be confirmed and the next call recovers).
+//! - **Control sockets are 0600 and every peer is checked** with `SO_PEERCRED`
+//!   ([`PeerPolicy`]), in both directions.
+//! - **Listeners of every kind** (TCP, UDP, Unix stream and datagram), any number of them,
+//!   checked on receipt, close-on-exec; `take` is TCP as before, with `take_udp`, `take_unix`
+//!   and `take_unix_datagram` beside it.
+//! - **`SpawnSpec` has `Default`** (25 s drain grace, 60 s deadline) and names its
+//!   environment and arguments.
+//!
 //! `unsafe` is denied crate-wide. The exceptions, each with a SAFETY comment: owning the
 //! descriptors a process inherits ([`inherit::InheritedListeners::from_env`], the successor
 //! channel in [`detect_role`]), placing descriptors in a spawned child (`sys::spawn`), and
