@@ -177,6 +177,7 @@ impl Incumbent {
             next_conn: 0,
             hooks,
             retired: None,
+            accept_paused_until: None,
         };
         let retired = lp.run(&waker)?;
         if lp.inc.exit_on_retire {
@@ -203,7 +204,13 @@ struct Loop {
     next_conn: u64,
     hooks: HookThread,
     retired: Option<HandoffId>,
+    /// After an `accept` error such as `EMFILE` the pending connection stays queued and the
+    /// socket stays readable: stop polling it for a while instead of spinning.
+    accept_paused_until: Option<Instant>,
 }
+
+/// How long the control socket is left alone after an `accept` error.
+const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Loop {
     fn run(&mut self, waker: &Waker) -> Result<HandoffId> {
@@ -214,22 +221,39 @@ impl Loop {
                 return Ok(h);
             }
             let deadline = self.machine.poll_timeout();
+            let paused = self
+                .accept_paused_until
+                .filter(|until| *until > Instant::now());
+            self.accept_paused_until = paused;
+            let wake_at = match (deadline, paused) {
+                (Some(d), Some(p)) => Some(d.min(p)),
+                (d, p) => d.or(p),
+            };
             let ids: Vec<ConnId> = self.conns.keys().copied().collect();
             let (control_ready, wake_ready, ready_conns) = {
                 let mut fds = Vec::with_capacity(ids.len() + 2);
-                fds.push(PollFd::new(&self.inc.control, PollFlags::IN));
+                let interest = if paused.is_some() {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::IN
+                };
+                fds.push(PollFd::new(&self.inc.control, interest));
                 fds.push(PollFd::from_borrowed_fd(waker.fd(), PollFlags::IN));
                 for id in &ids {
                     fds.push(PollFd::from_borrowed_fd(self.conns[id].fd(), PollFlags::IN));
                 }
-                wait(&mut fds, deadline).context(|| "polling the control socket".into())?;
+                wait(&mut fds, wake_at).context(|| "polling the control socket".into())?;
                 let ready: Vec<ConnId> = ids
                     .iter()
                     .zip(&fds[2..])
                     .filter(|(_, p)| readable(p))
                     .map(|(id, _)| *id)
                     .collect();
-                (readable(&fds[0]), readable(&fds[1]), ready)
+                (
+                    paused.is_none() && readable(&fds[0]),
+                    readable(&fds[1]),
+                    ready,
+                )
             };
             let now = Instant::now();
             if wake_ready {
@@ -260,8 +284,12 @@ impl Loop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: this connection is lost, the loop is not.
-                    log!(ROLE, "accept on the control socket failed: {e}");
+                    // EMFILE and friends: the loop goes on, and tries again shortly.
+                    log!(
+                        ROLE,
+                        "accept on the control socket failed: {e}; retrying in {ACCEPT_PAUSE:?}"
+                    );
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                     return;
                 }
             };
