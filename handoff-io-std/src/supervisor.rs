@@ -129,6 +129,7 @@ struct Listener {
 #[derive(Debug)]
 pub struct Supervisor {
     inner: Mutex<Inner>,
+    serving: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Debug)]
@@ -167,6 +168,7 @@ impl Supervisor {
         let mut journal = control_socket.as_os_str().to_os_string();
         journal.push(".journal");
         Ok(Supervisor {
+            serving: std::sync::atomic::AtomicU32::new(0),
             inner: Mutex::new(Inner {
                 control_socket: control_socket.to_path_buf(),
                 journal: PathBuf::from(journal),
@@ -307,7 +309,9 @@ impl Supervisor {
     /// A corrupt journal is an error that names the file; nothing is touched then.
     pub fn resume_from_journal(&self) -> Result<Recovery> {
         let mut inner = self.busy()?;
-        inner.recover()
+        let r = inner.recover();
+        self.publish(&inner);
+        r
     }
 
     /// Replace the serving daemon with `spec.binary`. Returns when the handoff committed or
@@ -315,13 +319,27 @@ impl Supervisor {
     /// twice the timing's slack.
     pub fn perform_handoff(&self, spec: SpawnSpec) -> Result<HandoffOutcome> {
         let mut inner = self.busy()?;
-        inner.handoff(spec)
+        let r = inner.handoff(spec);
+        self.publish(&inner);
+        r
     }
 
-    /// The serving daemon, as far as this supervisor knows.
+    /// The serving daemon as of the end of the last call (`None` before the first, or when
+    /// nobody could be confirmed). Does not wait for a call in progress.
     pub fn serving(&self) -> Option<Pid> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.machine.as_ref().and_then(|m| m.incumbent())
+        match self.serving.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            pid => Some(pid),
+        }
+    }
+
+    fn publish(&self, inner: &Inner) {
+        let pid = inner
+            .machine
+            .as_ref()
+            .and_then(|m| m.incumbent())
+            .unwrap_or(0);
+        self.serving.store(pid, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -124,3 +124,46 @@ fn long_drain_and_long_open_still_commit() {
     let mut cl = Client::tcp(c.http()).expect("connect");
     assert_eq!(cl.ping().expect("ping"), new);
 }
+
+/// A second handoff asked for while one runs gets `Busy` at once, and the first commits.
+#[test]
+fn a_trigger_during_a_handoff_is_busy() {
+    let c = Cluster::tcp(TESTD.as_ref(), "busy");
+    let old = c.sup.resume_from_journal().expect("cold start").serving;
+    let c = Arc::new(c);
+    let first = {
+        let c = Arc::clone(&c);
+        std::thread::spawn(move || {
+            c.sup
+                .perform_handoff(c.spec(&[("TESTD_FAIL", "slow-open=1500")]))
+        })
+    };
+    // Wait (bounded) until the successor holds the lock (it then opens its data for 1.5 s):
+    // the first call is in the middle of its handoff.
+    let until = std::time::Instant::now() + handoff_tests::BOUND;
+    while !handoff::sys::lock::holders(&c.lock_file())
+        .expect("/proc/locks")
+        .iter()
+        .any(|p| *p != old)
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "the successor never took the lock"
+        );
+        std::thread::yield_now();
+    }
+    let started = std::time::Instant::now();
+    let second = c.sup.perform_handoff(c.spec(&[]));
+    assert!(
+        matches!(second, Err(handoff::error::Error::Busy(_))),
+        "{second:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "Busy must not wait"
+    );
+    eprintln!("busy: {}", second.expect_err("busy"));
+    let o = first.join().expect("thread").expect("first handoff");
+    assert!(o.committed, "{:?}", o.abort_reason);
+    assert_eq!(c.sup.serving(), o.serving);
+}
