@@ -14,35 +14,26 @@
 //! anything. A peer that goes silent is dropped by the machine after the silence limit; if it
 //! was running a handoff, the daemon takes its lock back and resumes on its own.
 
-use std::collections::BTreeMap;
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use handoff_proto::wire::{Message, SUPPORTED_VERSIONS};
-use handoff_proto::{
-    ConnId, DaemonConfig, DrainReport, HandoffId, IncumbentOutput, ListenerKind, LockResult,
-    SealReport, StateSnapshot, Timing,
-};
-use rustix::event::{PollFd, PollFlags};
+use handoff_proto::{DrainReport, HandoffId, ListenerKind, SealReport, StateSnapshot, Timing};
 
-use crate::conn::{readable, wait, Conn, ReadStatus, Waker};
 use crate::drainable::Drainable;
+use crate::engine::{wait_ready, IncumbentEngine, IncumbentEvent};
 use crate::error::{Context, Error, Result};
 use crate::held::{self, Held};
 use crate::log::log;
-use crate::sys::lock::{self, DataDirLock, LockError};
-use crate::sys::peercred::{bind_unix_listener_0600, peer_credentials, PeerPolicy};
+use crate::sys::conn::Waker;
+use crate::sys::lock::DataDirLock;
+use crate::sys::peercred::{bind_unix_listener_0600, PeerPolicy};
 
 const ROLE: &str = "incumbent";
-
-/// Most control connections open at once; more are refused until some close.
-const MAX_CONNS: usize = 64;
 
 /// How a [`serve`](Incumbent::serve) loop ended (only returned when
 /// [`exit_on_retire`](Incumbent::exit_on_retire) is off).
@@ -58,15 +49,15 @@ pub struct Retired {
 /// [`serve`](Incumbent::serve) on a dedicated thread.
 #[derive(Debug)]
 pub struct Incumbent {
-    control: UnixListener,
-    socket_path: PathBuf,
-    lock: Option<DataDirLock>,
-    lock_dir: PathBuf,
-    listeners: Vec<Held>,
-    build_id: String,
-    timing: Timing,
-    policy: PeerPolicy,
-    exit_on_retire: bool,
+    pub(crate) control: UnixListener,
+    pub(crate) socket_path: PathBuf,
+    pub(crate) lock: Option<DataDirLock>,
+    pub(crate) lock_dir: PathBuf,
+    pub(crate) listeners: Vec<Held>,
+    pub(crate) build_id: String,
+    pub(crate) timing: Timing,
+    pub(crate) policy: PeerPolicy,
+    pub(crate) exit_on_retire: bool,
 }
 
 impl Incumbent {
@@ -162,29 +153,43 @@ impl Incumbent {
     pub fn serve<D: Drainable>(self, drainable: D) -> Result<Retired> {
         let waker = Arc::new(Waker::new().context(|| "creating the loop's waker".into())?);
         let hooks = HookThread::spawn(drainable, Arc::clone(&waker))?;
-        let cfg = DaemonConfig {
-            pid: std::process::id(),
-            build_id: self.build_id.clone(),
-            versions: SUPPORTED_VERSIONS,
-            timing: self.timing,
-            listeners: self.listeners.iter().map(Held::info).collect(),
-        };
-        let machine = handoff_proto::Incumbent::serving(cfg);
-        let mut lp = Loop {
-            inc: self,
-            machine,
-            conns: BTreeMap::new(),
-            next_conn: 0,
-            hooks,
-            retired: None,
-            accept_paused_until: None,
-        };
-        let retired = lp.run(&waker)?;
-        if lp.inc.exit_on_retire {
-            log!(ROLE, "handoff {retired} committed elsewhere; exiting");
-            std::process::exit(0);
+        let mut engine = IncumbentEngine::new(self);
+        loop {
+            while let Some(ev) = engine.poll_event() {
+                match ev {
+                    IncumbentEvent::Drain { deadline, .. } => hooks.call(HookCall::Drain(deadline)),
+                    IncumbentEvent::Seal { .. } => hooks.call(HookCall::Seal),
+                    IncumbentEvent::Resume { .. } => hooks.call(HookCall::Resume),
+                    IncumbentEvent::Retired { handoff } => {
+                        if engine.exit_on_retire() {
+                            log!(ROLE, "handoff {handoff} committed elsewhere; exiting");
+                            std::process::exit(0);
+                        }
+                        return Ok(Retired { handoff });
+                    }
+                }
+            }
+            let until = engine.poll_timeout();
+            let (ready, wake) = wait_ready(&engine.interests(), Some(waker.fd()), until)
+                .context(|| "polling the control socket".into())?;
+            let now = Instant::now();
+            if wake {
+                waker.clear();
+            }
+            while let Ok(done) = hooks.results.try_recv() {
+                match done {
+                    HookResult::Drained(r) => engine.drained(now, r),
+                    HookResult::Sealed(r) => engine.sealed(now, r),
+                    HookResult::Resumed(r) => engine.resumed(now, r),
+                }
+            }
+            for (key, r, w) in ready {
+                engine.ready(now, key, r, w);
+            }
+            if engine.poll_timeout().is_some_and(|t| t <= Instant::now()) {
+                engine.handle_timeout(Instant::now());
+            }
         }
-        Ok(Retired { handoff: retired })
     }
 }
 
@@ -195,276 +200,6 @@ pub(crate) fn default_build_id() -> String {
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "unknown".into());
     format!("{exe} {}", env!("CARGO_PKG_VERSION"))
-}
-
-struct Loop {
-    inc: Incumbent,
-    machine: handoff_proto::Incumbent,
-    conns: BTreeMap<ConnId, Conn>,
-    next_conn: u64,
-    hooks: HookThread,
-    retired: Option<HandoffId>,
-    /// After an `accept` error such as `EMFILE` the pending connection stays queued and the
-    /// socket stays readable: stop polling it for a while instead of spinning.
-    accept_paused_until: Option<Instant>,
-}
-
-/// How long the control socket is left alone after an `accept` error.
-const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
-
-impl Loop {
-    fn run(&mut self, waker: &Waker) -> Result<HandoffId> {
-        let mut buf = Vec::new();
-        loop {
-            self.perform(Instant::now());
-            if let Some(h) = self.retired {
-                return Ok(h);
-            }
-            let deadline = self.machine.poll_timeout();
-            let paused = self
-                .accept_paused_until
-                .filter(|until| *until > Instant::now());
-            self.accept_paused_until = paused;
-            let wake_at = match (deadline, paused) {
-                (Some(d), Some(p)) => Some(d.min(p)),
-                (d, p) => d.or(p),
-            };
-            let ids: Vec<ConnId> = self.conns.keys().copied().collect();
-            let (control_ready, wake_ready, ready_conns) = {
-                let mut fds = Vec::with_capacity(ids.len() + 2);
-                let interest = if paused.is_some() {
-                    PollFlags::empty()
-                } else {
-                    PollFlags::IN
-                };
-                fds.push(PollFd::new(&self.inc.control, interest));
-                fds.push(PollFd::from_borrowed_fd(waker.fd(), PollFlags::IN));
-                for id in &ids {
-                    fds.push(PollFd::from_borrowed_fd(self.conns[id].fd(), PollFlags::IN));
-                }
-                wait(&mut fds, wake_at).context(|| "polling the control socket".into())?;
-                let ready: Vec<ConnId> = ids
-                    .iter()
-                    .zip(&fds[2..])
-                    .filter(|(_, p)| readable(p))
-                    .map(|(id, _)| *id)
-                    .collect();
-                (
-                    paused.is_none() && readable(&fds[0]),
-                    readable(&fds[1]),
-                    ready,
-                )
-            };
-            let now = Instant::now();
-            if wake_ready {
-                waker.clear();
-            }
-            while let Ok(done) = self.hooks.results.try_recv() {
-                self.hook_done(now, done);
-                self.perform(now);
-            }
-            for id in ready_conns {
-                self.read(now, id, &mut buf);
-                self.perform(now);
-            }
-            if control_ready {
-                self.accept(now);
-                self.perform(now);
-            }
-            if deadline.is_some_and(|d| d <= Instant::now()) {
-                self.machine.handle_timeout(Instant::now());
-            }
-        }
-    }
-
-    fn accept(&mut self, now: Instant) {
-        loop {
-            let sock = match self.inc.control.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE and friends: the loop goes on, and tries again shortly.
-                    log!(
-                        ROLE,
-                        "accept on the control socket failed: {e}; retrying in {ACCEPT_PAUSE:?}"
-                    );
-                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
-                    return;
-                }
-            };
-            if let Err(why) = self.admit(&sock) {
-                log!(ROLE, "refused control connection: {why}");
-                continue;
-            }
-            let conn = match Conn::new(sock) {
-                Ok(c) => c,
-                Err(e) => {
-                    log!(ROLE, "cannot set up control connection: {e}");
-                    continue;
-                }
-            };
-            let id = ConnId(self.next_conn);
-            self.next_conn += 1;
-            self.conns.insert(id, conn);
-            if let Err(e) = self.machine.handle_connected(now, id) {
-                log!(ROLE, "internal: {e}");
-            }
-        }
-    }
-
-    /// Whether this peer may talk to us.
-    fn admit(&self, sock: &UnixStream) -> std::result::Result<(), String> {
-        if self.conns.len() >= MAX_CONNS {
-            return Err(format!("{MAX_CONNS} connections already open"));
-        }
-        let (pid, uid, _) =
-            peer_credentials(sock.as_fd()).map_err(|e| format!("no peer credentials: {e}"))?;
-        if !self.inc.policy.admits(uid) {
-            return Err(format!(
-                "peer pid {pid} has uid {uid}, which is not allowed"
-            ));
-        }
-        Ok(())
-    }
-
-    fn read(&mut self, now: Instant, id: ConnId, buf: &mut Vec<u8>) {
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return;
-        };
-        buf.clear();
-        let status = conn.read_available(buf);
-        if !buf.is_empty() {
-            if let Err(e) = self.machine.handle_bytes(now, id, buf) {
-                log!(ROLE, "control connection {}: {e}", id.0);
-            }
-        }
-        match status {
-            Ok(ReadStatus::Open) => {}
-            Ok(ReadStatus::Closed) => self.closed(now, id),
-            Err(e) => {
-                log!(ROLE, "control connection {}: {e}", id.0);
-                self.closed(now, id);
-            }
-        }
-    }
-
-    fn closed(&mut self, now: Instant, id: ConnId) {
-        if self.conns.remove(&id).is_some() {
-            // The machine may have closed it already (after a Refused): then it is unknown.
-            let _ = self.machine.handle_closed(now, id);
-        }
-    }
-
-    fn hook_done(&mut self, now: Instant, done: HookResult) {
-        let r = match done {
-            HookResult::Drained(r) => self.machine.handle_drained(now, r),
-            HookResult::Sealed(r) => self.machine.handle_sealed(now, r),
-            HookResult::Resumed(r) => self.machine.handle_resumed(now, r),
-        };
-        if let Err(e) = r {
-            log!(ROLE, "internal: {e}");
-        }
-    }
-
-    /// Perform every output the machine has, in order.
-    fn perform(&mut self, now: Instant) {
-        while let Some(out) = self.machine.poll_output() {
-            match out {
-                IncumbentOutput::Send { conn, frame } => {
-                    let Some(c) = self.conns.get(&conn) else {
-                        continue;
-                    };
-                    let fds: Vec<BorrowedFd<'_>> = match &frame.message {
-                        Message::Listeners { batch } => batch
-                            .iter()
-                            .filter_map(|info| {
-                                self.inc
-                                    .listeners
-                                    .iter()
-                                    .find(|h| h.name == info.name && h.kind == info.kind)
-                                    .map(|h| h.fd.as_fd())
-                            })
-                            .collect(),
-                        _ => Vec::new(),
-                    };
-                    let sent = frame
-                        .encode()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-                        .and_then(|bytes| c.send(&bytes, &fds, self.inc.timing.peer_silence));
-                    if let Err(e) = sent {
-                        log!(ROLE, "sending {} failed: {e}", frame.message.kind());
-                        self.closed(now, conn);
-                    }
-                }
-                IncumbentOutput::Close { conn } => {
-                    self.conns.remove(&conn);
-                }
-                IncumbentOutput::CallDrain { handoff, grace } => {
-                    log!(ROLE, "handoff {handoff}: draining (grace {grace:?})");
-                    self.hooks.call(HookCall::Drain(now + grace));
-                }
-                IncumbentOutput::CallSeal { handoff } => {
-                    log!(ROLE, "handoff {handoff}: sealing");
-                    self.hooks.call(HookCall::Seal);
-                }
-                IncumbentOutput::CallResume { handoff } => {
-                    log!(ROLE, "handoff {handoff}: resuming");
-                    self.hooks.call(HookCall::Resume);
-                }
-                IncumbentOutput::ReleaseLock(proof) => {
-                    if let Some(l) = self.inc.lock.take() {
-                        if let Err(e) = l.release() {
-                            // Closing the descriptor (done by `release` in any case) unlocks.
-                            log!(ROLE, "handoff {}: unlock: {e}", proof.handoff());
-                        }
-                    }
-                }
-                IncumbentOutput::AcquireLock => {
-                    let result = match lock::try_acquire(&self.inc.lock_dir) {
-                        Ok(acquired) => {
-                            let r = acquired.lock_result();
-                            self.inc.lock = Some(acquired.lock);
-                            r
-                        }
-                        Err(LockError::Held { record }) => LockResult::Held(record),
-                        Err(e) => {
-                            // Cannot tell: try again at the next retry.
-                            log!(ROLE, "taking the lock back: {e}");
-                            LockResult::Held(None)
-                        }
-                    };
-                    if let Err(e) = self.machine.handle_lock(now, result) {
-                        log!(ROLE, "internal: {e}");
-                    }
-                }
-                IncumbentOutput::KillLockHolder { pid } => self.kill_lock_holder(pid),
-                IncumbentOutput::Retire { handoff } => {
-                    self.retired = Some(handoff);
-                }
-            }
-        }
-    }
-
-    fn kill_lock_holder(&self, pid: u32) {
-        let path = lock::lock_file_path(&self.inc.lock_dir);
-        match lock::holds_lock(pid, &path) {
-            Ok(true) => {
-                log!(
-                    ROLE,
-                    "successor {pid} holds the lock past the deadline; killing it"
-                );
-                if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-                    if let Err(e) = rustix::process::kill_process(p, rustix::process::Signal::KILL)
-                    {
-                        log!(ROLE, "kill {pid}: {e}");
-                    }
-                }
-            }
-            Ok(false) => log!(ROLE, "pid {pid} no longer holds the lock; not killing it"),
-            Err(e) => log!(ROLE, "cannot read /proc/locks, not killing {pid}: {e}"),
-        }
-    }
 }
 
 enum HookCall {

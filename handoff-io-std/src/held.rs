@@ -16,16 +16,20 @@ use handoff_proto::{ListenerInfo, ListenerKind};
 
 use crate::error::{Context, Error, Result};
 
-/// One listener held by the library.
+/// One listener held by the library: a close-on-exec duplicate, by name and kind.
 #[derive(Debug)]
-pub(crate) struct Held {
-    pub(crate) name: String,
-    pub(crate) kind: ListenerKind,
-    pub(crate) fd: OwnedFd,
+pub struct Held {
+    /// Its name, as the supervisor knows it.
+    pub name: String,
+    /// What it is.
+    pub kind: ListenerKind,
+    /// The descriptor.
+    pub fd: OwnedFd,
 }
 
 impl Held {
-    pub(crate) fn info(&self) -> ListenerInfo {
+    /// How the protocol describes it.
+    pub fn info(&self) -> ListenerInfo {
         ListenerInfo {
             name: self.name.clone(),
             kind: self.kind,

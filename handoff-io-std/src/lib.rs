@@ -50,9 +50,9 @@
 
 pub use handoff_proto as proto;
 
-mod conn;
 mod daemon;
 pub mod drainable;
+pub mod engine;
 pub mod error;
 mod held;
 pub mod inherit;

@@ -23,27 +23,22 @@
 //!   ends the process at once with status [`EXIT_ABORTED`]: an aborted successor must not
 //!   touch the data, and its exit frees the lock for the incumbent.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Instant;
 
-use handoff_proto::wire::SUPPORTED_VERSIONS;
-use handoff_proto::{
-    AbortReason, DaemonConfig, HandoffId, ListenerKind, LockResult, ReadinessSnapshot, SealReport,
-    SuccessorOutput, Timing,
-};
+use handoff_proto::{AbortReason, HandoffId, ListenerKind, ReadinessSnapshot, SealReport, Timing};
 use rustix::event::{PollFd, PollFlags};
 
-use crate::conn::{readable, wait, Conn, ReadStatus, Waker};
 use crate::daemon::{default_build_id, Incumbent};
+use crate::engine::{SuccessorEngine, SuccessorEvent};
 use crate::error::{Context, Error, Result};
-use crate::held::Held;
 use crate::log::log;
+use crate::sys::conn::{readable, wait, writable, Waker};
 use crate::sys::lock::DataDirLock;
-use crate::sys::sockcheck;
 
 const ROLE: &str = "successor";
 
@@ -87,34 +82,27 @@ impl Successor {
         self
     }
 
+    /// The channel to the supervisor, for a driver of its own (`handoff-io-mio`).
+    pub fn into_channel(self) -> UnixStream {
+        self.chan
+    }
+
     /// Answer the supervisor's greeting with `build_id` and receive the listeners. Blocks
     /// until all listeners arrived (each checked to be the kind announced) or the handoff
     /// failed.
     pub fn handshake(self, build_id: impl Into<String>) -> Result<HandshookSuccessor> {
-        let now = Instant::now();
-        let cfg = DaemonConfig {
-            pid: std::process::id(),
-            build_id: {
-                let b: String = build_id.into();
-                if b.is_empty() {
-                    default_build_id()
-                } else {
-                    b
-                }
-            },
-            versions: SUPPORTED_VERSIONS,
-            timing: self.timing,
-            listeners: Vec::new(),
+        let build_id: String = build_id.into();
+        let build_id = if build_id.is_empty() {
+            default_build_id()
+        } else {
+            build_id
         };
-        let conn = Conn::new(self.chan).context(|| "setting up the successor channel".into())?;
+        let engine = SuccessorEngine::new(self.chan, build_id, self.timing, Instant::now())
+            .context(|| "setting up the successor channel".into())?;
         let waker = Waker::new().context(|| "creating the successor's waker".into())?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                machine: handoff_proto::Successor::new(cfg, now),
-                conn,
-                timing: self.timing,
-                received: Vec::new(),
-                lock: None,
+                engine: Some(engine),
                 listeners_done: false,
                 begun: None,
                 committed: None,
@@ -124,12 +112,9 @@ impl Successor {
             waker,
         });
         let pump = Arc::clone(&shared);
-        let poll_fd = rustix::io::fcntl_dupfd_cloexec(shared.lock().conn.fd(), 3)
-            .map_err(std::io::Error::from)
-            .context(|| "duplicating the successor channel".into())?;
         thread::Builder::new()
             .name("handoff-successor".into())
-            .spawn(move || pump.pump(poll_fd))
+            .spawn(move || pump.pump())
             .context(|| "starting the successor thread".into())?;
         drop(shared.wait_for(|s| s.listeners_done)?);
         Ok(HandshookSuccessor { shared })
@@ -144,10 +129,6 @@ impl HandshookSuccessor {
             let s = self.shared.wait_for(|s| s.begun.is_some())?;
             s.begun.clone().expect("waited for it")
         };
-        log!(
-            ROLE,
-            "handoff {handoff}: begun; the data directory is ours to open"
-        );
         Ok(BegunSuccessor {
             shared: self.shared,
             seal,
@@ -157,12 +138,11 @@ impl HandshookSuccessor {
 
     /// The names of the listeners received, in order.
     pub fn listener_names(&self) -> Vec<String> {
-        self.shared
-            .lock()
-            .received
-            .iter()
-            .map(|h| h.name.clone())
-            .collect()
+        let s = self.shared.lock();
+        s.engine
+            .as_ref()
+            .map(SuccessorEngine::listener_names)
+            .unwrap_or_default()
     }
 }
 
@@ -179,17 +159,7 @@ impl BegunSuccessor {
 
     fn take_kind(&mut self, name: &str, kind: ListenerKind) -> Option<OwnedFd> {
         let s = self.shared.lock();
-        let h = s
-            .received
-            .iter()
-            .find(|h| h.name == name && h.kind == kind)?;
-        // The library keeps its own copy for the incumbent this process becomes.
-        let fd = rustix::io::fcntl_dupfd_cloexec(&h.fd, 3).ok()?;
-        // Blocking, as std's types expect. The incumbent has drained and sealed by now (this
-        // is after `Begin`); if the handoff still rolls back, an incumbent that wants
-        // non-blocking accepts sets it again in `resume_after_abort` (the mode is shared).
-        sockcheck::normalise(fd.as_fd()).ok()?;
-        Some(fd)
+        s.engine.as_ref()?.take_fd(name, kind)
     }
 
     /// The TCP listener named `name` (`None`: no such listener, or not TCP). Each call gives
@@ -222,43 +192,39 @@ impl BegunSuccessor {
     /// Declare ready and, once the supervisor has committed, become the incumbent: bind the
     /// control socket at `socket_path` (replacing the old incumbent's atomically) with `lock`.
     ///
-    /// `lock` must be this data directory's lock, taken after [`HandshookSuccessor::wait_for_begin`]:
-    /// it is what lets the protocol send `Ready`. Before the commit is acknowledged, the lock
-    /// record is marked committed through it. Blocks until the commit, or returns the reason
-    /// the handoff was aborted (the process is then exiting, see the module docs).
+    /// `lock` must be this data directory's lock, taken after
+    /// [`HandshookSuccessor::wait_for_begin`]: it is what lets the protocol send `Ready`.
+    /// Before the commit is acknowledged, the lock record is marked committed through it.
+    /// Blocks until the commit, or returns the reason the handoff was aborted (the process is
+    /// then exiting, see the module docs).
     pub fn announce_and_bind(
         self,
         readiness: ReadinessSnapshot,
         socket_path: &Path,
         lock: DataDirLock,
     ) -> Result<Incumbent> {
-        let now = Instant::now();
         {
             let mut s = self.shared.lock();
-            let previous = lock.previous();
-            s.lock = Some(lock);
-            s.machine
-                .handle_lock(now, LockResult::Acquired { previous })
-                .map_err(|e| Error::Protocol(e.to_string()))?;
-            s.drive(now);
-            s.machine
-                .ready(now, readiness)
-                .map_err(|e| Error::Protocol(e.to_string()))?;
-            s.drive(now);
+            let now = Instant::now();
+            let engine = s
+                .engine
+                .as_mut()
+                .ok_or(Error::Protocol("no engine".into()))?;
+            engine.ready_with(now, readiness, lock)?;
+            s.absorb();
         }
         self.shared.waker.wake();
-        let (lock, received, handoff) = {
+        let (lock, received) = {
             let mut s = self.shared.wait_for(|s| s.committed.is_some())?;
-            let handoff = s.committed.expect("waited for it");
-            let lock = s
-                .lock
-                .take()
-                .expect("the lock stays with the state until commit");
-            (lock, std::mem::take(&mut s.received), handoff)
+            let engine = s.engine.take().expect("the engine stays until commit");
+            engine
+                .into_parts()
+                .ok_or(Error::Protocol("committed without the lock".into()))?
         };
         log!(
             ROLE,
-            "handoff {handoff}: committed; binding {}",
+            "handoff {}: committed; binding {}",
+            self.handoff,
             socket_path.display()
         );
         Incumbent::new(socket_path, lock, received)
@@ -274,15 +240,36 @@ struct Shared {
 
 #[derive(Debug)]
 struct State {
-    machine: handoff_proto::Successor,
-    conn: Conn,
-    timing: Timing,
-    received: Vec<Held>,
-    lock: Option<DataDirLock>,
+    /// `None` once `announce_and_bind` took the parts.
+    engine: Option<SuccessorEngine>,
     listeners_done: bool,
     begun: Option<(HandoffId, SealReport)>,
     committed: Option<HandoffId>,
     failed: Option<AbortReason>,
+}
+
+impl State {
+    /// Take in what the engine reports.
+    fn absorb(&mut self) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        while let Some(ev) = engine.poll_event() {
+            match ev {
+                SuccessorEvent::ListenersReceived => self.listeners_done = true,
+                SuccessorEvent::Begun { handoff, seal } => self.begun = Some((handoff, seal)),
+                SuccessorEvent::Committed { handoff } => self.committed = Some(handoff),
+                SuccessorEvent::Aborted { reason } => {
+                    log!(
+                        ROLE,
+                        "handoff aborted: {reason}; exiting with status {EXIT_ABORTED}"
+                    );
+                    self.failed = Some(reason);
+                    std::process::exit(EXIT_ABORTED);
+                }
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -304,143 +291,62 @@ impl Shared {
         }
     }
 
-    /// The background thread: read the channel, keep time, perform the machine's outputs,
-    /// until committed.
-    fn pump(&self, fd: OwnedFd) {
-        let mut buf = Vec::new();
+    /// The background thread: the engine's loop until the commit.
+    fn pump(&self) {
         loop {
-            let deadline = {
+            let (deadline, fd, write) = {
                 let s = self.lock();
+                let Some(engine) = s.engine.as_ref() else {
+                    return;
+                };
                 if s.committed.is_some() {
                     return;
                 }
-                s.machine.poll_timeout()
+                let interest = engine.interests().into_iter().next();
+                // Polled from this thread without the lock held: a duplicate, so the
+                // engine may close its own meanwhile.
+                let fd = interest
+                    .as_ref()
+                    .and_then(|i| rustix::io::fcntl_dupfd_cloexec(i.fd, 3).ok());
+                (engine.poll_timeout(), fd, interest.is_some_and(|i| i.write))
             };
-            let mut fds = [
-                PollFd::new(&fd, PollFlags::IN),
-                PollFd::from_borrowed_fd(self.waker.fd(), PollFlags::IN),
-            ];
-            if let Err(e) = wait(&mut fds, deadline) {
-                fatal(&format!("poll: {e}"));
+            let mut flags = PollFlags::IN;
+            if write {
+                flags |= PollFlags::OUT;
             }
-            let (chan_ready, wake_ready) = (readable(&fds[0]), readable(&fds[1]));
-            if wake_ready {
+            let (r, w, wake) = {
+                let mut fds = vec![PollFd::from_borrowed_fd(self.waker.fd(), PollFlags::IN)];
+                if let Some(fd) = &fd {
+                    fds.push(PollFd::new(fd, flags));
+                }
+                if let Err(e) = wait(&mut fds, deadline) {
+                    fatal(&format!("poll: {e}"));
+                }
+                let chan = fds.get(1);
+                (
+                    chan.is_some_and(readable),
+                    chan.is_some_and(writable),
+                    readable(&fds[0]),
+                )
+            };
+            drop(fd);
+            if wake {
                 self.waker.clear();
             }
             let now = Instant::now();
             let mut s = self.lock();
-            if chan_ready {
-                buf.clear();
-                let status = s.conn.read_available(&mut buf);
-                if !buf.is_empty() {
-                    if let Err(e) = s.machine.handle_bytes(now, &buf) {
-                        log!(ROLE, "supervisor channel: {e}");
-                    }
-                    s.drive(now);
+            if let Some(engine) = s.engine.as_mut() {
+                if r || w {
+                    engine.ready(now, r, w);
                 }
-                match status {
-                    Ok(ReadStatus::Open) => {}
-                    Ok(ReadStatus::Closed) => s.machine.handle_closed(now),
-                    Err(e) => {
-                        log!(ROLE, "supervisor channel: {e}");
-                        s.machine.handle_closed(now);
-                    }
+                if engine.poll_timeout().is_some_and(|t| t <= now) {
+                    engine.handle_timeout(now);
                 }
             }
-            if deadline.is_some_and(|d| d <= now) || chan_ready {
-                s.machine.handle_timeout(now);
-            }
-            s.drive(now);
+            s.absorb();
             drop(s);
             self.changed.notify_all();
         }
-    }
-}
-
-impl State {
-    /// Perform every output the machine has, in order.
-    fn drive(&mut self, now: Instant) {
-        while let Some(out) = self.machine.poll_output() {
-            match out {
-                SuccessorOutput::Send(frame) => {
-                    let sent = frame
-                        .encode()
-                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-                        .and_then(|b| self.conn.send(&b, &[], self.timing.peer_silence));
-                    if let Err(e) = sent {
-                        log!(ROLE, "sending {}: {e}", frame.message.kind());
-                        self.machine.handle_closed(now);
-                    }
-                }
-                SuccessorOutput::TakeListeners { batch } => {
-                    if let Err(why) = self.take_listeners(&batch) {
-                        self.machine.handle_listener_error(now, why);
-                    } else if self.machine.listeners_received() {
-                        self.listeners_done = true;
-                    }
-                }
-                SuccessorOutput::AcquireLock => {
-                    // `Begin` arrived. The application takes the lock (after `wait_for_begin`)
-                    // and hands it to `announce_and_bind`, which feeds the result.
-                    if let Some((h, seal)) = self.machine.begin() {
-                        self.begun = Some((h, seal.clone()));
-                    }
-                }
-                SuccessorOutput::Begun { handoff, seal } => {
-                    // Fed from `announce_and_bind`; `begun` was recorded at `Begin`.
-                    let _ = (handoff, seal);
-                }
-                SuccessorOutput::MarkCommitted { handoff } => {
-                    let marked = match self.lock.as_mut() {
-                        Some(l) => l.mark_committed(handoff),
-                        None => Err(std::io::Error::other("no lock held")),
-                    };
-                    if let Err(e) = marked {
-                        // Without the mark an incumbent that lost the supervisor could take
-                        // the data back: never acknowledge the commit.
-                        fatal(&format!(
-                            "handoff {handoff}: cannot mark the lock record committed: {e}"
-                        ));
-                    }
-                }
-                SuccessorOutput::Committed { handoff } => {
-                    self.committed = Some(handoff);
-                }
-                SuccessorOutput::Exit { reason } => {
-                    log!(
-                        ROLE,
-                        "handoff aborted: {reason}; exiting with status {EXIT_ABORTED}"
-                    );
-                    self.failed = Some(reason);
-                    std::process::exit(EXIT_ABORTED);
-                }
-            }
-        }
-    }
-
-    fn take_listeners(
-        &mut self,
-        batch: &[handoff_proto::ListenerInfo],
-    ) -> std::result::Result<(), String> {
-        let fds = self.conn.take_fds(batch.len()).ok_or_else(|| {
-            format!(
-                "{} listeners announced but fewer descriptors arrived",
-                batch.len()
-            )
-        })?;
-        for (info, fd) in batch.iter().zip(fds) {
-            // Checked now, but left in whatever blocking mode it is: `O_NONBLOCK` lives on the
-            // open file description, shared with the incumbent, which may still be serving.
-            // `take_*` sets blocking mode once the incumbent has stopped (after `Begin`).
-            sockcheck::check(fd.as_fd(), info.kind)
-                .map_err(|e| format!("listener {:?}: {e}", info.name))?;
-            self.received.push(Held {
-                name: info.name.clone(),
-                kind: info.kind,
-                fd,
-            });
-        }
-        Ok(())
     }
 }
 

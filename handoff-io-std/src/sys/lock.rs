@@ -349,6 +349,18 @@ pub fn holds_lock(pid: Pid, path: &Path) -> io::Result<bool> {
     Ok(false)
 }
 
+/// SIGKILL `pid` if, and only if, `/proc/locks` shows it holding a lock on the file at `path`
+/// ([`holds_lock`]); `Ok(false)` if it does not (a reused pid is never hit).
+pub fn kill_if_holder(pid: Pid, path: &Path) -> io::Result<bool> {
+    if !holds_lock(pid, path)? {
+        return Ok(false);
+    }
+    let p = rustix::process::Pid::from_raw(pid as i32)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid 0"))?;
+    rustix::process::kill_process(p, rustix::process::Signal::KILL)?;
+    Ok(true)
+}
+
 /// The pids `/proc/locks` shows holding a `flock` on the file at `path` (one scan).
 pub fn holders(path: &Path) -> io::Result<Vec<Pid>> {
     let st = rustix::fs::stat(path)?;

@@ -1,6 +1,8 @@
 //! The system layer shared by the drivers: everything `handoff-proto`'s outputs ask of the
 //! operating system, as small blocking-agnostic functions over file descriptors.
 //!
+//! - [`conn`]: a non-blocking control connection (frames out through an outbox, bytes and
+//!   descriptors in), a `poll(2)` wait, and a waker.
 //! - [`fdpass`]: send and receive bytes with listener descriptors (`SCM_RIGHTS`).
 //! - [`sockcheck`]: check that a received descriptor is the listener kind announced, and put
 //!   it in the mode this process needs.
@@ -20,6 +22,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod conn;
 pub mod fdpass;
 pub mod journal_file;
 pub mod lock;

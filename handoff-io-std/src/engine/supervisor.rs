@@ -1,0 +1,736 @@
+//! The supervisor's engine: the connection to the serving daemon, the successor's channel,
+//! the pidfds of the processes it watches, the journal.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use handoff_proto::wire::{Message, SUPPORTED_VERSIONS};
+use handoff_proto::{
+    HandoffId, HandoffSpec, ListenerInfo, ListenerKind, Peer, Pid, SupervisorConfig,
+    SupervisorOutput, Timing, Verdict,
+};
+
+use super::Interest;
+use crate::error::{Error, Result};
+use crate::log::log;
+use crate::supervisor::{HandoffOutcome, Recovery, SpawnSpec};
+use crate::sys::conn::{Conn, ReadStatus};
+use crate::sys::journal_file;
+use crate::sys::peercred::{peer_credentials, PeerPolicy};
+use crate::sys::sockcheck;
+use crate::sys::spawn::{self, Watched};
+
+const ROLE: &str = "supervisor";
+
+/// Which descriptor of a [`SupervisorEngine`] is ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SupervisorKey {
+    /// The connection to the serving daemon's control socket.
+    Incumbent,
+    /// The successor's channel.
+    Successor,
+    /// The pidfd of a watched process: readable once it exited.
+    Process(Pid),
+}
+
+/// What a supervisor's engine reports.
+#[derive(Debug)]
+pub enum SupervisorEvent {
+    /// The recovery started by [`SupervisorEngine::start_recovery`] found whoever serves.
+    Recovered(Recovery),
+    /// The handoff started by [`SupervisorEngine::trigger`] ended.
+    Outcome(HandoffOutcome),
+    /// The engine cannot go on (nobody serves and nobody can be started): the error says why.
+    Failed(Error),
+}
+
+#[derive(Debug)]
+struct Listener {
+    name: String,
+    kind: ListenerKind,
+    fd: Option<OwnedFd>,
+}
+
+/// The supervisor's non-blocking core (see the [module docs](super)).
+#[derive(Debug)]
+pub struct SupervisorEngine {
+    control_socket: PathBuf,
+    journal: PathBuf,
+    listeners: Vec<Listener>,
+    setup_error: Option<String>,
+    timing: Timing,
+    policy: PeerPolicy,
+    recovery_wait: Duration,
+    cold_start: Option<SpawnSpec>,
+    machine: Option<handoff_proto::Supervisor>,
+    inc: Option<Conn>,
+    succ: Option<Conn>,
+    watched: BTreeMap<Pid, Watched>,
+    children: BTreeMap<Pid, Child>,
+    statuses: BTreeMap<Pid, std::process::ExitStatus>,
+    successor: Option<Pid>,
+    spec: SpawnSpec,
+    events: VecDeque<SupervisorEvent>,
+    buf: Vec<u8>,
+}
+
+impl SupervisorEngine {
+    /// An engine for the daemon whose control socket is at `control_socket`; the journal
+    /// defaults to `<control_socket>.journal`.
+    pub fn new(control_socket: &Path) -> Result<SupervisorEngine> {
+        if control_socket.file_name().is_none() {
+            return Err(Error::invalid(
+                format!("control socket path {}", control_socket.display()),
+                "has no file name",
+            ));
+        }
+        let mut journal = control_socket.as_os_str().to_os_string();
+        journal.push(".journal");
+        Ok(SupervisorEngine {
+            control_socket: control_socket.to_path_buf(),
+            journal: PathBuf::from(journal),
+            listeners: Vec::new(),
+            setup_error: None,
+            timing: Timing::default(),
+            policy: PeerPolicy::default(),
+            recovery_wait: Duration::from_secs(30),
+            cold_start: None,
+            machine: None,
+            inc: None,
+            succ: None,
+            watched: BTreeMap::new(),
+            children: BTreeMap::new(),
+            statuses: BTreeMap::new(),
+            successor: None,
+            spec: SpawnSpec::default(),
+            events: VecDeque::new(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Hand the listener `fd` to every successor under `name` (a close-on-exec duplicate is
+    /// kept; a bad one is reported by the next command).
+    pub fn with_listener_fd(mut self, name: &str, fd: impl AsFd) -> SupervisorEngine {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd());
+        let added = (|| -> std::result::Result<(ListenerKind, OwnedFd), String> {
+            check_listener_name(name, &self.listeners)?;
+            let kind = sockcheck::inspect(fd.as_fd())
+                .map_err(|e| format!("listener {name:?} (fd {raw}): {e}"))?;
+            let dup = rustix::io::fcntl_dupfd_cloexec(fd.as_fd(), 3)
+                .map_err(|e| format!("listener {name:?} (fd {raw}): cannot duplicate: {e}"))?;
+            Ok((ListenerKind::from(kind), dup))
+        })();
+        match added {
+            Ok((kind, fd)) => self.listeners.push(Listener {
+                name: name.to_string(),
+                kind,
+                fd: Some(fd),
+            }),
+            Err(e) => {
+                self.setup_error.get_or_insert(e);
+            }
+        }
+        self
+    }
+
+    /// A listener the serving daemon holds and a recovery takes back.
+    pub fn expect_listener(mut self, name: &str, kind: ListenerKind) -> SupervisorEngine {
+        match check_listener_name(name, &self.listeners) {
+            Ok(()) => self.listeners.push(Listener {
+                name: name.to_string(),
+                kind,
+                fd: None,
+            }),
+            Err(e) => {
+                self.setup_error.get_or_insert(e);
+            }
+        }
+        self
+    }
+
+    /// Record an error found while configuring, reported by the next command.
+    pub fn with_setup_error(mut self, error: String) -> SupervisorEngine {
+        self.setup_error.get_or_insert(error);
+        self
+    }
+
+    /// Where the journal lives.
+    pub fn with_journal(mut self, path: &Path) -> SupervisorEngine {
+        self.journal = path.to_path_buf();
+        self
+    }
+
+    /// How to start the daemon when nobody serves.
+    pub fn with_cold_start(mut self, spec: SpawnSpec) -> SupervisorEngine {
+        self.cold_start = Some(spec);
+        self
+    }
+
+    /// Heartbeat, silence and retry timings.
+    pub fn with_timing(mut self, timing: Timing) -> SupervisorEngine {
+        self.timing = timing;
+        self
+    }
+
+    /// Which uids the serving daemon may run as.
+    pub fn with_peer_policy(mut self, policy: PeerPolicy) -> SupervisorEngine {
+        self.policy = policy;
+        self
+    }
+
+    /// How long a recovery waits for a process still resolving a handoff, or for a daemon it
+    /// started cold to answer.
+    pub fn with_recovery_wait(mut self, wait: Duration) -> SupervisorEngine {
+        self.recovery_wait = wait;
+        self
+    }
+
+    /// The timings in use.
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// The recovery wait in use.
+    pub fn recovery_wait(&self) -> Duration {
+        self.recovery_wait
+    }
+
+    /// The serving daemon, when known and no handoff or recovery runs.
+    pub fn serving(&self) -> Option<Pid> {
+        self.machine.as_ref().and_then(|m| m.incumbent())
+    }
+
+    /// Whether a trigger would be refused until a recovery has found whoever serves (none has
+    /// run, or the serving daemon was lost).
+    pub fn needs_recovery(&self) -> bool {
+        !self.machine.as_ref().is_some_and(|m| m.is_idle())
+    }
+
+    /// Whether a handoff or a recovery is in progress.
+    pub fn is_busy(&self) -> bool {
+        self.machine.as_ref().is_some_and(|m| !m.is_idle())
+    }
+
+    /// The machine's phase, for status lines.
+    pub fn phase_name(&self) -> &'static str {
+        self.machine
+            .as_ref()
+            .map_or("not started", |m| m.phase_name())
+    }
+
+    fn config(&self) -> SupervisorConfig {
+        SupervisorConfig {
+            pid: std::process::id(),
+            build_id: crate::daemon::default_build_id(),
+            versions: SUPPORTED_VERSIONS,
+            timing: self.timing,
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| ListenerInfo {
+                    name: l.name.clone(),
+                    kind: l.kind,
+                })
+                .collect(),
+            recovery_wait: self.recovery_wait,
+        }
+    }
+
+    fn check_setup(&self) -> Result<()> {
+        match &self.setup_error {
+            Some(e) => Err(Error::invalid("listener", e.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Read the journal and start finding whoever serves; [`SupervisorEvent::Recovered`] (or
+    /// `Failed`) follows. A damaged journal is an error here, and nothing is touched.
+    pub fn start_recovery(&mut self, now: Instant) -> Result<()> {
+        self.check_setup()?;
+        let record = journal_file::read(&self.journal)?;
+        let holds = self.listeners.iter().all(|l| l.fd.is_some());
+        self.inc = None;
+        self.succ = None;
+        self.machine = Some(handoff_proto::Supervisor::recover(
+            self.config(),
+            now,
+            record,
+            holds,
+        ));
+        self.perform(now);
+        Ok(())
+    }
+
+    /// Start a handoff to `spec.binary`; [`SupervisorEvent::Outcome`] follows. `Busy` while a
+    /// handoff or a recovery runs.
+    pub fn trigger(&mut self, now: Instant, spec: SpawnSpec) -> Result<HandoffId> {
+        self.check_setup()?;
+        let hspec = HandoffSpec {
+            drain_grace: spec.drain_grace,
+            deadline: spec.deadline,
+        };
+        let m = self.machine.as_mut().ok_or_else(|| {
+            Error::Busy(handoff_proto::Busy {
+                what: "no recovery has run yet".into(),
+                handoff: None,
+            })
+        })?;
+        let id = m.handle_trigger(now, hspec)?;
+        self.spec = spec;
+        self.successor = None;
+        self.statuses.clear();
+        log!(
+            ROLE,
+            "handoff {id}: starting {}",
+            self.spec.binary.display()
+        );
+        self.perform(now);
+        Ok(id)
+    }
+
+    /// The descriptors to watch now.
+    pub fn interests(&self) -> Vec<Interest<'_, SupervisorKey>> {
+        let mut v = Vec::new();
+        for (key, c) in [
+            (SupervisorKey::Incumbent, &self.inc),
+            (SupervisorKey::Successor, &self.succ),
+        ] {
+            if let Some(c) = c {
+                v.push(Interest {
+                    key,
+                    fd: c.fd(),
+                    read: true,
+                    write: c.wants_write(),
+                });
+            }
+        }
+        for (pid, w) in &self.watched {
+            v.push(Interest {
+                key: SupervisorKey::Process(*pid),
+                fd: w.as_fd(),
+                read: true,
+                write: false,
+            });
+        }
+        v
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout) next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.machine.as_ref().and_then(|m| m.poll_timeout())
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<SupervisorEvent> {
+        self.events.pop_front()
+    }
+
+    /// Time passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|t| t <= now) {
+            self.machine_mut().handle_timeout(now);
+        }
+        self.perform(now);
+    }
+
+    /// A watched descriptor is ready.
+    pub fn ready(&mut self, now: Instant, key: SupervisorKey, readable: bool, writable: bool) {
+        match key {
+            SupervisorKey::Incumbent | SupervisorKey::Successor => {
+                let peer = if key == SupervisorKey::Incumbent {
+                    Peer::Incumbent
+                } else {
+                    Peer::Successor
+                };
+                if writable {
+                    if let Some(Err(e)) = self.conn(peer).as_mut().map(Conn::flush) {
+                        log!(ROLE, "{peer:?} channel: {e}");
+                        if self.conn(peer).take().is_some() {
+                            self.machine_mut().handle_closed(now, peer);
+                        }
+                    }
+                }
+                if readable {
+                    self.read(now, peer);
+                }
+            }
+            SupervisorKey::Process(pid) if readable => {
+                if self.watched.remove(&pid).is_none() {
+                    return;
+                }
+                match self.children.get_mut(&pid).map(Child::try_wait) {
+                    Some(Ok(Some(status))) => {
+                        log!(ROLE, "pid {pid} exited: {status}");
+                        self.children.remove(&pid);
+                        self.statuses.insert(pid, status);
+                    }
+                    _ => log!(ROLE, "pid {pid} exited"),
+                }
+                if let Some(m) = self.machine.as_mut() {
+                    m.handle_exited(now, pid);
+                }
+            }
+            SupervisorKey::Process(_) => {}
+        }
+        self.perform(now);
+    }
+
+    fn outcome(&mut self, o: handoff_proto::Outcome) -> HandoffOutcome {
+        let (committed, serving, abort_reason) = match &o.verdict {
+            Verdict::Committed { successor } => (true, Some(*successor), None),
+            Verdict::RolledBack {
+                incumbent, reason, ..
+            } => (false, Some(*incumbent), Some(reason.clone())),
+            Verdict::IncumbentLost { reason } => (false, None, Some(reason.clone())),
+        };
+        let child = match &o.verdict {
+            Verdict::Committed { successor } => self.children.remove(successor),
+            _ => None,
+        };
+        // Any other child of this handoff (a failed successor) has exited or was killed:
+        // reap it.
+        self.reap();
+        let successor_status = self.successor.and_then(|p| self.statuses.get(&p).copied());
+        log!(
+            ROLE,
+            "handoff {}: {:?} in {:?}",
+            o.handoff,
+            o.verdict,
+            o.times.total
+        );
+        HandoffOutcome {
+            handoff_id: o.handoff,
+            committed,
+            child,
+            serving,
+            abort_reason,
+            successor_status,
+            verdict: o.verdict,
+            times: o.times,
+        }
+    }
+
+    /// Reap children that have exited.
+    fn reap(&mut self) {
+        let statuses = &mut self.statuses;
+        self.children.retain(|pid, c| match c.try_wait() {
+            Ok(Some(status)) => {
+                statuses.insert(*pid, status);
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        });
+    }
+
+    fn machine_mut(&mut self) -> &mut handoff_proto::Supervisor {
+        self.machine.as_mut().expect("running a machine")
+    }
+
+    fn conn(&mut self, peer: Peer) -> &mut Option<Conn> {
+        match peer {
+            Peer::Incumbent => &mut self.inc,
+            Peer::Successor => &mut self.succ,
+        }
+    }
+
+    fn read(&mut self, now: Instant, peer: Peer) {
+        let mut buf = std::mem::take(&mut self.buf);
+        let Some(conn) = self.conn(peer).as_mut() else {
+            self.buf = buf;
+            return;
+        };
+        buf.clear();
+        let status = conn.read_available(&mut buf);
+        if !buf.is_empty() {
+            if let Err(e) = self.machine_mut().handle_bytes(now, peer, &buf) {
+                log!(ROLE, "{peer:?} channel: {e}");
+            }
+            // Perform now: a `TakeListeners` must meet the descriptors read with its frame.
+            self.perform(now);
+        }
+        self.buf = buf;
+        let closed = match status {
+            Ok(ReadStatus::Open) => false,
+            Ok(ReadStatus::Closed) => true,
+            Err(e) => {
+                log!(ROLE, "{peer:?} channel: {e}");
+                true
+            }
+        };
+        if closed && self.conn(peer).take().is_some() {
+            self.machine_mut().handle_closed(now, peer);
+        }
+    }
+
+    fn perform(&mut self, now: Instant) {
+        while let Some(out) = self.machine.as_mut().and_then(|m| m.poll_output()) {
+            match out {
+                SupervisorOutput::Send { to, frame } => {
+                    let fds: Vec<BorrowedFd<'_>> = match &frame.message {
+                        Message::Listeners { batch } => batch
+                            .iter()
+                            .filter_map(|info| {
+                                self.listeners
+                                    .iter()
+                                    .find(|l| l.name == info.name)
+                                    .and_then(|l| l.fd.as_ref())
+                                    .map(|fd| fd.as_fd())
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    let conn = match to {
+                        Peer::Incumbent => self.inc.as_mut(),
+                        Peer::Successor => self.succ.as_mut(),
+                    };
+                    let Some(conn) = conn else { continue };
+                    let sent = frame
+                        .encode()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+                        .and_then(|b| conn.send(&b, &fds));
+                    if let Err(e) = sent {
+                        log!(ROLE, "sending {} to {to:?}: {e}", frame.message.kind());
+                        if self.conn(to).take().is_some() {
+                            self.machine_mut().handle_closed(now, to);
+                        }
+                    }
+                }
+                SupervisorOutput::Close { peer } => {
+                    self.conn(peer).take();
+                }
+                SupervisorOutput::TakeListeners { batch } => self.take_listeners(now, &batch),
+                SupervisorOutput::SpawnSuccessor { handoff } => self.spawn_successor(now, handoff),
+                SupervisorOutput::SpawnColdStart => self.spawn_cold_start(now),
+                SupervisorOutput::Connect => self.connect(now),
+                SupervisorOutput::Watch { pid } => match Watched::open(pid) {
+                    Ok(w) => {
+                        self.watched.insert(pid, w);
+                    }
+                    Err(_) => self.machine_mut().handle_exited(now, pid),
+                },
+                SupervisorOutput::Kill { pid } => {
+                    let r = match self.watched.get(&pid) {
+                        Some(w) => w.kill(),
+                        None => Watched::open(pid).and_then(|w| w.kill()),
+                    };
+                    match r {
+                        Ok(()) => log!(ROLE, "killed pid {pid}"),
+                        Err(e) => log!(ROLE, "kill pid {pid}: {e}"),
+                    }
+                }
+                SupervisorOutput::WriteJournal(rec) => {
+                    let r = match journal_file::write(&self.journal, &rec) {
+                        Ok(()) => self.machine_mut().handle_journal_written(now),
+                        Err(e) => {
+                            log!(ROLE, "journal: {e}");
+                            self.machine_mut().handle_journal_failed(now, e.to_string())
+                        }
+                    };
+                    if let Err(e) = r {
+                        log!(ROLE, "internal: {e}");
+                    }
+                }
+                SupervisorOutput::Outcome(o) => {
+                    let o = self.outcome(o);
+                    self.events.push_back(SupervisorEvent::Outcome(o));
+                }
+                SupervisorOutput::Recovered {
+                    serving,
+                    resolution,
+                } => {
+                    log!(ROLE, "recovered: pid {serving} serves ({resolution:?})");
+                    self.events.push_back(SupervisorEvent::Recovered(Recovery {
+                        serving,
+                        resolution,
+                    }))
+                }
+            }
+        }
+    }
+
+    fn take_listeners(&mut self, now: Instant, batch: &[ListenerInfo]) {
+        let checked = (|| -> std::result::Result<Vec<OwnedFd>, String> {
+            let conn = self.inc.as_mut().ok_or("control connection gone")?;
+            let fds = conn.take_fds(batch.len()).ok_or_else(|| {
+                format!(
+                    "{} listeners announced, fewer descriptors arrived",
+                    batch.len()
+                )
+            })?;
+            for (info, fd) in batch.iter().zip(&fds) {
+                if !self
+                    .listeners
+                    .iter()
+                    .any(|l| l.name == info.name && l.kind == info.kind)
+                {
+                    return Err(format!(
+                        "listener {:?} ({:?}) is not configured",
+                        info.name, info.kind
+                    ));
+                }
+                sockcheck::check(fd.as_fd(), info.kind)
+                    .map_err(|e| format!("listener {:?}: {e}", info.name))?;
+            }
+            Ok(fds)
+        })();
+        match checked {
+            Ok(fds) => {
+                for (info, fd) in batch.iter().zip(fds) {
+                    if let Some(l) = self.listeners.iter_mut().find(|l| l.name == info.name) {
+                        l.fd = Some(fd);
+                    }
+                }
+            }
+            Err(why) => {
+                log!(ROLE, "listeners returned by the daemon: {why}");
+                self.machine_mut().handle_listener_error(now, why);
+            }
+        }
+    }
+
+    fn spawn_successor(&mut self, now: Instant, handoff: HandoffId) {
+        let spawned = (|| -> io::Result<(Child, UnixStream)> {
+            let (ours, theirs) = crate::sys::fdpass::socketpair_cloexec()?;
+            let child = spawn::spawn_successor(&self.spec.command(), theirs.as_fd())?;
+            Ok((child, ours))
+        })();
+        match spawned {
+            Ok((child, ours)) => {
+                let pid = child.id();
+                log!(ROLE, "handoff {handoff}: successor pid {pid} started");
+                match Conn::new(ours) {
+                    Ok(c) => self.succ = Some(c),
+                    Err(e) => log!(ROLE, "successor channel: {e}"),
+                }
+                match Watched::open(pid) {
+                    Ok(w) => {
+                        self.watched.insert(pid, w);
+                    }
+                    Err(e) => log!(ROLE, "cannot watch successor {pid}: {e}"),
+                }
+                self.children.insert(pid, child);
+                self.successor = Some(pid);
+                if let Err(e) = self.machine_mut().handle_spawned(now, pid) {
+                    log!(ROLE, "internal: {e}");
+                }
+            }
+            Err(e) => {
+                let why = format!("{}: {e}", self.spec.binary.display());
+                log!(ROLE, "handoff {handoff}: cannot start successor: {why}");
+                if let Err(e) = self.machine_mut().handle_spawn_failed(now, why) {
+                    log!(ROLE, "internal: {e}");
+                }
+            }
+        }
+    }
+
+    fn spawn_cold_start(&mut self, now: Instant) {
+        let Some(spec) = self.cold_start.clone() else {
+            self.events
+                .push_back(SupervisorEvent::Failed(Error::NobodyServes {
+                    path: self.control_socket.clone(),
+                    detail: "no daemon answers and no cold-start command is configured".into(),
+                }));
+            let _ = self
+                .machine_mut()
+                .handle_spawn_failed(now, "no cold-start command".into());
+            return;
+        };
+        let missing: Vec<&str> = self
+            .listeners
+            .iter()
+            .filter(|l| l.fd.is_none())
+            .map(|l| l.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            self.events
+                .push_back(SupervisorEvent::Failed(Error::NobodyServes {
+                    path: self.control_socket.clone(),
+                    detail: format!(
+                        "no daemon answers, and the listeners {missing:?} are held by nobody"
+                    ),
+                }));
+            let _ = self
+                .machine_mut()
+                .handle_spawn_failed(now, "listeners lost".into());
+            return;
+        }
+        let fds: Vec<(&str, BorrowedFd<'_>)> = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.fd.as_ref().map(|fd| (l.name.as_str(), fd.as_fd())))
+            .collect();
+        let spawned = spawn::spawn_with_listeners(&spec.command(), &fds);
+        drop(fds);
+        match spawned {
+            Ok(child) => {
+                let pid = child.id();
+                log!(
+                    ROLE,
+                    "nobody serves: started {} cold as pid {pid}",
+                    spec.binary.display()
+                );
+                self.children.insert(pid, child);
+                if let Ok(w) = Watched::open(pid) {
+                    self.watched.insert(pid, w);
+                }
+                if let Err(e) = self.machine_mut().handle_spawned(now, pid) {
+                    log!(ROLE, "internal: {e}");
+                }
+            }
+            Err(e) => {
+                let why = format!("{}: {e}", spec.binary.display());
+                self.events
+                    .push_back(SupervisorEvent::Failed(Error::NobodyServes {
+                        path: self.control_socket.clone(),
+                        detail: format!("cold start failed: {why}"),
+                    }));
+                let _ = self.machine_mut().handle_spawn_failed(now, why);
+            }
+        }
+    }
+
+    fn connect(&mut self, now: Instant) {
+        let r = (|| -> std::result::Result<Conn, String> {
+            let sock = UnixStream::connect(&self.control_socket)
+                .map_err(|e| format!("{}: {e}", self.control_socket.display()))?;
+            let (pid, uid, _) =
+                peer_credentials(sock.as_fd()).map_err(|e| format!("peer credentials: {e}"))?;
+            if !self.policy.admits(uid) {
+                return Err(format!(
+                    "{} is served by pid {pid} with uid {uid}, which is not allowed",
+                    self.control_socket.display()
+                ));
+            }
+            Conn::new(sock).map_err(|e| e.to_string())
+        })();
+        let m = match r {
+            Ok(c) => {
+                self.inc = Some(c);
+                self.machine_mut().handle_connected(now)
+            }
+            Err(why) => self.machine_mut().handle_connect_failed(now, why),
+        };
+        if let Err(e) = m {
+            log!(ROLE, "internal: {e}");
+        }
+    }
+}
+
+fn check_listener_name(name: &str, existing: &[Listener]) -> std::result::Result<(), String> {
+    if name.is_empty() || name.contains(':') || name.contains('\0') {
+        return Err(format!(
+            "listener name {name:?} must be non-empty and contain no ':' or NUL"
+        ));
+    }
+    if existing.iter().any(|l| l.name == name) {
+        return Err(format!("listener name {name:?} is used twice"));
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! A non-blocking control connection: bytes and descriptors (`SCM_RIGHTS`) in, frames out
+//! through an outbox; the `poll(2)` wait the std loops are built on; and a waker.
+//!
+//! Nothing here blocks. [`Conn::read_available`] takes what is queued and says whether the
+//! peer closed. [`Conn::send`] writes what the socket takes now and keeps the rest in an
+//! outbox, flushed by [`Conn::flush`] when the socket is writable ([`Conn::wants_write`]);
+//! descriptors ride with the first byte of their frame. A peer that stops reading fills the
+//! outbox up to [`MAX_OUTBOX`] and is then cut off (the machines also drop it after the
+//! silence limit). Descriptors that arrive are queued in order until the frame that announced
+//! them is decoded ([`Conn::take_fds`]); a peer that sends more than a handoff can need is cut
+//! off.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::io::Errno;
+
+use crate::inherit::MAX_INHERITED_FDS;
+use crate::sys::fdpass::{recv_with_fds, send_some_with_fds};
+
+/// Most descriptors queued on one connection before the peer is cut off.
+const MAX_QUEUED_FDS: usize = MAX_INHERITED_FDS + 8;
+
+/// Most bytes taken from a connection in one call, so one chatty peer cannot starve a loop.
+const MAX_READ_PER_CALL: usize = 4 << 20;
+
+/// Most bytes waiting in an outbox before the peer is cut off (four full frames).
+pub const MAX_OUTBOX: usize = 4 << 20;
+
+/// What [`Conn::read_available`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadStatus {
+    /// The connection is open; the bytes (maybe none) were read.
+    Open,
+    /// The peer closed (end of stream or reset) after the bytes read.
+    Closed,
+}
+
+/// One frame waiting to go out, with the descriptors its first byte carries.
+#[derive(Debug)]
+struct Pending {
+    bytes: Vec<u8>,
+    sent: usize,
+    fds: Vec<OwnedFd>,
+}
+
+/// One control connection.
+#[derive(Debug)]
+pub struct Conn {
+    sock: UnixStream,
+    fds: VecDeque<OwnedFd>,
+    outbox: VecDeque<Pending>,
+    queued: usize,
+}
+
+impl Conn {
+    /// Wrap a connected stream socket and make it non-blocking.
+    pub fn new(sock: UnixStream) -> io::Result<Conn> {
+        sock.set_nonblocking(true)?;
+        Ok(Conn {
+            sock,
+            fds: VecDeque::new(),
+            outbox: VecDeque::new(),
+            queued: 0,
+        })
+    }
+
+    /// The socket, to poll or register.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Append to `out` everything queued now, and the descriptors that came with it to the
+    /// connection's queue.
+    pub fn read_available(&mut self, out: &mut Vec<u8>) -> io::Result<ReadStatus> {
+        let mut buf = [0u8; 64 * 1024];
+        let mut fds = Vec::new();
+        let mut total = 0;
+        loop {
+            match recv_with_fds(self.sock.as_fd(), &mut buf, &mut fds) {
+                Ok(0) => {
+                    self.queue_fds(fds)?;
+                    return Ok(ReadStatus::Closed);
+                }
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    total += n;
+                    self.queue_fds(std::mem::take(&mut fds))?;
+                    if total >= MAX_READ_PER_CALL {
+                        return Ok(ReadStatus::Open);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadStatus::Open),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Ok(ReadStatus::Closed)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn queue_fds(&mut self, fds: Vec<OwnedFd>) -> io::Result<()> {
+        self.fds.extend(fds);
+        if self.fds.len() > MAX_QUEUED_FDS {
+            self.fds.clear();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("peer sent more than {MAX_QUEUED_FDS} descriptors"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The next `n` descriptors received, in order; `None` (and the queue emptied) if fewer
+    /// arrived.
+    pub fn take_fds(&mut self, n: usize) -> Option<Vec<OwnedFd>> {
+        if self.fds.len() < n {
+            self.fds.clear();
+            return None;
+        }
+        Some(self.fds.drain(..n).collect())
+    }
+
+    /// Send `bytes`, `fds` riding with the first byte: as much as the socket takes now, the
+    /// rest from the outbox on [`flush`](Self::flush). The descriptors are duplicated
+    /// (close-on-exec) only if they have to wait. Never raises `SIGPIPE`. An error means the
+    /// connection is unusable (the peer is gone, or has not read for [`MAX_OUTBOX`] bytes).
+    pub fn send(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let mut sent = 0;
+        if self.outbox.is_empty() {
+            match send_some_with_fds(self.sock.as_fd(), bytes, fds) {
+                Ok(n) => sent = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if sent == bytes.len() {
+                return Ok(());
+            }
+        }
+        let fds = if sent == 0 {
+            fds.iter()
+                .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, 3).map_err(io::Error::from))
+                .collect::<io::Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        self.queued += bytes.len() - sent;
+        if self.queued > MAX_OUTBOX {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("peer has not read {} bytes", self.queued),
+            ));
+        }
+        self.outbox.push_back(Pending {
+            bytes: bytes[sent..].to_vec(),
+            sent: 0,
+            fds,
+        });
+        Ok(())
+    }
+
+    /// Whether the outbox holds bytes: poll for writability and call [`flush`](Self::flush).
+    pub fn wants_write(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    /// Write what the outbox holds, as far as the socket takes it.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while let Some(p) = self.outbox.front_mut() {
+            let fds: Vec<BorrowedFd<'_>> = if p.sent == 0 {
+                p.fds.iter().map(AsFd::as_fd).collect()
+            } else {
+                Vec::new()
+            };
+            match send_some_with_fds(self.sock.as_fd(), &p.bytes[p.sent..], &fds) {
+                Ok(n) => {
+                    p.sent += n;
+                    self.queued -= n;
+                    if p.sent == p.bytes.len() {
+                        self.outbox.pop_front();
+                    } else {
+                        // Sent with the first chunk: the descriptors are gone.
+                        p.fds.clear();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `poll(2)` until one of `fds` is ready or `until` passes (`None`: no limit); returns how
+/// many are ready (0 on timeout). Retries `EINTR` with the time left.
+pub fn wait(fds: &mut [PollFd<'_>], until: Option<Instant>) -> io::Result<usize> {
+    loop {
+        let timeout = until.map(|t| {
+            // Round up to the millisecond, so a wake-up never comes a hair early and spins.
+            let left = t.saturating_duration_since(Instant::now()) + Duration::from_nanos(999_999);
+            rustix::event::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_millis()) * 1_000_000,
+            }
+        });
+        match rustix::event::poll(fds, timeout.as_ref()) {
+            Ok(n) => return Ok(n),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Whether a polled descriptor is readable or hung up (both mean: read it now).
+pub fn readable(p: &PollFd<'_>) -> bool {
+    p.revents()
+        .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
+}
+
+/// Whether a polled descriptor can take bytes.
+pub fn writable(p: &PollFd<'_>) -> bool {
+    p.revents().intersects(PollFlags::OUT | PollFlags::ERR)
+}
+
+/// A self-wakeable pair: another thread [`Waker::wake`]s a loop blocked in [`wait`] on
+/// [`Waker::fd`].
+#[derive(Debug)]
+pub struct Waker {
+    rx: UnixStream,
+    tx: UnixStream,
+}
+
+impl Waker {
+    /// A new pair, both ends non-blocking and close-on-exec.
+    pub fn new() -> io::Result<Waker> {
+        let (rx, tx) = crate::sys::fdpass::socketpair_cloexec()?;
+        rx.set_nonblocking(true)?;
+        tx.set_nonblocking(true)?;
+        Ok(Waker { rx, tx })
+    }
+
+    /// The end to poll for `IN`.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.rx.as_fd()
+    }
+
+    /// Wake the loop. A full buffer means a wake-up is already pending.
+    pub fn wake(&self) {
+        let _ = rustix::net::send(&self.tx, &[1], rustix::net::SendFlags::NOSIGNAL);
+    }
+
+    /// Consume pending wake-ups.
+    pub fn clear(&self) {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = rustix::net::recv(&self.rx, &mut buf, rustix::net::RecvFlags::empty()) {
+            if n.0 == 0 {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::fdpass::socketpair_cloexec;
+
+    #[test]
+    fn a_full_socket_queues_in_the_outbox_and_flushes_in_order_with_descriptors() {
+        let (a, b) = socketpair_cloexec().expect("pair");
+        let mut tx = Conn::new(a).expect("conn");
+        let mut rx = Conn::new(b).expect("conn");
+        let (x, _y) = socketpair_cloexec().expect("a descriptor to pass");
+        // Fill the socket buffer, then send a frame with a descriptor: it must wait.
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0;
+        while !tx.wants_write() {
+            tx.send(&chunk, &[]).expect("send");
+            sent += chunk.len();
+        }
+        tx.send(b"tail", &[x.as_fd()]).expect("queued");
+        assert!(tx.wants_write());
+        let mut got = Vec::new();
+        let until = Instant::now() + Duration::from_secs(10);
+        while got.len() < sent + 4 {
+            assert!(
+                Instant::now() < until,
+                "stalled at {} of {}",
+                got.len(),
+                sent + 4
+            );
+            rx.read_available(&mut got).expect("read");
+            tx.flush().expect("flush");
+        }
+        assert!(!tx.wants_write());
+        assert_eq!(&got[sent..], b"tail");
+        assert_eq!(rx.take_fds(1).expect("the descriptor arrived").len(), 1);
+    }
+
+    #[test]
+    fn a_peer_that_never_reads_is_cut_off_at_the_outbox_limit() {
+        let (a, _b) = socketpair_cloexec().expect("pair");
+        let mut tx = Conn::new(a).expect("conn");
+        let chunk = vec![0u8; 256 * 1024];
+        let err = (0..64)
+            .find_map(|_| tx.send(&chunk, &[]).err())
+            .expect("cut off before 16 MiB");
+        assert!(err.to_string().contains("has not read"), "{err}");
+    }
+}
