@@ -1,2 +1,461 @@
-//! mio event-loop driver for the handoff roles. Not implemented yet: see issue 4.
+//! mio driver for the `handoff` roles: the incumbent, the successor and the supervisor,
+//! embedded in an application's own `mio` event loop, with no extra thread and no blocking
+//! call.
+//!
+//! Each driver wraps the role's engine from `handoff-io-std` (the same machine, SCM_RIGHTS,
+//! flock, fsync, peer-credential and pidfd code as the std driver), registers the engine's
+//! descriptors with your [`Registry`] under tokens you choose ([`Tokens`]), and turns what
+//! the application must do into events: a drain is an [`IncumbentEvent::Drain`] you complete
+//! later with [`Incumbent::drained`], however long it takes, while the loop keeps serving.
+//!
+//! # The loop
+//!
+//! Follow str0m's rule: *drain until timeout*. After every input, take every event the
+//! driver has before you wait again; the driver's timeout joins your own.
+//!
+//! ```no_run
+//! # use std::time::Instant;
+//! # fn demo(mut poll: mio::Poll, mut inc: handoff_io_mio::Incumbent) -> std::io::Result<()> {
+//! use handoff_io_mio::IncumbentEvent;
+//! let mut events = mio::Events::with_capacity(256);
+//! loop {
+//!     // 1. Wait for readiness or the driver's next timer.
+//!     let timeout = inc.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()));
+//!     poll.poll(&mut events, timeout)?;
+//!     // 2. Feed the driver what is its own; serve your clients with the rest.
+//!     for ev in events.iter() {
+//!         if inc.owns(ev.token()) {
+//!             inc.handle_event(ev)?;
+//!         } else {
+//!             // your sockets
+//!         }
+//!     }
+//!     inc.handle_timeout()?;
+//!     // 3. Drain the driver's events until there are none, and act on each.
+//!     while let Some(ev) = inc.poll_event() {
+//!         match ev {
+//!             IncumbentEvent::Drain { deadline, .. } => { /* stop accepting; call inc.drained(..) when done */ }
+//!             IncumbentEvent::Seal { .. } => { /* fsync, close the writer; inc.sealed(..) */ }
+//!             IncumbentEvent::Resume { .. } => { /* reopen; inc.resumed(..) */ }
+//!             IncumbentEvent::Retired { .. } => return Ok(()),
+//!         }
+//!     }
+//! }
+//! # }
+//! ```
+//!
+//! The supervisor's engine makes two calls that block briefly: the journal's `fsync` and the
+//! successor's `fork`/`exec` (milliseconds). Everything else is non-blocking.
+
+#![deny(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::time::Instant;
+
+use handoff_io_std::engine::{
+    IncumbentEngine, IncumbentKey, Interest as EngineInterest, SuccessorEngine, SupervisorEngine,
+    SupervisorKey,
+};
+use handoff_io_std::error::{Error, Result};
+use handoff_io_std::supervisor::SpawnSpec;
+use handoff_io_std::{DataDirLock, ListenerKind, ReadinessSnapshot};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+pub use handoff_io_std::engine::{IncumbentEvent, SuccessorEvent, SupervisorEvent};
 pub use handoff_proto as proto;
+pub use handoff_proto::{DrainReport, HandoffId, SealReport, StateSnapshot};
+
+/// The tokens a driver may use: `start`, `start + 1`, …, `start + len - 1`. Give each driver
+/// a range of its own, apart from your sockets' tokens. An incumbent needs one for its
+/// control socket and one per control connection (64 at most); a successor one; a supervisor
+/// two plus one per watched process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tokens {
+    /// The first token.
+    pub start: usize,
+    /// How many.
+    pub len: usize,
+}
+
+/// The engine's descriptors as registered with the registry.
+#[derive(Debug)]
+struct Registration<K> {
+    registry: Registry,
+    tokens: Tokens,
+    by_key: BTreeMap<K, (Token, RawFd, bool)>,
+    by_token: BTreeMap<usize, K>,
+}
+
+impl<K: Ord + Copy> Registration<K> {
+    fn new(registry: &Registry, tokens: Tokens) -> io::Result<Registration<K>> {
+        Ok(Registration {
+            registry: registry.try_clone()?,
+            tokens,
+            by_key: BTreeMap::new(),
+            by_token: BTreeMap::new(),
+        })
+    }
+
+    fn owns(&self, token: Token) -> bool {
+        token.0 >= self.tokens.start && token.0 < self.tokens.start + self.tokens.len
+    }
+
+    fn key(&self, token: Token) -> Option<K> {
+        self.by_token.get(&token.0).copied()
+    }
+
+    /// Make the registrations match the engine's interests: removals first (a closed
+    /// descriptor's number may have been reused by a new one), then changes and additions.
+    fn sync(&mut self, interests: &[EngineInterest<'_, K>]) -> io::Result<()> {
+        let wanted: BTreeMap<K, (RawFd, bool)> = interests
+            .iter()
+            .map(|i| (i.key, (i.fd.as_raw_fd(), i.write)))
+            .collect();
+        let gone: Vec<K> = self
+            .by_key
+            .iter()
+            .filter(|(k, (_, fd, _))| wanted.get(k).is_none_or(|(w, _)| w != fd))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            if let Some((token, fd, _)) = self.by_key.remove(&k) {
+                // The descriptor may be closed already (epoll then forgot it): ignore errors.
+                let _ = self.registry.deregister(&mut SourceFd(&fd));
+                self.by_token.remove(&token.0);
+            }
+        }
+        for (k, (fd, write)) in wanted {
+            let interest = if write {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            match self.by_key.get_mut(&k) {
+                Some((token, _, w)) if *w != write => {
+                    self.registry
+                        .reregister(&mut SourceFd(&fd), *token, interest)?;
+                    *w = write;
+                }
+                Some(_) => {}
+                None => {
+                    let token = self.free_token()?;
+                    self.registry
+                        .register(&mut SourceFd(&fd), token, interest)?;
+                    self.by_key.insert(k, (token, fd, write));
+                    self.by_token.insert(token.0, k);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn free_token(&self) -> io::Result<Token> {
+        (self.tokens.start..self.tokens.start + self.tokens.len)
+            .find(|t| !self.by_token.contains_key(t))
+            .map(Token)
+            .ok_or_else(|| {
+                io::Error::other(format!(
+                    "all {} tokens from {} are in use",
+                    self.tokens.len, self.tokens.start
+                ))
+            })
+    }
+
+    fn deregister_all(&mut self) {
+        for (_, (_, fd, _)) in std::mem::take(&mut self.by_key) {
+            let _ = self.registry.deregister(&mut SourceFd(&fd));
+        }
+        self.by_token.clear();
+    }
+}
+
+impl<K> Drop for Registration<K> {
+    /// Deregister whatever is still registered (the descriptors close with the engine).
+    fn drop(&mut self) {
+        for (_, (_, fd, _)) in std::mem::take(&mut self.by_key) {
+            let _ = self.registry.deregister(&mut SourceFd(&fd));
+        }
+    }
+}
+
+fn readiness(ev: &mio::event::Event) -> (bool, bool) {
+    (
+        ev.is_readable() || ev.is_read_closed() || ev.is_error(),
+        ev.is_writable() || ev.is_error(),
+    )
+}
+
+/// The serving daemon's side, in your loop.
+#[derive(Debug)]
+pub struct Incumbent {
+    engine: IncumbentEngine,
+    reg: Registration<IncumbentKey>,
+}
+
+impl Incumbent {
+    /// Drive `inc` (bound with `handoff_io_std::Incumbent::bind_cold_start`, or made by
+    /// [`Successor::into_incumbent`]) in the loop of `registry`, under `tokens`.
+    pub fn new(
+        inc: handoff_io_std::Incumbent,
+        registry: &Registry,
+        tokens: Tokens,
+    ) -> io::Result<Incumbent> {
+        let mut me = Incumbent {
+            engine: IncumbentEngine::new(inc),
+            reg: Registration::new(registry, tokens)?,
+        };
+        me.sync()?;
+        Ok(me)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.reg.sync(&self.engine.interests())
+    }
+
+    /// Whether `token` is one of this driver's.
+    pub fn owns(&self, token: Token) -> bool {
+        self.reg.owns(token)
+    }
+
+    /// Whether the daemon serves normally (no handoff in progress).
+    pub fn is_serving(&self) -> bool {
+        self.engine.is_serving()
+    }
+
+    /// Feed an event whose token this driver [`owns`](Self::owns).
+    pub fn handle_event(&mut self, ev: &mio::event::Event) -> io::Result<()> {
+        if let Some(key) = self.reg.key(ev.token()) {
+            let (r, w) = readiness(ev);
+            self.engine.ready(Instant::now(), key, r, w);
+        }
+        self.sync()
+    }
+
+    /// When the driver needs [`handle_timeout`](Self::handle_timeout) at the latest.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.engine.poll_timeout()
+    }
+
+    /// Let time pass (call it every loop turn; it does nothing before its time).
+    pub fn handle_timeout(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            self.engine.handle_timeout(now);
+        }
+        self.sync()
+    }
+
+    /// The next thing the application must do.
+    pub fn poll_event(&mut self) -> Option<IncumbentEvent> {
+        self.engine.poll_event()
+    }
+
+    /// The drain finished (`Err`: why it failed; the handoff rolls back).
+    pub fn drained(&mut self, result: std::result::Result<DrainReport, String>) -> io::Result<()> {
+        self.engine.drained(Instant::now(), result);
+        self.sync()
+    }
+
+    /// The seal finished. After `Ok`, write nothing: the lock is released.
+    pub fn sealed(&mut self, result: std::result::Result<SealReport, String>) -> io::Result<()> {
+        self.engine.sealed(Instant::now(), result);
+        self.sync()
+    }
+
+    /// The resume finished, with the state snapshot.
+    pub fn resumed(
+        &mut self,
+        result: std::result::Result<StateSnapshot, String>,
+    ) -> io::Result<()> {
+        self.engine.resumed(Instant::now(), result);
+        self.sync()
+    }
+}
+
+/// A process started as a successor, in your loop: it answers the supervisor, receives the
+/// listeners, and reports [`SuccessorEvent`]s.
+#[derive(Debug)]
+pub struct Successor {
+    engine: SuccessorEngine,
+    reg: Registration<()>,
+}
+
+impl Successor {
+    /// Take over the channel of `s` (from `handoff_io_std::detect_role`), answer with
+    /// `build_id`, and register it in the loop of `registry` under `token`.
+    pub fn new(
+        s: handoff_io_std::Successor,
+        build_id: impl Into<String>,
+        timing: proto::Timing,
+        registry: &Registry,
+        token: Token,
+    ) -> io::Result<Successor> {
+        let engine =
+            SuccessorEngine::new(s.into_channel(), build_id.into(), timing, Instant::now())?;
+        let mut me = Successor {
+            engine,
+            reg: Registration::new(
+                registry,
+                Tokens {
+                    start: token.0,
+                    len: 1,
+                },
+            )?,
+        };
+        me.sync()?;
+        Ok(me)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.reg.sync(&self.engine.interests())
+    }
+
+    /// Whether `token` is this driver's.
+    pub fn owns(&self, token: Token) -> bool {
+        self.reg.owns(token)
+    }
+
+    /// Feed an event whose token this driver [`owns`](Self::owns).
+    pub fn handle_event(&mut self, ev: &mio::event::Event) -> io::Result<()> {
+        if self.reg.key(ev.token()).is_some() {
+            let (r, w) = readiness(ev);
+            self.engine.ready(Instant::now(), r, w);
+        }
+        self.sync()
+    }
+
+    /// When the driver needs [`handle_timeout`](Self::handle_timeout) at the latest.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.engine.poll_timeout()
+    }
+
+    /// Let time pass.
+    pub fn handle_timeout(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            self.engine.handle_timeout(now);
+        }
+        self.sync()
+    }
+
+    /// The next event. On [`SuccessorEvent::Aborted`], exit without touching the data.
+    pub fn poll_event(&mut self) -> Option<SuccessorEvent> {
+        self.engine.poll_event()
+    }
+
+    /// The names of the listeners received.
+    pub fn listener_names(&self) -> Vec<String> {
+        self.engine.listener_names()
+    }
+
+    /// After [`SuccessorEvent::Begun`]: the listener `name` of kind `kind`, in blocking mode
+    /// (set non-blocking yourself before registering it with mio).
+    pub fn take_fd(&self, name: &str, kind: ListenerKind) -> Option<OwnedFd> {
+        self.engine.take_fd(name, kind)
+    }
+
+    /// The data is open with `lock` held: declare ready.
+    pub fn ready(&mut self, readiness: ReadinessSnapshot, lock: DataDirLock) -> Result<()> {
+        self.engine.ready_with(Instant::now(), readiness, lock)?;
+        self.sync().map_err(Error::from)
+    }
+
+    /// After [`SuccessorEvent::Committed`]: become the incumbent, bound at `socket_path`,
+    /// driven in the same loop under `tokens`.
+    pub fn into_incumbent(
+        mut self,
+        socket_path: &Path,
+        registry: &Registry,
+        tokens: Tokens,
+    ) -> Result<Incumbent> {
+        self.reg.deregister_all();
+        let (lock, listeners) = self
+            .engine
+            .into_parts()
+            .ok_or_else(|| Error::Protocol("not committed".into()))?;
+        let inc = handoff_io_std::Incumbent::from_parts(socket_path, lock, listeners)?;
+        Ok(Incumbent::new(inc, registry, tokens)?)
+    }
+}
+
+/// The supervisor, in your loop.
+#[derive(Debug)]
+pub struct Supervisor {
+    engine: SupervisorEngine,
+    reg: Registration<SupervisorKey>,
+}
+
+impl Supervisor {
+    /// Drive `engine` (configured with its `with_*` methods) in the loop of `registry`.
+    pub fn new(
+        engine: SupervisorEngine,
+        registry: &Registry,
+        tokens: Tokens,
+    ) -> io::Result<Supervisor> {
+        Ok(Supervisor {
+            engine,
+            reg: Registration::new(registry, tokens)?,
+        })
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.reg.sync(&self.engine.interests())
+    }
+
+    /// Whether `token` is one of this driver's.
+    pub fn owns(&self, token: Token) -> bool {
+        self.reg.owns(token)
+    }
+
+    /// Start a recovery: [`SupervisorEvent::Recovered`] or `Failed` follows.
+    pub fn start_recovery(&mut self) -> Result<()> {
+        self.engine.start_recovery(Instant::now())?;
+        self.sync().map_err(Error::from)
+    }
+
+    /// Whether a recovery must run before a handoff.
+    pub fn needs_recovery(&self) -> bool {
+        self.engine.needs_recovery()
+    }
+
+    /// Start a handoff: [`SupervisorEvent::Outcome`] follows. `Busy` while one runs.
+    pub fn trigger(&mut self, spec: SpawnSpec) -> Result<HandoffId> {
+        let id = self.engine.trigger(Instant::now(), spec)?;
+        self.sync()?;
+        Ok(id)
+    }
+
+    /// The serving daemon, when known.
+    pub fn serving(&self) -> Option<proto::Pid> {
+        self.engine.serving()
+    }
+
+    /// Feed an event whose token this driver [`owns`](Self::owns).
+    pub fn handle_event(&mut self, ev: &mio::event::Event) -> io::Result<()> {
+        if let Some(key) = self.reg.key(ev.token()) {
+            let (r, w) = readiness(ev);
+            self.engine.ready(Instant::now(), key, r, w);
+        }
+        self.sync()
+    }
+
+    /// When the driver needs [`handle_timeout`](Self::handle_timeout) at the latest.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.engine.poll_timeout()
+    }
+
+    /// Let time pass.
+    pub fn handle_timeout(&mut self) -> io::Result<()> {
+        self.engine.handle_timeout(Instant::now());
+        self.sync()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<SupervisorEvent> {
+        self.engine.poll_event()
+    }
+}

@@ -73,6 +73,17 @@ impl Incumbent {
         Incumbent::new(socket_path, lock, held::take_all())
     }
 
+    /// An incumbent from its parts: for a driver that ran the successor's engine itself
+    /// (`handoff-io-mio`), once committed. Binds the control socket as
+    /// [`bind_cold_start`](Self::bind_cold_start) does.
+    pub fn from_parts(
+        socket_path: &Path,
+        lock: DataDirLock,
+        listeners: Vec<Held>,
+    ) -> Result<Incumbent> {
+        Incumbent::new(socket_path, lock, listeners)
+    }
+
     pub(crate) fn new(
         socket_path: &Path,
         lock: DataDirLock,
