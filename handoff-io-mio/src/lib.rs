@@ -282,6 +282,7 @@ impl Incumbent {
 pub struct Successor {
     engine: SuccessorEngine,
     reg: Registration<()>,
+    timing: proto::Timing,
 }
 
 impl Successor {
@@ -298,6 +299,7 @@ impl Successor {
             SuccessorEngine::new(s.into_channel(), build_id.into(), timing, Instant::now())?;
         let mut me = Successor {
             engine,
+            timing,
             reg: Registration::new(
                 registry,
                 Tokens {
@@ -365,20 +367,31 @@ impl Successor {
     }
 
     /// After [`SuccessorEvent::Committed`]: become the incumbent, bound at `socket_path`,
-    /// driven in the same loop under `tokens`.
+    /// driven in the same loop under `tokens`, with this successor's timings.
     pub fn into_incumbent(
-        mut self,
+        self,
         socket_path: &Path,
         registry: &Registry,
         tokens: Tokens,
     ) -> Result<Incumbent> {
+        let inc = self.into_std_incumbent(socket_path)?;
+        Ok(Incumbent::new(inc, registry, tokens)?)
+    }
+
+    /// After [`SuccessorEvent::Committed`]: the incumbent's endpoint, bound at `socket_path`
+    /// with this successor's timings, to configure further (`with_peer_policy`,
+    /// `with_build_id`) before [`Incumbent::new`].
+    pub fn into_std_incumbent(mut self, socket_path: &Path) -> Result<handoff_io_std::Incumbent> {
         self.reg.deregister_all();
+        let timing = self.timing;
         let (lock, listeners) = self
             .engine
             .into_parts()
             .ok_or_else(|| Error::Protocol("not committed".into()))?;
-        let inc = handoff_io_std::Incumbent::from_parts(socket_path, lock, listeners)?;
-        Ok(Incumbent::new(inc, registry, tokens)?)
+        Ok(
+            handoff_io_std::Incumbent::from_parts(socket_path, lock, listeners)?
+                .with_timing(timing),
+        )
     }
 }
 

@@ -123,6 +123,15 @@ impl Supervisor {
         })
     }
 
+    /// A supervisor over an engine configured with its `with_*` methods (the mio driver
+    /// takes the same engine).
+    pub fn from_engine(engine: SupervisorEngine) -> Supervisor {
+        Supervisor {
+            engine: Mutex::new(engine),
+            serving: AtomicU32::new(0),
+        }
+    }
+
     fn map(self, f: impl FnOnce(SupervisorEngine) -> SupervisorEngine) -> Supervisor {
         let engine = self.engine.into_inner().unwrap_or_else(|p| p.into_inner());
         Supervisor {

@@ -193,7 +193,8 @@ impl Server {
                 continue;
             }
             let reply = self.answer(&line);
-            if writeln!(writer, "{reply}").is_err() {
+            // One write per answer: split writes meet Nagle and delayed ACKs (40 ms stalls).
+            if writer.write_all(format!("{reply}\n").as_bytes()).is_err() {
                 break;
             }
         }
@@ -255,6 +256,7 @@ impl Server {
             }
             if let Ok((s, _)) = l.accept() {
                 s.set_nonblocking(false).unwrap();
+                let _ = s.set_nodelay(true);
                 self.track(TcpOrUnix::Tcp(s));
             }
         }
@@ -310,12 +312,13 @@ impl Drainable for Hooks {
     fn drain(&self, deadline: Instant) -> Result<DrainReport> {
         let s = &self.server;
         println!("draining pid={}", s.pid);
-        if let Ok(ms) = std::env::var("TESTD_DRAIN_MS") {
-            // Simulated slow drain work (so a test can act while it runs).
-            std::thread::park_timeout(Duration::from_millis(ms.parse().unwrap_or(0)));
-        }
         s.accepting.store(false, Ordering::SeqCst);
         s.db.state.lock().unwrap().writable = false;
+        if let Ok(ms) = std::env::var("TESTD_DRAIN_MS") {
+            // Simulated slow drain work (so a test can act while it runs): existing clients
+            // are still answered meanwhile, writes refused.
+            std::thread::park_timeout(Duration::from_millis(ms.parse().unwrap_or(0)));
+        }
         let conns: Vec<Arc<ConnSlot>> = s.conns.lock().unwrap().clone();
         let mut remaining = 0;
         for c in conns {
