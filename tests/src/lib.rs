@@ -7,13 +7,14 @@
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use handoff::supervisor::{SpawnSpec, Supervisor};
+use handoff::engine::{SupervisorEngine, SupervisorEvent};
+use handoff::supervisor::{HandoffOutcome, Recovery, SpawnSpec, Supervisor};
 use handoff::Timing;
 
 /// How long any single wait of a test may take before it fails.
@@ -75,12 +76,229 @@ pub enum Listener {
 }
 
 impl Listener {
-    fn raw(&self) -> i32 {
+    /// The descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Udp(l) => l.as_raw_fd(),
-            Listener::Unix(l, _) => l.as_raw_fd(),
-            Listener::UnixDgram(l, _) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Udp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
+            Listener::UnixDgram(l, _) => l.as_fd(),
+        }
+    }
+}
+
+/// Which driver a scenario runs on: the daemon (`testd`, or `testd-mio`, the mio example)
+/// and the supervisor (`handoff::supervisor::Supervisor`, or `handoff_io_mio::Supervisor` in
+/// a mio loop of this test process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    /// The blocking std driver.
+    Std,
+    /// The mio driver.
+    Mio,
+}
+
+impl Driver {
+    /// This driver's test daemon.
+    pub fn daemon(self) -> PathBuf {
+        bin(match self {
+            Driver::Std => "testd",
+            Driver::Mio => "testd-mio",
+        })
+    }
+}
+
+/// A binary of this package, in `target/<profile>/` (next to a bin, one up from a test in
+/// `deps/`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is not built", p.display());
+    p
+}
+
+/// Run a scenario `fn name(driver: Driver)` on both drivers: `name::std` and `name::mio`.
+#[macro_export]
+macro_rules! on_both_drivers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn std() {
+                super::$name($crate::Driver::Std)
+            }
+            #[test]
+            fn mio() {
+                super::$name($crate::Driver::Mio)
+            }
+        }
+    )*};
+}
+
+/// The supervisor of a [`Cluster`], of either driver, with the std API.
+#[derive(Debug)]
+pub enum Sup {
+    /// Not built yet.
+    Unset,
+    /// `handoff::supervisor::Supervisor`.
+    Std(Supervisor),
+    /// `handoff_io_mio::Supervisor` in a mio loop.
+    Mio(MioSup),
+}
+
+impl Sup {
+    /// See `Supervisor::resume_from_journal`.
+    pub fn resume_from_journal(&self) -> handoff::error::Result<Recovery> {
+        match self {
+            Sup::Std(s) => s.resume_from_journal(),
+            Sup::Mio(s) => s.resume_from_journal(),
+            Sup::Unset => unreachable!("built in the constructor"),
+        }
+    }
+
+    /// See `Supervisor::perform_handoff`.
+    pub fn perform_handoff(&self, spec: SpawnSpec) -> handoff::error::Result<HandoffOutcome> {
+        match self {
+            Sup::Std(s) => s.perform_handoff(spec),
+            Sup::Mio(s) => s.perform_handoff(spec),
+            Sup::Unset => unreachable!("built in the constructor"),
+        }
+    }
+
+    /// See `Supervisor::serving`.
+    pub fn serving(&self) -> Option<u32> {
+        match self {
+            Sup::Std(s) => s.serving(),
+            Sup::Mio(s) => s.serving(),
+            Sup::Unset => None,
+        }
+    }
+}
+
+/// The mio supervisor driven by a mio loop in the calling thread, behind the blocking API
+/// the tests use. One call at a time; another gets `Busy` at once, as with the std one.
+#[derive(Debug)]
+pub struct MioSup {
+    inner: std::sync::Mutex<(mio::Poll, handoff_io_mio::Supervisor)>,
+    serving: std::sync::atomic::AtomicU32,
+}
+
+impl MioSup {
+    /// Drive `engine` from a fresh mio poll.
+    pub fn new(engine: SupervisorEngine) -> MioSup {
+        let poll = mio::Poll::new().expect("mio poll");
+        let tokens = handoff_io_mio::Tokens {
+            start: 1000,
+            len: 64,
+        };
+        let sup = handoff_io_mio::Supervisor::new(engine, poll.registry(), tokens)
+            .expect("mio supervisor");
+        MioSup {
+            inner: std::sync::Mutex::new((poll, sup)),
+            serving: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> handoff::error::Result<std::sync::MutexGuard<'_, (mio::Poll, handoff_io_mio::Supervisor)>>
+    {
+        self.inner.try_lock().map_err(|_| {
+            handoff::error::Error::Busy(handoff::proto::Busy {
+                what: "another call on this supervisor is running".into(),
+                handoff: None,
+            })
+        })
+    }
+
+    /// Run the loop until the driver reports an event; bounded by [`BOUND`] plus `extra`.
+    fn run(
+        poll: &mut mio::Poll,
+        sup: &mut handoff_io_mio::Supervisor,
+        extra: Duration,
+    ) -> handoff::error::Result<SupervisorEvent> {
+        let until = std::time::Instant::now() + BOUND + extra;
+        let mut events = mio::Events::with_capacity(64);
+        loop {
+            if let Some(ev) = sup.poll_event() {
+                return Ok(ev);
+            }
+            let now = std::time::Instant::now();
+            assert!(now < until, "the mio supervisor reported nothing in time");
+            let wake = sup.poll_timeout().map_or(until, |t| t.min(until));
+            poll.poll(&mut events, Some(wake.saturating_duration_since(now)))?;
+            for ev in events.iter() {
+                assert!(sup.owns(ev.token()), "a token nobody registered");
+                sup.handle_event(ev)?;
+            }
+            sup.handle_timeout()?;
+        }
+    }
+
+    fn recover(
+        poll: &mut mio::Poll,
+        sup: &mut handoff_io_mio::Supervisor,
+    ) -> handoff::error::Result<Recovery> {
+        sup.start_recovery()?;
+        match MioSup::run(poll, sup, Duration::from_secs(20))? {
+            SupervisorEvent::Recovered(r) => Ok(r),
+            SupervisorEvent::Failed(e) => Err(e),
+            SupervisorEvent::Outcome(o) => panic!("an outcome during a recovery: {o:?}"),
+        }
+    }
+
+    /// See `Supervisor::resume_from_journal`.
+    pub fn resume_from_journal(&self) -> handoff::error::Result<Recovery> {
+        let mut g = self.lock()?;
+        let (poll, sup) = &mut *g;
+        let r = MioSup::recover(poll, sup);
+        self.publish(sup);
+        r
+    }
+
+    /// See `Supervisor::perform_handoff`.
+    pub fn perform_handoff(&self, spec: SpawnSpec) -> handoff::error::Result<HandoffOutcome> {
+        let mut g = self.lock()?;
+        let (poll, sup) = &mut *g;
+        // What happened since the last call (the incumbent may have died).
+        let mut events = mio::Events::with_capacity(64);
+        poll.poll(&mut events, Some(Duration::ZERO))?;
+        for ev in events.iter() {
+            sup.handle_event(ev)?;
+        }
+        sup.handle_timeout()?;
+        if let Some(SupervisorEvent::Failed(e)) = sup.poll_event() {
+            return Err(e);
+        }
+        if sup.needs_recovery() {
+            MioSup::recover(poll, sup)?;
+        }
+        let deadline = spec.deadline;
+        sup.trigger(spec)?;
+        let r = match MioSup::run(poll, sup, deadline)? {
+            SupervisorEvent::Outcome(o) => Ok(o),
+            SupervisorEvent::Failed(e) => Err(e),
+            SupervisorEvent::Recovered(r) => panic!("a recovery during a handoff: {r:?}"),
+        };
+        self.publish(sup);
+        r
+    }
+
+    fn publish(&self, sup: &handoff_io_mio::Supervisor) {
+        self.serving.store(
+            sup.serving().unwrap_or(0),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// See `Supervisor::serving`.
+    pub fn serving(&self) -> Option<u32> {
+        match self.serving.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            p => Some(p),
         }
     }
 }
@@ -98,42 +316,65 @@ pub struct Cluster {
     pub sock: PathBuf,
     /// The listeners, by name.
     pub listeners: Vec<(String, Listener)>,
-    /// The supervisor (this test process).
-    pub sup: Supervisor,
+    /// The supervisor (this test process), of the driver's kind.
+    pub sup: Sup,
+    /// Which driver the daemon and the supervisor use.
+    pub driver: Driver,
 }
 
 impl Cluster {
     /// A cluster with one TCP listener named `http` on 127.0.0.1.
-    pub fn tcp(testd: &Path, tag: &str) -> Cluster {
+    pub fn tcp(driver: Driver, tag: &str) -> Cluster {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
-        Cluster::with_listeners(testd, tag, vec![("http".into(), Listener::Tcp(l))])
+        Cluster::with_listeners(driver, tag, vec![("http".into(), Listener::Tcp(l))])
     }
 
-    /// A cluster with these listeners. The supervisor cold-starts `testd` when nobody
-    /// serves.
-    pub fn with_listeners(testd: &Path, tag: &str, listeners: Vec<(String, Listener)>) -> Cluster {
+    /// A cluster with these listeners, on `driver`'s daemon and supervisor. The supervisor
+    /// cold-starts the daemon when nobody serves.
+    pub fn with_listeners(
+        driver: Driver,
+        tag: &str,
+        listeners: Vec<(String, Listener)>,
+    ) -> Cluster {
         let dir = TempDir::new(tag);
         let data = dir.path().join("data");
         std::fs::create_dir(&data).expect("mkdir data");
         let sock = dir.path().join("ctl.sock");
-        let mut sup = Supervisor::new(&sock)
-            .expect("supervisor")
-            .with_timing(test_timing())
-            .with_recovery_wait(Duration::from_secs(5));
-        for (name, l) in &listeners {
-            sup = sup.with_listener(name, l.raw());
-        }
         let mut c = Cluster {
             dir,
-            testd: testd.to_path_buf(),
+            driver,
+            testd: driver.daemon(),
             data,
             sock,
             listeners,
-            sup,
+            sup: Sup::Unset,
         };
-        c.sup = std::mem::replace(&mut c.sup, Supervisor::new(&c.sock).expect("placeholder"))
-            .with_cold_start(c.spec(&[]));
+        c.sup = c.build_sup(c.spec(&[]));
         c
+    }
+
+    /// The same cluster with `daemon`'s test daemon instead (the supervisor stays of
+    /// `self.driver`'s kind): mixes the drivers.
+    pub fn with_daemon(mut self, daemon: Driver) -> Cluster {
+        self.testd = daemon.daemon();
+        self.sup = self.build_sup(self.spec(&[]));
+        self
+    }
+
+    /// A supervisor of `self.driver`'s kind for this cluster, cold-starting with `cold`.
+    fn build_sup(&self, cold: SpawnSpec) -> Sup {
+        let mut e = SupervisorEngine::new(&self.sock)
+            .expect("supervisor")
+            .with_timing(test_timing())
+            .with_recovery_wait(Duration::from_secs(5))
+            .with_cold_start(cold);
+        for (name, l) in &self.listeners {
+            e = e.with_listener_fd(name, l.fd());
+        }
+        match self.driver {
+            Driver::Std => Sup::Std(Supervisor::from_engine(e)),
+            Driver::Mio => Sup::Mio(MioSup::new(e)),
+        }
     }
 
     /// How to run `testd` for this cluster, with extra environment.
@@ -280,7 +521,6 @@ pub mod probe {
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
 
-    use handoff::supervisor::Supervisor;
     use handoff_proto::wire::{
         encode, Decoder, Hello, HelloAck, Message, PeerRole, HANDSHAKE_VERSION, SUPPORTED_VERSIONS,
     };
@@ -295,8 +535,7 @@ pub mod probe {
         /// Replace the cold-start command with one carrying extra environment.
         pub fn with_cold_start_env(mut self, env: &[(&str, &str)]) -> Cluster {
             let spec = self.spec(env);
-            let placeholder = Supervisor::new(&self.sock).expect("placeholder");
-            self.sup = std::mem::replace(&mut self.sup, placeholder).with_cold_start(spec);
+            self.sup = self.build_sup(spec);
             self
         }
     }

@@ -15,9 +15,7 @@ use handoff_tests::probe::{
     control_bind_path, hello, inheritable_baseline, inode, open_fds, poll_until, thread_names,
     unix_sockets, Reaper,
 };
-use handoff_tests::{Client, Cluster, Listener, BOUND};
-
-const TESTD: &str = env!("CARGO_BIN_EXE_testd");
+use handoff_tests::{Client, Cluster, Driver, Listener, BOUND};
 
 /// How many listeners [`cluster`] makes.
 const LISTENERS: i32 = 2;
@@ -39,7 +37,7 @@ fn cluster(tag: &str) -> (Cluster, BTreeSet<u64>) {
     let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
     let inodes = BTreeSet::from([inode(&tcp), inode(&udp)]);
     let c = Cluster::with_listeners(
-        TESTD.as_ref(),
+        Driver::Std,
         tag,
         vec![
             ("http".into(), Listener::Tcp(tcp)),

@@ -1,13 +1,10 @@
 //! A damaged journal is a clear error that names the file, and touches nothing.
 
 use handoff::supervisor::Supervisor;
-use handoff_tests::{test_timing, Client, Cluster, Listener};
+use handoff_tests::{test_timing, Client, Cluster, Driver, Listener};
 
-const TESTD: &str = env!("CARGO_BIN_EXE_testd");
-
-#[test]
-fn corrupt_or_truncated_journal_is_a_clear_error_and_the_daemon_keeps_serving() {
-    let c = Cluster::tcp(TESTD.as_ref(), "journal");
+fn corrupt_or_truncated_journal_is_a_clear_error_and_the_daemon_keeps_serving(driver: Driver) {
+    let c = Cluster::tcp(driver, "journal");
     let pid = c.sup.resume_from_journal().expect("cold start").serving;
     let journal = {
         let mut p = c.sock.clone().into_os_string();
@@ -63,3 +60,7 @@ fn corrupt_or_truncated_journal_is_a_clear_error_and_the_daemon_keeps_serving() 
     let o = c.sup.perform_handoff(c.spec(&[])).expect("handoff");
     assert!(o.committed, "{:?}", o.abort_reason);
 }
+
+handoff_tests::on_both_drivers!(
+    corrupt_or_truncated_journal_is_a_clear_error_and_the_daemon_keeps_serving,
+);

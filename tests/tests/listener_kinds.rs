@@ -5,9 +5,7 @@ use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 
 use handoff_tests::probe::Reaper;
-use handoff_tests::{wait_gone, Client, Cluster, Listener, TempDir, BOUND};
-
-const TESTD: &str = env!("CARGO_BIN_EXE_testd");
+use handoff_tests::{wait_gone, Client, Cluster, Driver, Listener, TempDir, BOUND};
 
 /// `PONG <pid>` → pid.
 fn pong(answer: &[u8]) -> u32 {
@@ -83,8 +81,7 @@ impl Clients {
     }
 }
 
-#[test]
-fn tcp_udp_unix_stream_and_unix_datagram_listeners_move_together() {
+fn tcp_udp_unix_stream_and_unix_datagram_listeners_move_together(driver: Driver) {
     // The cluster makes its own directory; the Unix sockets live in this one.
     let dir = TempDir::new("kinds-sock");
     let unix_path = dir.path().join("stream.sock");
@@ -113,7 +110,7 @@ fn tcp_udp_unix_stream_and_unix_datagram_listeners_move_together() {
             ),
         ),
     ];
-    let c = Cluster::with_listeners(TESTD.as_ref(), "kinds", listeners);
+    let c = Cluster::with_listeners(driver, "kinds", listeners);
     let reaper = Reaper::new();
     let old = reaper.watch(c.sup.resume_from_journal().expect("cold start").serving);
     let clients = Clients::new(&c, dir.path());
@@ -151,3 +148,5 @@ fn tcp_udp_unix_stream_and_unix_datagram_listeners_move_together() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+handoff_tests::on_both_drivers!(tcp_udp_unix_stream_and_unix_datagram_listeners_move_together,);

@@ -5,9 +5,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::net::TcpListener;
 
 use handoff_tests::probe::Reaper;
-use handoff_tests::{wait_gone, Client, Cluster, Listener};
+use handoff_tests::{wait_gone, Client, Cluster, Driver, Listener};
 
-const TESTD: &str = env!("CARGO_BIN_EXE_testd");
 const N: usize = 1_000;
 
 /// Raise this process's soft descriptor limit to the hard one; the new soft limit.
@@ -32,8 +31,7 @@ fn sample() -> BTreeSet<usize> {
     s
 }
 
-#[test]
-fn a_thousand_tcp_listeners_are_handed_off() {
+fn a_thousand_tcp_listeners_are_handed_off(driver: Driver) {
     let limit = raise_nofile();
     // Ours, the supervisor's duplicates, and room for the rest.
     assert!(
@@ -53,7 +51,7 @@ fn a_thousand_tcp_listeners_are_handed_off() {
             _ => unreachable!(),
         })
         .collect();
-    let c = Cluster::with_listeners(TESTD.as_ref(), "many", listeners);
+    let c = Cluster::with_listeners(driver, "many", listeners);
     let reaper = Reaper::new();
     let cold = std::time::Instant::now();
     let old = reaper.watch(c.sup.resume_from_journal().expect("cold start").serving);
@@ -94,3 +92,5 @@ fn a_thousand_tcp_listeners_are_handed_off() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+handoff_tests::on_both_drivers!(a_thousand_tcp_listeners_are_handed_off,);

@@ -6,18 +6,17 @@ use std::time::Duration;
 use handoff::proto::Verdict;
 use handoff::sys::lock::holds_lock;
 use handoff::AbortReason;
-use handoff_tests::{alive, Client, Cluster};
-
-const TESTD: &str = env!("CARGO_BIN_EXE_testd");
+use handoff_tests::{alive, Client, Cluster, Driver};
 
 /// Start a cluster, write, hand off to a failing successor, and check the incumbent is back.
 fn rolls_back(
+    driver: Driver,
     tag: &str,
     fail: &str,
     deadline: Duration,
     setup: impl FnOnce(&Cluster),
 ) -> AbortReason {
-    let c = Cluster::tcp(TESTD.as_ref(), tag);
+    let c = Cluster::tcp(driver, tag);
     let old = c.sup.resume_from_journal().expect("cold start").serving;
     let mut cl = Client::tcp(c.http()).expect("connect");
     assert_eq!(cl.call("SET k before").expect("set"), "OK 1");
@@ -70,9 +69,14 @@ fn rolls_back(
     reason
 }
 
-#[test]
-fn successor_exits_nonzero_before_ready() {
-    let r = rolls_back("exit", "exit-before-ready", Duration::from_secs(10), |_| {});
+fn successor_exits_nonzero_before_ready(driver: Driver) {
+    let r = rolls_back(
+        driver,
+        "exit",
+        "exit-before-ready",
+        Duration::from_secs(10),
+        |_| {},
+    );
     // Its channel closes as it exits: whichever the supervisor sees first is the reason.
     assert!(
         matches!(
@@ -83,21 +87,36 @@ fn successor_exits_nonzero_before_ready() {
     );
 }
 
-#[test]
-fn successor_hangs_past_the_deadline() {
-    let r = rolls_back("hang", "hang-before-ready", Duration::from_secs(2), |_| {});
+fn successor_hangs_past_the_deadline(driver: Driver) {
+    let r = rolls_back(
+        driver,
+        "hang",
+        "hang-before-ready",
+        Duration::from_secs(2),
+        |_| {},
+    );
     assert_eq!(r, AbortReason::DeadlineExceeded);
 }
 
-#[test]
-fn successor_never_says_hello() {
-    let r = rolls_back("nohello", "no-hello", Duration::from_secs(10), |_| {});
+fn successor_never_says_hello(driver: Driver) {
+    let r = rolls_back(
+        driver,
+        "nohello",
+        "no-hello",
+        Duration::from_secs(10),
+        |_| {},
+    );
     assert_eq!(r, AbortReason::PeerSilent);
 }
 
-#[test]
-fn successor_crashes_after_taking_the_lock() {
-    let r = rolls_back("crash", "crash-after-lock", Duration::from_secs(10), |_| {});
+fn successor_crashes_after_taking_the_lock(driver: Driver) {
+    let r = rolls_back(
+        driver,
+        "crash",
+        "crash-after-lock",
+        Duration::from_secs(10),
+        |_| {},
+    );
     assert!(
         matches!(
             r,
@@ -107,9 +126,8 @@ fn successor_crashes_after_taking_the_lock() {
     );
 }
 
-#[test]
-fn seal_hook_fails() {
-    let r = rolls_back("seal", "", Duration::from_secs(10), |c| {
+fn seal_hook_fails(driver: Driver) {
+    let r = rolls_back(driver, "seal", "", Duration::from_secs(10), |c| {
         std::fs::write(c.data.join("fail-seal"), b"").expect("fail-seal");
     });
     assert!(
@@ -118,9 +136,8 @@ fn seal_hook_fails() {
     );
 }
 
-#[test]
-fn missing_binary_rolls_back_before_anything_drains() {
-    let c = Cluster::tcp(TESTD.as_ref(), "missing");
+fn missing_binary_rolls_back_before_anything_drains(driver: Driver) {
+    let c = Cluster::tcp(driver, "missing");
     let old = c.sup.resume_from_journal().expect("cold start").serving;
     let mut spec = c.spec(&[]);
     spec.binary = c.dir.path().join("no-such-binary");
@@ -134,3 +151,12 @@ fn missing_binary_rolls_back_before_anything_drains() {
     assert_eq!(cl.ping().expect("ping"), old);
     assert_eq!(cl.call("SET k v").expect("set"), "OK 1");
 }
+
+handoff_tests::on_both_drivers!(
+    successor_exits_nonzero_before_ready,
+    successor_hangs_past_the_deadline,
+    successor_never_says_hello,
+    successor_crashes_after_taking_the_lock,
+    seal_hook_fails,
+    missing_binary_rolls_back_before_anything_drains,
+);

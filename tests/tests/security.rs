@@ -9,9 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 use handoff_tests::probe::{open_fds, Reaper};
-use handoff_tests::{alive, wait_gone, Client, Cluster};
+use handoff_tests::{alive, wait_gone, Client, Cluster, Driver};
 
-const TESTD: &str = env!("CARGO_BIN_EXE_testd");
 const ROGUE: &str = env!("CARGO_BIN_EXE_rogue");
 const SETPRIV: &str = "/usr/bin/setpriv";
 const NOBODY: u32 = 65534;
@@ -51,9 +50,8 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
 }
 
-#[test]
-fn control_socket_is_a_socket_of_mode_0600() {
-    let c = Cluster::tcp(TESTD.as_ref(), "sec-mode");
+fn control_socket_is_a_socket_of_mode_0600(driver: Driver) {
+    let c = Cluster::tcp(driver, "sec-mode");
     let reaper = Reaper::new();
     reaper.watch(c.sup.resume_from_journal().expect("cold start").serving);
     let meta = std::fs::metadata(&c.sock).expect("control socket exists");
@@ -84,8 +82,7 @@ fn control_socket_is_a_socket_of_mode_0600() {
     assert!(leftovers.is_empty(), "left over: {leftovers:?}");
 }
 
-#[test]
-fn another_uid_is_refused_and_cannot_make_the_incumbent_drain() {
+fn another_uid_is_refused_and_cannot_make_the_incumbent_drain(driver: Driver) {
     assert!(
         Path::new(SETPRIV).exists(),
         "{SETPRIV} is needed to run a client as another uid"
@@ -95,7 +92,7 @@ fn another_uid_is_refused_and_cannot_make_the_incumbent_drain() {
         0,
         "this test switches to uid {NOBODY} and must run as root"
     );
-    let c = Cluster::tcp(TESTD.as_ref(), "sec-uid");
+    let c = Cluster::tcp(driver, "sec-uid");
     let reaper = Reaper::new();
     let old = reaper.watch(c.sup.resume_from_journal().expect("cold start").serving);
     let fds_before = open_fds(&old.to_string())
@@ -179,3 +176,8 @@ fn another_uid_is_refused_and_cannot_make_the_incumbent_drain() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+handoff_tests::on_both_drivers!(
+    control_socket_is_a_socket_of_mode_0600,
+    another_uid_is_refused_and_cannot_make_the_incumbent_drain,
+);

@@ -11,9 +11,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Instant;
 
-use handoff_tests::{Client, TempDir, BOUND};
+use handoff_tests::{Client, Driver, TempDir, BOUND};
 
-const TESTD: &str = env!("CARGO_BIN_EXE_testd");
 const TESTSUP: &str = env!("CARGO_BIN_EXE_testsup");
 
 struct Sup {
@@ -22,23 +21,33 @@ struct Sup {
 }
 
 struct Site {
+    driver: Driver,
     dir: TempDir,
     events: Receiver<String>,
     tx: Sender<String>,
 }
 
 impl Site {
-    fn new(tag: &str) -> Site {
+    fn new(driver: Driver, tag: &str) -> Site {
         let dir = TempDir::new(tag);
         std::fs::create_dir(dir.path().join("data")).expect("mkdir");
         let (tx, events) = channel();
-        Site { dir, events, tx }
+        Site {
+            driver,
+            dir,
+            events,
+            tx,
+        }
     }
 
     /// Start `testsup`; every line it or its daemons print arrives on `events`.
     fn sup(&self, bind: bool, env: &[(&str, &str)]) -> Sup {
         let mut cmd = Command::new(TESTSUP);
-        cmd.arg(self.dir.path().join("ctl.sock")).arg(TESTD);
+        cmd.arg(self.dir.path().join("ctl.sock"))
+            .arg(self.driver.daemon());
+        if self.driver == Driver::Mio {
+            cmd.env("TESTSUP_DRIVER", "mio");
+        }
         if bind {
             cmd.args(["bind", "127.0.0.1:0"]);
         }
@@ -98,8 +107,15 @@ fn field(line: &str, key: &str) -> String {
 
 /// Kill the supervisor when `kill_at` is printed during a handoff to a successor started with
 /// `fail`, restart it, and check it converges on the old daemon (`old_wins`) or the new one.
-fn crash_at(tag: &str, kill_at: &str, fail: &str, env: &[(&str, &str)], old_wins: bool) {
-    let site = Site::new(tag);
+fn crash_at(
+    driver: Driver,
+    tag: &str,
+    kill_at: &str,
+    fail: &str,
+    env: &[(&str, &str)],
+    old_wins: bool,
+) {
+    let site = Site::new(driver, tag);
     let mut sup = site.sup(true, env);
     let addr: std::net::SocketAddr = field(&site.wait("listening"), "addr")
         .parse()
@@ -151,14 +167,13 @@ fn crash_at(tag: &str, kill_at: &str, fail: &str, env: &[(&str, &str)], old_wins
     assert!(status.success(), "testsup: {status}");
 }
 
-#[test]
-fn killed_after_the_successor_started() {
-    crash_at("k-spawn", "successor-started", "", &[], true);
+fn killed_after_the_successor_started(driver: Driver) {
+    crash_at(driver, "k-spawn", "successor-started", "", &[], true);
 }
 
-#[test]
-fn killed_while_the_incumbent_drains() {
+fn killed_while_the_incumbent_drains(driver: Driver) {
     crash_at(
+        driver,
         "k-drain",
         "draining",
         "",
@@ -167,26 +182,22 @@ fn killed_while_the_incumbent_drains() {
     );
 }
 
-#[test]
-fn killed_after_the_seal() {
-    crash_at("k-seal", "sealed", "slow-open=1000", &[], true);
+fn killed_after_the_seal(driver: Driver) {
+    crash_at(driver, "k-seal", "sealed", "slow-open=1000", &[], true);
 }
 
-#[test]
-fn killed_while_the_successor_opens_the_data() {
-    crash_at("k-open", "opening", "slow-open=1000", &[], true);
+fn killed_while_the_successor_opens_the_data(driver: Driver) {
+    crash_at(driver, "k-open", "opening", "slow-open=1000", &[], true);
 }
 
-#[test]
-fn killed_after_the_commit() {
-    crash_at("k-commit", "role=successor", "", &[], false);
+fn killed_after_the_commit(driver: Driver) {
+    crash_at(driver, "k-commit", "role=successor", "", &[], false);
 }
 
 /// A supervisor that goes silent (SIGSTOP) mid-handoff, connection still open: the incumbent
 /// gives up on it after the silence limit, takes its data back and serves writes again.
-#[test]
-fn silent_supervisor_mid_handoff_is_abandoned() {
-    let site = Site::new("k-stop");
+fn silent_supervisor_mid_handoff_is_abandoned(driver: Driver) {
+    let site = Site::new(driver, "k-stop");
     let mut sup = site.sup(true, &[("TESTD_DRAIN_MS", "300")]);
     let addr: std::net::SocketAddr = field(&site.wait("listening"), "addr")
         .parse()
@@ -217,3 +228,12 @@ fn silent_supervisor_mid_handoff_is_abandoned() {
     drop(sup2.stdin);
     assert!(sup2.child.wait().expect("wait").success());
 }
+
+handoff_tests::on_both_drivers!(
+    killed_after_the_successor_started,
+    killed_while_the_incumbent_drains,
+    killed_after_the_seal,
+    killed_while_the_successor_opens_the_data,
+    killed_after_the_commit,
+    silent_supervisor_mid_handoff_is_abandoned,
+);

@@ -36,9 +36,6 @@ fn main() {
         let _ = setrlimit(Resource::Nofile, l);
     }
     std::env::set_var("HANDOFF_LOG", "off");
-    let testd = std::env::current_exe()
-        .expect("current_exe")
-        .with_file_name("testd");
     let ls: Vec<(String, Listener)> = (0..listeners)
         .map(|i| {
             let name = if i == 0 {
@@ -50,7 +47,7 @@ fn main() {
             (name, Listener::Tcp(l))
         })
         .collect();
-    let c = Cluster::with_listeners(&testd, "bench", ls);
+    let c = Cluster::with_listeners(handoff_tests::Driver::Std, "bench", ls);
     c.sup.resume_from_journal().expect("cold start");
     let addr = c.http();
     let stop = Arc::new(AtomicBool::new(false));

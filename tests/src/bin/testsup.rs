@@ -1,8 +1,9 @@
 //! `testsup`: a supervisor process for the supervisor-crash tests, built on
 //! `handoff::supervisor::Supervisor`, so that a test can SIGKILL it mid-handoff.
 //!
-//! Usage: `testsup <control-socket> <testd> [bind <addr>]`, with `TESTD_*` in the environment
-//! (passed on to the daemons).
+//! Usage: `testsup <control-socket> <daemon> [bind <addr>]`, with `TESTD_*` in the environment
+//! (passed on to the daemons); `TESTSUP_DRIVER=mio` runs the mio supervisor driver instead of
+//! the std one.
 //! - With `bind <addr>` it binds the TCP listener `http` itself and prints
 //!   `listening addr=<addr>`; without, it expects the serving daemon to hand `http` back.
 //! - It then recovers from the journal (starting `testd` cold if nobody serves) and prints
@@ -15,8 +16,10 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use handoff::engine::SupervisorEngine;
 use handoff::supervisor::{SpawnSpec, Supervisor};
 use handoff::{ListenerKind, Timing};
+use handoff_tests::{MioSup, Sup};
 
 fn spec(testd: &std::path::Path, fail: Option<&str>) -> SpawnSpec {
     let mut env = Vec::new();
@@ -42,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         slack: Duration::from_millis(1500),
         retry_interval: Duration::from_millis(20),
     };
-    let mut sup = Supervisor::new(&sock)?
+    let mut sup = SupervisorEngine::new(&sock)?
         .with_timing(timing)
         .with_recovery_wait(Duration::from_secs(5))
         .with_cold_start(spec(&testd, None));
@@ -56,6 +59,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sup = sup.expect_listener("http", ListenerKind::Tcp);
         _listener = None;
     }
+    // `TESTSUP_DRIVER=mio`: the mio supervisor driver, in a mio loop of this process.
+    let sup = if std::env::var("TESTSUP_DRIVER").as_deref() == Ok("mio") {
+        Sup::Mio(MioSup::new(sup))
+    } else {
+        Sup::Std(Supervisor::from_engine(sup))
+    };
     let rec = sup.resume_from_journal()?;
     println!("recovered pid={}", rec.serving);
     for line in std::io::stdin().lock().lines() {
