@@ -58,8 +58,9 @@ fn commit_moves_listeners_lock_and_data_with_no_refused_connection(driver: Drive
     done.store(true, Ordering::SeqCst);
     assert!(
         outcome.committed,
-        "not committed: {:?}",
-        outcome.abort_reason
+        "not committed: {:?} (successor ended with {:?})",
+        outcome.abort_reason,
+        outcome.successor_status
     );
     let new = outcome.serving.expect("serving pid");
     assert_ne!(new, old);
