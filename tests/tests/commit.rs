@@ -59,8 +59,7 @@ fn commit_moves_listeners_lock_and_data_with_no_refused_connection(driver: Drive
     assert!(
         outcome.committed,
         "not committed: {:?} (successor ended with {:?})",
-        outcome.abort_reason,
-        outcome.successor_status
+        outcome.abort_reason, outcome.successor_status
     );
     let new = outcome.serving.expect("serving pid");
     assert_ne!(new, old);

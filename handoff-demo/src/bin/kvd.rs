@@ -1,0 +1,5 @@
+//! `kvd`: see [`handoff_demo::kvd`].
+
+fn main() -> std::process::ExitCode {
+    handoff_demo::kvd::main()
+}

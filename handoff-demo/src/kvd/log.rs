@@ -1,0 +1,1287 @@
+//! The data directory: an append-only log in segments, written with group commit.
+//!
+//! # On disk
+//!
+//! The log is a sequence of segment files `seg-<n>.log` (`n` = 1, 2, …, read in numeric
+//! order; numbers may have gaps). A segment is a sequence of self-delimiting records:
+//!
+//! ```text
+//! record  := len:u32le  crc:u32le  body[len]          crc = CRC-32 (IEEE) of body
+//! body    := 'H' segment:u64le base_revision:u64le    header, first record of every segment
+//!          | 'S' revision:u64le key_len:u32le key value   one SET (key and value UTF-8)
+//!          | 'F' records:u64le last_revision:u64le checksum:u32le
+//!                                                      footer: the segment is sealed
+//! ```
+//!
+//! Revisions count `SET`s over the whole log: each `S` record carries the previous one's plus
+//! one, a header carries the revision before its segment's first record, and a footer the
+//! number of `S` records of its segment, the last revision, and the CRC-32 of every byte of the
+//! segment before the footer. A sealed segment ends with its footer.
+//!
+//! # Recovery
+//!
+//! [`recover`] replays every segment in order and rebuilds the map. Every segment but the last
+//! must be sealed and verify completely (frame checksums, revision chain, header, footer);
+//! anything else is an error that names the file and offset, and nothing is changed. The last
+//! segment may be unsealed (the process writing it died): from the first record that is cut
+//! short or fails its checksum, the tail is a write that was never acknowledged (the batch was
+//! not fsynced), and is truncated away. Recovery then seals that segment (or removes it if it
+//! holds no `SET`), so that every segment on disk is sealed and the writer opens a new one.
+//!
+//! # Group commit
+//!
+//! [`Wal::set`] appends its record to the batch in memory and waits. One committer thread
+//! writes the whole batch (one `write_all`), fsyncs once, applies the batch to the map (so a
+//! `GET` never sees a value that is not durable) and wakes the writers whose records it
+//! covered. Many concurrent writers therefore share one fsync, and none is acknowledged before
+//! the fsync that covers its record returned.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::Instant;
+
+const KIND_HEADER: u8 = b'H';
+const KIND_SET: u8 = b'S';
+const KIND_FOOTER: u8 = b'F';
+/// `len` and `crc`.
+const FRAME: usize = 8;
+/// The largest body a record may have (a bigger length is garbage).
+const MAX_BODY: usize = 1 << 24;
+
+// ---------------------------------------------------------------------------------------
+// Checksums.
+
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+};
+
+/// CRC-32 (IEEE 802.3, the one of zlib and Ethernet), computed incrementally.
+#[derive(Clone, Copy, Debug)]
+struct Crc32(u32);
+
+impl Crc32 {
+    fn new() -> Crc32 {
+        Crc32(!0)
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = CRC_TABLE[((self.0 ^ u32::from(b)) & 0xff) as usize] ^ (self.0 >> 8);
+        }
+    }
+
+    fn value(self) -> u32 {
+        !self.0
+    }
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = Crc32::new();
+    c.update(bytes);
+    c.value()
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The data-directory fingerprint after one more sealed segment: FNV-1a over each sealed
+/// segment's file name and footer record, in order.
+fn fingerprint_with(fp: u64, name: &str, footer: &[u8]) -> u64 {
+    fnv1a(fnv1a(fp, name.as_bytes()), footer)
+}
+
+// ---------------------------------------------------------------------------------------
+// Records.
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Record<'a> {
+    Header {
+        segment: u64,
+        base_revision: u64,
+    },
+    Set {
+        revision: u64,
+        key: &'a str,
+        value: &'a str,
+    },
+    Footer {
+        records: u64,
+        last_revision: u64,
+        checksum: u32,
+    },
+}
+
+fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME]);
+    match record {
+        Record::Header {
+            segment,
+            base_revision,
+        } => {
+            out.push(KIND_HEADER);
+            out.extend_from_slice(&segment.to_le_bytes());
+            out.extend_from_slice(&base_revision.to_le_bytes());
+        }
+        Record::Set {
+            revision,
+            key,
+            value,
+        } => {
+            out.push(KIND_SET);
+            out.extend_from_slice(&revision.to_le_bytes());
+            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(value.as_bytes());
+        }
+        Record::Footer {
+            records,
+            last_revision,
+            checksum,
+        } => {
+            out.push(KIND_FOOTER);
+            out.extend_from_slice(&records.to_le_bytes());
+            out.extend_from_slice(&last_revision.to_le_bytes());
+            out.extend_from_slice(&checksum.to_le_bytes());
+        }
+    }
+    let body = start + FRAME;
+    let len = (out.len() - body) as u32;
+    let crc = crc32(&out[body..]);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..body].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Why the bytes at some offset are not a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Bad {
+    /// The file ends inside the record.
+    Short,
+    /// The record is whole but not valid (its checksum, its length, its body).
+    Corrupt(String),
+}
+
+impl fmt::Display for Bad {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Bad::Short => f.write_str("record cut short"),
+            Bad::Corrupt(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The record at the start of `buf`, and its size.
+fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), Bad> {
+    if buf.len() < FRAME {
+        return Err(Bad::Short);
+    }
+    let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+    if len == 0 || len > MAX_BODY {
+        return Err(Bad::Corrupt(format!("invalid record length {len}")));
+    }
+    let Some(body) = buf.get(FRAME..FRAME + len) else {
+        return Err(Bad::Short);
+    };
+    if crc32(body) != crc {
+        return Err(Bad::Corrupt("checksum mismatch".into()));
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
+    let bad = |what: &str| Bad::Corrupt(format!("malformed {what} record"));
+    let record = match (body[0], body.len()) {
+        (KIND_HEADER, 17) => Record::Header {
+            segment: u64_at(1),
+            base_revision: u64_at(9),
+        },
+        (KIND_FOOTER, 21) => Record::Footer {
+            records: u64_at(1),
+            last_revision: u64_at(9),
+            checksum: u32::from_le_bytes(body[17..21].try_into().expect("4 bytes")),
+        },
+        (KIND_SET, n) if n >= 13 => {
+            let key_len = u32::from_le_bytes(body[9..13].try_into().expect("4 bytes")) as usize;
+            let rest = &body[13..];
+            if key_len > rest.len() {
+                return Err(bad("SET"));
+            }
+            let (key, value) = rest.split_at(key_len);
+            Record::Set {
+                revision: u64_at(1),
+                key: std::str::from_utf8(key).map_err(|_| bad("SET"))?,
+                value: std::str::from_utf8(value).map_err(|_| bad("SET"))?,
+            }
+        }
+        (KIND_HEADER, _) => return Err(bad("header")),
+        (KIND_FOOTER, _) => return Err(bad("footer")),
+        (KIND_SET, _) => return Err(bad("SET")),
+        (kind, _) => return Err(Bad::Corrupt(format!("unknown record kind {kind:#04x}"))),
+    };
+    Ok((record, FRAME + len))
+}
+
+// ---------------------------------------------------------------------------------------
+// Segments and recovery.
+
+fn segment_name(n: u64) -> String {
+    format!("seg-{n}.log")
+}
+
+/// The segment number of a file name `seg-<n>.log`.
+fn segment_number(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("seg-")?.strip_suffix(".log")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The segments of `dir`, in order.
+fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if let Some(n) = entry.file_name().to_str().and_then(segment_number) {
+            segments.push((n, entry.path()));
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn corrupt(path: &Path, offset: usize, why: impl fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{} at offset {offset}: {why}", path.display()),
+    )
+}
+
+/// What [`recover`] found.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The key-value map the log implies.
+    pub map: HashMap<String, String>,
+    /// The last revision in the log (0 for an empty log).
+    pub revision: u64,
+    /// The fingerprint of the sealed segments (all of them, after recovery).
+    pub fingerprint: u64,
+    /// The number for the next segment.
+    pub next_segment: u64,
+    /// What recovery had to repair in the last segment, for the log line.
+    pub repaired: Option<String>,
+}
+
+/// Replay the log in `dir` (see the module docs): verify the sealed segments, cut the torn
+/// tail of an unsealed last segment and seal it (or remove it if it holds no `SET`).
+pub fn recover(dir: &Path) -> io::Result<Recovered> {
+    let segments = list_segments(dir)?;
+    let mut map = HashMap::new();
+    let mut revision = 0u64;
+    let mut fingerprint = FNV_OFFSET;
+    let mut repaired = None;
+    let mut next_segment = 1;
+    for (i, (n, path)) in segments.iter().enumerate() {
+        next_segment = n + 1;
+        let last = i + 1 == segments.len();
+        let bytes = fs::read(path)?;
+        let mut offset = 0;
+        let mut sets = 0u64;
+        let mut crc = Crc32::new();
+        let mut footer = None;
+        let mut torn = None;
+        while offset < bytes.len() {
+            let (record, used) = match decode(&bytes[offset..]) {
+                Ok(r) => r,
+                Err(bad) => {
+                    torn = Some(bad);
+                    break;
+                }
+            };
+            match record {
+                Record::Header {
+                    segment,
+                    base_revision,
+                } if offset == 0 => {
+                    if segment != *n || base_revision != revision {
+                        return Err(corrupt(
+                            path,
+                            offset,
+                            format!(
+                                "header says segment {segment} from revision {base_revision}, \
+                                 expected segment {n} from revision {revision}"
+                            ),
+                        ));
+                    }
+                }
+                Record::Set {
+                    revision: r,
+                    key,
+                    value,
+                } if offset > 0 => {
+                    if r != revision + 1 {
+                        return Err(corrupt(
+                            path,
+                            offset,
+                            format!("revision {r} follows revision {revision}"),
+                        ));
+                    }
+                    revision = r;
+                    sets += 1;
+                    map.insert(key.to_string(), value.to_string());
+                }
+                Record::Footer {
+                    records,
+                    last_revision,
+                    checksum,
+                } if offset > 0 => {
+                    let ok = records == sets
+                        && last_revision == revision
+                        && checksum == crc.value()
+                        && offset + used == bytes.len();
+                    if !ok {
+                        return Err(corrupt(
+                            path,
+                            offset,
+                            format!(
+                                "footer ({records} records up to revision {last_revision}, \
+                                 checksum {checksum:#010x}) does not match the segment \
+                                 ({sets} records up to revision {revision}, checksum {:#010x}, \
+                                 {} bytes after the footer)",
+                                crc.value(),
+                                bytes.len() - offset - used
+                            ),
+                        ));
+                    }
+                    footer = Some(&bytes[offset..offset + used]);
+                }
+                other => {
+                    return Err(corrupt(path, offset, format!("unexpected {other:?}")));
+                }
+            }
+            crc.update(&bytes[offset..offset + used]);
+            offset += used;
+        }
+        let name = segment_name(*n);
+        if let Some(footer) = footer {
+            fingerprint = fingerprint_with(fingerprint, &name, footer);
+            continue;
+        }
+        // Unsealed: only the last segment may be (its writer died), and only its tail may be
+        // bad.
+        if !last {
+            let why = torn.map_or_else(|| "not sealed".to_string(), |b| b.to_string());
+            return Err(corrupt(path, offset, why));
+        }
+        let mut what = Vec::new();
+        if let Some(bad) = &torn {
+            what.push(format!(
+                "dropped a torn tail of {} bytes at offset {offset} ({bad})",
+                bytes.len() - offset
+            ));
+        }
+        if sets == 0 {
+            fs::remove_file(path)?;
+            sync_dir(dir)?;
+            next_segment = *n;
+            what.push(format!("removed {name}, which held no SET"));
+        } else {
+            let file = OpenOptions::new().write(true).open(path)?;
+            file.set_len(offset as u64)?;
+            let mut record = Vec::new();
+            encode(
+                &Record::Footer {
+                    records: sets,
+                    last_revision: revision,
+                    checksum: crc.value(),
+                },
+                &mut record,
+            );
+            std::os::unix::fs::FileExt::write_all_at(&file, &record, offset as u64)?;
+            file.sync_all()?;
+            fingerprint = fingerprint_with(fingerprint, &name, &record);
+            what.push(format!(
+                "sealed {name} ({sets} records up to revision {revision})"
+            ));
+        }
+        repaired = Some(what.join("; "));
+    }
+    Ok(Recovered {
+        map,
+        revision,
+        fingerprint,
+        next_segment,
+        repaired,
+    })
+}
+
+/// The segment being written.
+#[derive(Debug)]
+struct Active {
+    name: String,
+    file: Arc<File>,
+    /// CRC-32 of every byte of the segment written so far.
+    crc: Crc32,
+    /// `SET` records in it.
+    records: u64,
+}
+
+/// Create segment `n`, starting after revision `base`: its header written and fsynced, the
+/// directory too.
+fn create_segment(dir: &Path, n: u64, base: u64) -> io::Result<Active> {
+    let name = segment_name(n);
+    let mut file = OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .open(dir.join(&name))?;
+    let mut header = Vec::new();
+    encode(
+        &Record::Header {
+            segment: n,
+            base_revision: base,
+        },
+        &mut header,
+    );
+    file.write_all(&header)?;
+    file.sync_all()?;
+    sync_dir(dir)?;
+    let mut crc = Crc32::new();
+    crc.update(&header);
+    Ok(Active {
+        name,
+        file: Arc::new(file),
+        crc,
+        records: 0,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The writer.
+
+/// Why a `SET` was not acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SetError {
+    /// A handoff is in progress: the write was not applied; send it again.
+    Retry,
+    /// Writing the log failed; no write is accepted until the log is reopened.
+    Failed(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Accepting writes.
+    Open,
+    /// Drained: writes are refused, the segment is not sealed yet.
+    Frozen,
+    /// The active segment is sealed and closed.
+    Sealed,
+    /// A write or fsync failed: no write until reopened.
+    Failed(String),
+}
+
+/// Counters, for tests and the log line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Batches written and fsynced.
+    pub fsyncs: u64,
+    /// `SET` records made durable.
+    pub records: u64,
+}
+
+/// What [`Wal::seal`] left on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sealed {
+    /// The last revision.
+    pub revision: u64,
+    /// The fingerprint of all sealed segments.
+    pub fingerprint: u64,
+}
+
+/// The open log: the map, the active segment and the committer thread.
+#[derive(Debug)]
+pub struct Wal {
+    shared: Arc<Shared>,
+    committer: Option<thread::JoinHandle<()>>,
+}
+
+/// A test's hook into the committer.
+#[cfg(test)]
+type SyncHook = Arc<dyn Fn(usize) + Send + Sync>;
+
+struct Shared {
+    dir: PathBuf,
+    state: Mutex<State>,
+    /// The committer waits here for records (and for shutdown).
+    work: Condvar,
+    /// Writers wait here for their fsync; seal and reopen for quiet.
+    done: Condvar,
+    /// Test hook: called by the committer before each fsync, with the batch's record count.
+    #[cfg(test)]
+    before_sync: Mutex<Option<SyncHook>>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared").field("dir", &self.dir).finish()
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    mode: Mode,
+    active: Option<Active>,
+    map: HashMap<String, String>,
+    /// The last revision given to a `SET`.
+    assigned: u64,
+    /// The last revision fsynced and applied to `map`.
+    durable: u64,
+    /// Encoded records waiting for the committer, and what they set.
+    batch: Vec<u8>,
+    batch_sets: Vec<(u64, String, String)>,
+    /// The committer is writing a batch (outside the lock).
+    committing: bool,
+    /// Writers waiting for their fsync.
+    waiters: usize,
+    fingerprint: u64,
+    stats: Stats,
+    shutdown: bool,
+}
+
+impl State {
+    /// Nothing in flight: no batch, no commit, no writer waiting.
+    fn quiet(&self) -> bool {
+        self.batch.is_empty() && !self.committing && self.waiters == 0
+    }
+}
+
+impl Wal {
+    /// Recover the log in `dir` (see [`recover`]), open a new segment, start the committer.
+    pub fn open(dir: &Path) -> io::Result<Wal> {
+        let recovered = recover(dir)?;
+        let active = create_segment(dir, recovered.next_segment, recovered.revision)?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            state: Mutex::new(State {
+                mode: Mode::Open,
+                active: Some(active),
+                map: recovered.map,
+                assigned: recovered.revision,
+                durable: recovered.revision,
+                batch: Vec::new(),
+                batch_sets: Vec::new(),
+                committing: false,
+                waiters: 0,
+                fingerprint: recovered.fingerprint,
+                stats: Stats::default(),
+                shutdown: false,
+            }),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            #[cfg(test)]
+            before_sync: Mutex::new(None),
+        });
+        if let Some(what) = &recovered.repaired {
+            crate::kvd::say(&format!("recovery: {what}"));
+        }
+        let committer = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name("kvd-committer".into())
+                .spawn(move || shared.commit_loop())?
+        };
+        Ok(Wal {
+            shared,
+            committer: Some(committer),
+        })
+    }
+
+    /// Append `SET key value`; its revision once the fsync covering it returned.
+    pub fn set(&self, key: &str, value: &str) -> Result<u64, SetError> {
+        let sh = &self.shared;
+        let mut s = sh.lock();
+        match &s.mode {
+            Mode::Open => {}
+            Mode::Frozen | Mode::Sealed => return Err(SetError::Retry),
+            Mode::Failed(e) => return Err(SetError::Failed(e.clone())),
+        }
+        let revision = s.assigned + 1;
+        s.assigned = revision;
+        encode(
+            &Record::Set {
+                revision,
+                key,
+                value,
+            },
+            &mut s.batch,
+        );
+        s.batch_sets
+            .push((revision, key.to_string(), value.to_string()));
+        sh.work.notify_one();
+        s.waiters += 1;
+        let result = loop {
+            if s.durable >= revision {
+                break Ok(revision);
+            }
+            if let Mode::Failed(e) = &s.mode {
+                break Err(SetError::Failed(e.clone()));
+            }
+            s = sh.done.wait(s).unwrap_or_else(|p| p.into_inner());
+        };
+        s.waiters -= 1;
+        sh.done.notify_all();
+        result
+    }
+
+    /// The value of `key`, as of the last fsync.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.shared.lock().map.get(key).cloned()
+    }
+
+    /// The last durable revision.
+    pub fn revision(&self) -> u64 {
+        self.shared.lock().durable
+    }
+
+    /// The fingerprint of the sealed segments.
+    pub fn fingerprint(&self) -> u64 {
+        self.shared.lock().fingerprint
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats
+    }
+
+    /// Refuse writes from now on ([`SetError::Retry`]); the ones already queued commit.
+    pub fn freeze(&self) {
+        let mut s = self.shared.lock();
+        if s.mode == Mode::Open {
+            s.mode = Mode::Frozen;
+        }
+    }
+
+    /// Wait until no write is in flight (queued, being committed or waiting for its
+    /// acknowledgement), or `deadline`; whether it is so.
+    pub fn wait_quiet(&self, deadline: Instant) -> bool {
+        let sh = &self.shared;
+        let mut s = sh.lock();
+        while !s.quiet() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = sh
+                .done
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Freeze, wait for the writes in flight, write the active segment's footer, fsync and
+    /// close it. Nothing is written after this until [`reopen`](Self::reopen).
+    pub fn seal(&self) -> io::Result<Sealed> {
+        let sh = &self.shared;
+        let mut s = sh.lock();
+        match &s.mode {
+            Mode::Open => s.mode = Mode::Frozen,
+            Mode::Frozen => {}
+            Mode::Sealed => {
+                return Ok(Sealed {
+                    revision: s.durable,
+                    fingerprint: s.fingerprint,
+                })
+            }
+            Mode::Failed(e) => return Err(io::Error::other(format!("the log failed: {e}"))),
+        }
+        s = sh.wait_quiet(s);
+        if let Mode::Failed(e) = &s.mode {
+            // The last batch failed while we waited: the segment may end with part of it.
+            return Err(io::Error::other(format!("the log failed: {e}")));
+        }
+        let active = s
+            .active
+            .take()
+            .ok_or_else(|| io::Error::other("no active segment"))?;
+        let revision = s.durable;
+        drop(s); // GETs go on meanwhile; nothing else touches the log while frozen
+        let mut footer = Vec::new();
+        encode(
+            &Record::Footer {
+                records: active.records,
+                last_revision: revision,
+                checksum: active.crc.value(),
+            },
+            &mut footer,
+        );
+        let written = (&*active.file)
+            .write_all(&footer)
+            .and_then(|()| active.file.sync_all())
+            .and_then(|()| sync_dir(&sh.dir));
+        let mut s = sh.lock();
+        if let Err(e) = written {
+            s.mode = Mode::Failed(format!("sealing {}: {e}", active.name));
+            return Err(e);
+        }
+        s.fingerprint = fingerprint_with(s.fingerprint, &active.name, &footer);
+        s.mode = Mode::Sealed;
+        Ok(Sealed {
+            revision,
+            fingerprint: s.fingerprint,
+        })
+    }
+
+    /// After a handoff was rolled back (or the log failed): close the active segment if any,
+    /// recover from disk, open a new segment and accept writes again.
+    pub fn reopen(&self) -> io::Result<()> {
+        let sh = &self.shared;
+        let mut s = sh.lock();
+        if s.mode == Mode::Open {
+            s.mode = Mode::Frozen;
+        }
+        s = sh.wait_quiet(s);
+        drop(s.active.take());
+        drop(s);
+        let recovered = recover(&sh.dir)?;
+        let active = create_segment(&sh.dir, recovered.next_segment, recovered.revision)?;
+        if let Some(what) = &recovered.repaired {
+            crate::kvd::say(&format!("recovery: {what}"));
+        }
+        let mut s = sh.lock();
+        s.active = Some(active);
+        s.map = recovered.map;
+        s.assigned = recovered.revision;
+        s.durable = recovered.revision;
+        s.fingerprint = recovered.fingerprint;
+        s.mode = Mode::Open;
+        Ok(())
+    }
+
+    /// Call `hook` in the committer before each fsync, with the batch's record count.
+    #[cfg(test)]
+    pub(crate) fn set_before_sync(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
+        *self.shared.before_sync.lock().unwrap() = Some(Arc::new(hook));
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.work.notify_all();
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait_quiet<'a>(&self, mut s: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        while !s.quiet() {
+            s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s
+    }
+
+    /// The committer: take the whole batch, write it, fsync once, apply, wake its writers.
+    fn commit_loop(&self) {
+        let mut s = self.lock();
+        loop {
+            while s.batch.is_empty() && !s.shutdown {
+                s = self.work.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            if s.batch.is_empty() {
+                return; // shut down
+            }
+            let batch = std::mem::take(&mut s.batch);
+            let sets = std::mem::take(&mut s.batch_sets);
+            let Some(file) = s.active.as_ref().map(|a| Arc::clone(&a.file)) else {
+                s.mode = Mode::Failed("no active segment".into());
+                self.done.notify_all();
+                continue;
+            };
+            s.committing = true;
+            drop(s);
+            #[cfg(test)]
+            {
+                let hook = self.before_sync.lock().unwrap().clone();
+                if let Some(hook) = hook {
+                    hook(sets.len());
+                }
+            }
+            let written = (&*file).write_all(&batch).and_then(|()| file.sync_data());
+            s = self.lock();
+            s.committing = false;
+            match written {
+                Ok(()) => {
+                    let active = s.active.as_mut().expect("not closed while committing");
+                    active.crc.update(&batch);
+                    active.records += sets.len() as u64;
+                    s.stats.fsyncs += 1;
+                    s.stats.records += sets.len() as u64;
+                    for (revision, key, value) in sets {
+                        s.map.insert(key, value);
+                        s.durable = revision;
+                    }
+                }
+                Err(e) => {
+                    // The segment may end with part of the batch: no more writes until it is
+                    // recovered. What was queued behind this batch fails too.
+                    let name = s.active.as_ref().map_or("?", |a| &a.name).to_string();
+                    crate::kvd::say(&format!("writing {name} failed: {e}"));
+                    s.mode = Mode::Failed(format!("writing {name}: {e}"));
+                    s.batch.clear();
+                    s.batch_sets.clear();
+                }
+            }
+            self.done.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvd::testutil::TempDir;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn seg(dir: &TempDir, n: u64) -> PathBuf {
+        dir.path().join(segment_name(n))
+    }
+
+    fn names(dir: &TempDir) -> Vec<String> {
+        list_segments(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| segment_name(n))
+            .collect()
+    }
+
+    fn append(path: &Path, bytes: &[u8]) {
+        OpenOptions::new()
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+    }
+
+    fn flip_byte(path: &Path, offset: usize) {
+        let mut bytes = fs::read(path).unwrap();
+        bytes[offset] ^= 0x40;
+        fs::write(path, bytes).unwrap();
+    }
+
+    fn set_record(revision: u64, key: &str, value: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(
+            &Record::Set {
+                revision,
+                key,
+                value,
+            },
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn crc32_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let records = [
+            Record::Header {
+                segment: 7,
+                base_revision: 41,
+            },
+            Record::Set {
+                revision: 42,
+                key: "k",
+                value: "a value with spaces ✓",
+            },
+            Record::Set {
+                revision: 43,
+                key: "k2",
+                value: "",
+            },
+            Record::Footer {
+                records: 2,
+                last_revision: 43,
+                checksum: 0xdead_beef,
+            },
+        ];
+        let mut buf = Vec::new();
+        for r in &records {
+            encode(r, &mut buf);
+        }
+        let mut offset = 0;
+        for r in &records {
+            let (got, used) = decode(&buf[offset..]).unwrap();
+            assert_eq!(&got, r);
+            offset += used;
+        }
+        assert_eq!(offset, buf.len());
+    }
+
+    #[test]
+    fn checksum_mismatch_detected() {
+        let record = set_record(1, "key", "value");
+        for i in 0..record.len() {
+            let mut bad = record.clone();
+            bad[i] ^= 0x01;
+            match decode(&bad) {
+                Ok(r) => panic!("byte {i} flipped, still decoded {r:?}"),
+                Err(Bad::Short) => assert!(i < 4, "byte {i}: short"), // a longer length
+                Err(Bad::Corrupt(_)) => {}
+            }
+        }
+        assert_eq!(decode(&record[..record.len() - 1]).unwrap_err(), Bad::Short);
+        assert!(matches!(decode(&[0; 16]), Err(Bad::Corrupt(_))));
+    }
+
+    #[test]
+    fn torn_tail_is_truncated_and_the_segment_sealed() {
+        let dir = TempDir::new("torn");
+        {
+            let wal = Wal::open(dir.path()).unwrap();
+            for i in 1..=3 {
+                assert_eq!(wal.set(&format!("k{i}"), &format!("v{i}")), Ok(i));
+            }
+            // Dropped without a seal: a crash, as far as the disk is concerned.
+        }
+        // The crash cut the next batch: a whole record, then half of another.
+        let whole = set_record(4, "k4", "v4");
+        let half = set_record(5, "k5", "v5");
+        let size_before = fs::metadata(seg(&dir, 1)).unwrap().len();
+        append(&seg(&dir, 1), &whole);
+        append(&seg(&dir, 1), &half[..half.len() / 2]);
+
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(r.revision, 4, "the whole record stays, the torn one goes");
+        assert_eq!(r.map.get("k4").map(String::as_str), Some("v4"));
+        assert!(!r.map.contains_key("k5"));
+        let repaired = r.repaired.unwrap();
+        assert!(repaired.contains("torn tail"), "{repaired}");
+        assert!(repaired.contains("sealed seg-1.log"), "{repaired}");
+        // Truncated at the torn record, then the footer appended: verifies from now on.
+        let footer_len = FRAME + 21;
+        assert_eq!(
+            fs::metadata(seg(&dir, 1)).unwrap().len(),
+            size_before + whole.len() as u64 + footer_len as u64
+        );
+        let again = recover(dir.path()).unwrap();
+        assert_eq!((again.revision, again.repaired), (4, None));
+        assert_eq!(again.fingerprint, r.fingerprint);
+
+        // A torn record whose checksum fails (its bytes half written) is cut the same way.
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(names(&dir), ["seg-1.log", "seg-2.log"]);
+        assert_eq!(wal.set("k5", "v5"), Ok(5));
+        drop(wal);
+        let mut garbled = set_record(6, "k6", "v6");
+        let last = garbled.len() - 1;
+        garbled[last] ^= 0xff;
+        append(&seg(&dir, 2), &garbled);
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.revision(), 5);
+        assert_eq!(wal.get("k5").as_deref(), Some("v5"));
+        assert_eq!(wal.get("k6"), None);
+        assert_eq!(wal.set("k6", "again"), Ok(6));
+        assert_eq!(wal.get("k1").as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn an_unsealed_segment_without_writes_is_removed() {
+        let dir = TempDir::new("empty");
+        drop(Wal::open(dir.path()).unwrap()); // header only, never sealed
+        append(&seg(&dir, 1), &[0, 0, 0]); // and a torn start of a record
+        let r = recover(dir.path()).unwrap();
+        assert_eq!((r.revision, r.next_segment), (0, 1));
+        assert!(names(&dir).is_empty());
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.set("a", "b"), Ok(1));
+    }
+
+    #[test]
+    fn sealed_segments_verify_and_fingerprint() {
+        let dir = TempDir::new("sealed");
+        let wal = Wal::open(dir.path()).unwrap();
+        wal.set("a", "1").unwrap();
+        wal.set("b", "2").unwrap();
+        wal.freeze();
+        assert_eq!(wal.set("c", "3"), Err(SetError::Retry), "frozen");
+        let sealed = wal.seal().unwrap();
+        assert_eq!(sealed.revision, 2);
+        assert_eq!(wal.set("c", "3"), Err(SetError::Retry), "sealed");
+        assert_eq!(wal.seal().unwrap(), sealed, "sealing twice changes nothing");
+
+        // A successor opens what was sealed, and finds the same revision and fingerprint.
+        let successor = Wal::open(dir.path()).unwrap();
+        assert_eq!(successor.revision(), sealed.revision);
+        assert_eq!(successor.fingerprint(), sealed.fingerprint);
+        assert_eq!(successor.set("c", "3"), Ok(3));
+        let sealed2 = successor.seal().unwrap();
+        assert_ne!(sealed2.fingerprint, sealed.fingerprint);
+        drop(successor);
+
+        // The old incumbent resumes (as after a rollback): reads all, writes a new segment.
+        wal.reopen().unwrap();
+        assert_eq!(names(&dir), ["seg-1.log", "seg-2.log", "seg-3.log"]);
+        assert_eq!(wal.fingerprint(), sealed2.fingerprint);
+        assert_eq!(wal.get("c").as_deref(), Some("3"));
+        assert_eq!(wal.set("d", "4"), Ok(4));
+        drop(wal);
+
+        // Any bit flipped in a sealed segment is caught, and named; nothing is changed.
+        let len = fs::metadata(seg(&dir, 1)).unwrap().len() as usize;
+        for offset in [0, 5, FRAME + 3, len / 2, len - 1] {
+            flip_byte(&seg(&dir, 1), offset);
+            let before = fs::read(seg(&dir, 1)).unwrap();
+            let e = recover(dir.path()).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            assert!(e.to_string().contains("seg-1.log"), "{e}");
+            assert_eq!(fs::read(seg(&dir, 1)).unwrap(), before, "left alone");
+            flip_byte(&seg(&dir, 1), offset);
+        }
+        assert_eq!(recover(dir.path()).unwrap().revision, 4);
+
+        // Bytes after a footer, a missing middle segment, a sealed segment cut short.
+        append(&seg(&dir, 1), b"x");
+        assert!(recover(dir.path()).is_err());
+        fs::write(seg(&dir, 1), &fs::read(seg(&dir, 1)).unwrap()[..len]).unwrap();
+        let two = fs::read(seg(&dir, 2)).unwrap();
+        fs::remove_file(seg(&dir, 2)).unwrap();
+        let e = recover(dir.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("expected segment 3 from revision 2"),
+            "{e}"
+        );
+        fs::write(seg(&dir, 2), &two[..two.len() - 1]).unwrap();
+        let e = recover(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("seg-2.log"), "{e}");
+        fs::write(seg(&dir, 2), &two).unwrap();
+        assert_eq!(recover(dir.path()).unwrap().revision, 4);
+    }
+
+    #[test]
+    fn footer_must_match_its_segment() {
+        let dir = TempDir::new("footer");
+        let wal = Wal::open(dir.path()).unwrap();
+        wal.set("a", "1").unwrap();
+        wal.seal().unwrap();
+        drop(wal);
+        // Rewrite the footer with a wrong count but a valid frame checksum.
+        let bytes = fs::read(seg(&dir, 1)).unwrap();
+        let footer_at = bytes.len() - (FRAME + 21);
+        let Ok((
+            Record::Footer {
+                last_revision,
+                checksum,
+                ..
+            },
+            _,
+        )) = decode(&bytes[footer_at..])
+        else {
+            panic!("no footer at the end")
+        };
+        let mut forged = bytes[..footer_at].to_vec();
+        encode(
+            &Record::Footer {
+                records: 2,
+                last_revision,
+                checksum,
+            },
+            &mut forged,
+        );
+        fs::write(seg(&dir, 1), &forged).unwrap();
+        let e = recover(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("does not match the segment"), "{e}");
+    }
+
+    /// No writer is acknowledged before the fsync covering its record has returned, and
+    /// writers waiting together share one fsync.
+    #[test]
+    fn group_commit_acknowledges_only_after_the_fsync() {
+        let dir = TempDir::new("group");
+        let wal = Arc::new(Wal::open(dir.path()).unwrap());
+        let acked = Arc::new(AtomicUsize::new(0));
+        // The first fsync blocks until the test lets it go.
+        let (entered_tx, entered) = mpsc::channel::<usize>();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let acked_at_sync = Arc::new(Mutex::new(Vec::new()));
+        {
+            let acked = Arc::clone(&acked);
+            let acked_at_sync = Arc::clone(&acked_at_sync);
+            let entered_tx = Mutex::new(entered_tx);
+            wal.set_before_sync(move |n| {
+                acked_at_sync
+                    .lock()
+                    .unwrap()
+                    .push(acked.load(Ordering::SeqCst));
+                let _ = entered_tx.lock().unwrap().send(n);
+                let _ = release_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+            });
+        }
+        const WRITERS: usize = 8;
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|i| {
+                let (wal, acked) = (Arc::clone(&wal), Arc::clone(&acked));
+                thread::spawn(move || {
+                    let rev = wal.set(&format!("k{i}"), &format!("v{i}")).unwrap();
+                    assert!(wal.shared.lock().durable >= rev);
+                    acked.fetch_add(1, Ordering::SeqCst);
+                    rev
+                })
+            })
+            .collect();
+        let first = entered.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(first >= 1);
+        // The committer is inside the first fsync: every writer is still waiting, and the
+        // ones that came since are queued for the next batch.
+        let until = Instant::now() + Duration::from_secs(30);
+        while wal.shared.lock().batch_sets.len() < WRITERS - first {
+            assert!(Instant::now() < until, "writers did not queue");
+            thread::yield_now();
+        }
+        assert_eq!(
+            acked.load(Ordering::SeqCst),
+            0,
+            "acknowledged before the fsync"
+        );
+        release.send(()).unwrap(); // first batch
+        if first < WRITERS {
+            let second = entered.recv_timeout(Duration::from_secs(30)).unwrap();
+            assert_eq!(
+                first + second,
+                WRITERS,
+                "the queued writers share one fsync"
+            );
+            release.send(()).unwrap();
+        }
+        let mut revs: Vec<u64> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        revs.sort();
+        assert_eq!(revs, (1..=WRITERS as u64).collect::<Vec<_>>());
+        let stats = wal.stats();
+        assert_eq!(stats.records, WRITERS as u64);
+        assert_eq!(stats.fsyncs, if first < WRITERS { 2 } else { 1 });
+        // At the start of each fsync, at most the records of the earlier fsyncs were acked.
+        let at_sync = acked_at_sync.lock().unwrap().clone();
+        assert_eq!(at_sync[0], 0);
+        if let Some(&n) = at_sync.get(1) {
+            assert!(
+                n <= first,
+                "{n} acked before the second fsync, {first} were durable"
+            );
+        }
+    }
+
+    /// Many writers, free running: fewer fsyncs than records, every ack durable at the time,
+    /// everything acknowledged there after a reopen.
+    #[test]
+    fn group_commit_under_concurrency() {
+        let dir = TempDir::new("stress");
+        let wal = Arc::new(Wal::open(dir.path()).unwrap());
+        const WRITERS: u64 = 16;
+        const EACH: u64 = 50;
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let wal = Arc::clone(&wal);
+                thread::spawn(move || {
+                    let mut acked = Vec::new();
+                    for i in 0..EACH {
+                        let (k, v) = (format!("w{w}-{i}"), format!("{w}:{i}"));
+                        let rev = wal.set(&k, &v).unwrap();
+                        let s = wal.stats();
+                        assert!(s.records >= rev, "rev {rev} acked, {} durable", s.records);
+                        acked.push((k, v, rev));
+                    }
+                    acked
+                })
+            })
+            .collect();
+        let acked: Vec<_> = writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        let stats = wal.stats();
+        assert_eq!(stats.records, WRITERS * EACH);
+        assert!(
+            stats.fsyncs < stats.records,
+            "no group commit: {} fsyncs for {} records",
+            stats.fsyncs,
+            stats.records
+        );
+        let mut revs: Vec<u64> = acked.iter().map(|a| a.2).collect();
+        revs.sort();
+        revs.dedup();
+        assert_eq!(revs.len() as u64, WRITERS * EACH, "revisions are unique");
+        drop(wal);
+        // A crash now (no seal): everything acknowledged is recovered.
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(r.revision, WRITERS * EACH);
+        for (k, v, _) in &acked {
+            assert_eq!(r.map.get(k), Some(v));
+        }
+        eprintln!(
+            "group commit: {} records in {} fsyncs",
+            stats.records, stats.fsyncs
+        );
+    }
+
+    #[test]
+    fn segment_names() {
+        assert_eq!(segment_number("seg-12.log"), Some(12));
+        assert_eq!(segment_number(&segment_name(3)), Some(3));
+        for bad in [
+            "seg-.log",
+            "seg-1.log.tmp",
+            "seg-x.log",
+            "seg--1.log",
+            "handoff.lock",
+        ] {
+            assert_eq!(segment_number(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! `handoff-demo`: the whole promise in one command.
+//!
+//! ```text
+//! cargo run --release -p handoff-demo [-- --handoffs 20 --clients 8]
+//! ```
+//!
+//! It starts `kvd` (a key-value daemon with a real, fsynced, segmented log) under an embedded
+//! supervisor, puts it under load from concurrent clients (half on long-lived connections,
+//! half opening a new connection per request), hands it off again and again to fresh copies
+//! of the binary ("v2", "v3", …), once to a deliberately broken build that must roll back,
+//! then reads back every acknowledged write. It prints a progress line while it runs and a
+//! table at the end, and exits non-zero if any acknowledged write was lost, any connection was
+//! refused or reset, or a handoff ended otherwise than expected.
+//!
+//! The same binary is the daemon: started as `kvd …` (its file name begins with `kvd`), it
+//! runs `kvd` (see `handoff_demo::kvd`).
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use handoff::supervisor::{SpawnSpec, Supervisor};
+use handoff::Timing;
+
+/// How long any client operation may take before it counts as a stall failure.
+const IO_BOUND: Duration = Duration::from_secs(30);
+
+struct Opts {
+    handoffs: usize,
+    clients: usize,
+    broken_at: usize,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        handoffs: 20,
+        clients: 8,
+        broken_at: 7,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = || args.get(i + 1).and_then(|v| v.parse().ok());
+        match args[i].as_str() {
+            "--handoffs" => o.handoffs = v().expect("--handoffs N"),
+            "--clients" => o.clients = v().expect("--clients N"),
+            "--broken-at" => o.broken_at = v().expect("--broken-at N"),
+            "-h" | "--help" => {
+                println!(
+                    "usage: handoff-demo [--handoffs N (20)] [--clients N (8)] [--broken-at N (7)]"
+                );
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("unknown argument {other:?} (try --help)");
+                std::process::exit(2);
+            }
+        }
+        i += 2;
+    }
+    assert!(o.clients >= 2, "at least 2 clients");
+    o
+}
+
+/// What every client counts.
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    retried: AtomicU64,
+    clean_closes: AtomicU64,
+    refused: AtomicU64,
+    reset: AtomicU64,
+    other_errors: AtomicU64,
+    max_stall_us: AtomicU64,
+}
+
+impl Counters {
+    fn stall(&self, d: Duration) {
+        self.max_stall_us
+            .fetch_max(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// One client connection speaking kvd's line protocol.
+struct Conn {
+    r: BufReader<TcpStream>,
+}
+
+enum Answer {
+    Line(String),
+    /// A clean end of stream: the daemon half-closed the connection (a drain); reconnect.
+    Closed,
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> io::Result<Conn> {
+        let s = TcpStream::connect_timeout(&addr, IO_BOUND)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(IO_BOUND))?;
+        s.set_write_timeout(Some(IO_BOUND))?;
+        Ok(Conn {
+            r: BufReader::new(s),
+        })
+    }
+
+    fn call(&mut self, line: &str) -> io::Result<Answer> {
+        self.r.get_mut().write_all(format!("{line}\n").as_bytes())?;
+        let mut a = String::new();
+        if self.r.read_line(&mut a)? == 0 {
+            return Ok(Answer::Closed);
+        }
+        Ok(Answer::Line(a.trim_end().to_string()))
+    }
+}
+
+/// Classify a connection error: refused and reset are what the demo promises never happen.
+fn count_error(c: &Counters, e: &io::Error) {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => c.refused.fetch_add(1, Ordering::Relaxed),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+            c.reset.fetch_add(1, Ordering::Relaxed)
+        }
+        _ => c.other_errors.fetch_add(1, Ordering::Relaxed),
+    };
+}
+
+/// A client: writes unique keys and reads some back, until `stop`. Returns what was acked.
+fn client(
+    id: usize,
+    addr: SocketAddr,
+    long_lived: bool,
+    stop: Arc<AtomicBool>,
+    c: Arc<Counters>,
+) -> BTreeMap<String, String> {
+    let mut acked = BTreeMap::new();
+    let mut conn: Option<Conn> = None;
+    let mut n = 0u64;
+    let mut last_ok = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let key = format!("c{id}-k{n}");
+        let value = format!("v{n}-{}", n.wrapping_mul(2654435761) % 1_000_003);
+        if conn.is_none() {
+            match Conn::open(addr) {
+                Ok(cn) => conn = Some(cn),
+                Err(e) => {
+                    count_error(&c, &e);
+                    continue;
+                }
+            }
+        }
+        let cn = conn.as_mut().expect("opened above");
+        c.sent.fetch_add(1, Ordering::Relaxed);
+        match cn.call(&format!("SET {key} {value}")) {
+            Ok(Answer::Line(a)) if a.starts_with("OK ") => {
+                acked.insert(key.clone(), value.clone());
+                c.acked.fetch_add(1, Ordering::Relaxed);
+                c.stall(last_ok.elapsed());
+                last_ok = Instant::now();
+                n += 1;
+                // Now and then, read one of ours back on the same connection.
+                if n % 16 == 0 {
+                    let probe = format!("c{id}-k{}", n / 2);
+                    if let Some(want) = acked.get(&probe) {
+                        match cn.call(&format!("GET {probe}")) {
+                            Ok(Answer::Line(got)) if got == format!("VAL {want}") => {}
+                            Ok(Answer::Line(got)) if got == "ERR retry" => {}
+                            Ok(Answer::Closed) => conn = None,
+                            Ok(Answer::Line(got)) => {
+                                eprintln!(
+                                    "\nclient {id}: GET {probe} = {got:?}, expected VAL {want}"
+                                );
+                                c.other_errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                count_error(&c, &e);
+                                conn = None;
+                            }
+                        }
+                    }
+                }
+                if !long_lived {
+                    conn = None;
+                }
+            }
+            Ok(Answer::Line(a)) if a.starts_with("ERR retry") => {
+                // Not applied (a handoff is draining this daemon): retry, on a new connection
+                // once this one is closed.
+                c.retried.fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+            }
+            Ok(Answer::Line(a)) => {
+                eprintln!("\nclient {id}: unexpected answer {a:?}");
+                c.other_errors.fetch_add(1, Ordering::Relaxed);
+                conn = None;
+            }
+            Ok(Answer::Closed) => {
+                c.clean_closes.fetch_add(1, Ordering::Relaxed);
+                conn = None;
+            }
+            Err(e) => {
+                count_error(&c, &e);
+                conn = None;
+            }
+        }
+    }
+    acked
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// The work directory, removed at the end.
+struct Work(PathBuf);
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_build(exe: &Path, work: &Path, name: &str) -> PathBuf {
+    let to = work.join(name);
+    std::fs::copy(exe, &to).expect("copy the binary");
+    to
+}
+
+fn main() -> std::process::ExitCode {
+    if handoff_demo::kvd::is_kvd_invocation() {
+        return handoff_demo::kvd::main();
+    }
+    let o = opts();
+    // Quiet daemons (they inherit our environment), unless asked otherwise.
+    for var in ["HANDOFF_LOG", "KVD_LOG"] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, "off");
+        }
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let work = Work(std::env::temp_dir().join(format!("handoff-demo-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&work.0);
+    std::fs::create_dir_all(work.0.join("data")).expect("work dir");
+    let data = work.0.join("data");
+    let sock = work.0.join("kvd.sock");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let spec = |binary: PathBuf| SpawnSpec {
+        binary,
+        args: vec![
+            "kvd".into(),
+            "--data".into(),
+            data.clone().into_os_string(),
+            "--socket".into(),
+            sock.clone().into_os_string(),
+        ],
+        drain_grace: Duration::from_secs(5),
+        deadline: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let v1 = copy_build(&exe, &work.0, "kvd-v1");
+    let sup = Supervisor::new(&sock)
+        .expect("supervisor")
+        .with_listener_fd("kv", &listener)
+        .with_timing(Timing::default())
+        .with_cold_start(spec(v1));
+    println!(
+        "handoff demo: kvd on {addr}, {} clients ({} long-lived, {} connection-per-request), {} handoffs (#{} to a broken build)",
+        o.clients,
+        o.clients / 2,
+        o.clients - o.clients / 2,
+        o.handoffs,
+        o.broken_at
+    );
+    let first = sup.resume_from_journal().expect("start kvd");
+    println!("kvd v1 serving as pid {}", first.serving);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(Counters::default());
+    let clients: Vec<_> = (0..o.clients)
+        .map(|id| {
+            let (stop, c) = (Arc::clone(&stop), Arc::clone(&counters));
+            std::thread::spawn(move || client(id, addr, id % 2 == 0, stop, c))
+        })
+        .collect();
+
+    let started = Instant::now();
+    let progress = Arc::new(Mutex::new(String::new()));
+    let (committed, rolled_back, unexpected) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let ticker = {
+        let (stop, c, committed, rolled_back) = (
+            Arc::clone(&stop),
+            Arc::clone(&counters),
+            Arc::clone(&committed),
+            Arc::clone(&rolled_back),
+        );
+        let progress = Arc::clone(&progress);
+        let total = o.handoffs;
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let line = format!(
+                    "\r[{:>5.1}s] handoffs {}/{} (committed {}, rolled back {}) | writes acked {} | retried {} | refused {} reset {} | longest stall {}   ",
+                    started.elapsed().as_secs_f64(),
+                    committed.load(Ordering::Relaxed) + rolled_back.load(Ordering::Relaxed),
+                    total,
+                    committed.load(Ordering::Relaxed),
+                    rolled_back.load(Ordering::Relaxed),
+                    c.acked.load(Ordering::Relaxed),
+                    c.retried.load(Ordering::Relaxed),
+                    c.refused.load(Ordering::Relaxed),
+                    c.reset.load(Ordering::Relaxed),
+                    ms(Duration::from_micros(c.max_stall_us.load(Ordering::Relaxed))),
+                );
+                print!("{line}");
+                let _ = io::stdout().flush();
+                *progress.lock().expect("progress") = line;
+                std::thread::park_timeout(Duration::from_millis(200));
+            }
+        })
+    };
+
+    let mut times = Vec::new();
+    let mut version = 1;
+    for i in 1..=o.handoffs {
+        // Let the clients work a little between handoffs.
+        let settle = Instant::now() + Duration::from_millis(150);
+        while Instant::now() < settle {
+            std::thread::park_timeout(settle - Instant::now());
+        }
+        let broken = i == o.broken_at;
+        let name = if broken {
+            format!("kvd-v{}-broken", version + 1)
+        } else {
+            version += 1;
+            format!("kvd-v{version}")
+        };
+        let bin = copy_build(&exe, &work.0, &name);
+        match sup.perform_handoff(spec(bin)) {
+            Ok(out) if out.committed != broken => {
+                if out.committed {
+                    committed.fetch_add(1, Ordering::Relaxed);
+                    times.push(out.times);
+                    if let Some(mut child) = out.child {
+                        // Reaped when it retires, so no zombie piles up.
+                        std::thread::spawn(move || child.wait());
+                    }
+                } else {
+                    rolled_back.fetch_add(1, Ordering::Relaxed);
+                    println!(
+                        "\n  #{i} {name}: rolled back as expected ({}) in {}",
+                        out.abort_reason.map_or("?".into(), |r| r.to_string()),
+                        ms(out.times.total)
+                    );
+                }
+            }
+            Ok(out) => {
+                unexpected.fetch_add(1, Ordering::Relaxed);
+                println!(
+                    "\n  #{i} {name}: UNEXPECTED: committed={} ({:?})",
+                    out.committed, out.abort_reason
+                );
+            }
+            Err(e) => {
+                unexpected.fetch_add(1, Ordering::Relaxed);
+                println!("\n  #{i} {name}: handoff call failed: {e}");
+            }
+        }
+    }
+    // A last moment of traffic on the final build, then stop and verify.
+    let settle = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < settle {
+        std::thread::park_timeout(settle - Instant::now());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let acked: Vec<BTreeMap<String, String>> = clients
+        .into_iter()
+        .map(|t| t.join().expect("client thread"))
+        .collect();
+    let _ = ticker.join();
+    println!();
+
+    // Read every acknowledged write back.
+    let mut lost = 0u64;
+    let mut checked = 0u64;
+    let mut verify = Conn::open(addr).expect("connect to verify");
+    for (k, v) in acked.iter().flatten() {
+        let got = loop {
+            match verify.call(&format!("GET {k}")) {
+                Ok(Answer::Line(a)) => break a,
+                Ok(Answer::Closed) | Err(_) => verify = Conn::open(addr).expect("reconnect"),
+            }
+        };
+        checked += 1;
+        if got != format!("VAL {v}") {
+            lost += 1;
+            if lost <= 5 {
+                println!("  LOST: {k} = {v:?}, read {got:?}");
+            }
+        }
+    }
+
+    let c = &counters;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let phase = |f: fn(&handoff::proto::PhaseTimes) -> Option<Duration>| {
+        let mut v: Vec<Duration> = times.iter().filter_map(f).collect();
+        v.sort();
+        (pct(&v, 0.5), pct(&v, 0.99))
+    };
+    let rows: [(&str, String); 13] = [
+        ("handoffs committed", get(&committed).to_string()),
+        (
+            "handoffs rolled back (as expected)",
+            get(&rolled_back).to_string(),
+        ),
+        (
+            "handoffs with another outcome",
+            get(&unexpected).to_string(),
+        ),
+        ("requests sent", get(&c.sent).to_string()),
+        ("writes acknowledged", get(&c.acked).to_string()),
+        ("writes answered `ERR retry`", get(&c.retried).to_string()),
+        (
+            "connections closed cleanly, retried",
+            get(&c.clean_closes).to_string(),
+        ),
+        ("connections refused", get(&c.refused).to_string()),
+        ("connections reset", get(&c.reset).to_string()),
+        ("other client errors", get(&c.other_errors).to_string()),
+        ("acknowledged writes read back", checked.to_string()),
+        ("acknowledged writes lost", lost.to_string()),
+        (
+            "longest client stall",
+            ms(Duration::from_micros(get(&c.max_stall_us))),
+        ),
+    ];
+    println!("\n  {:<38}  {:>10}", "result", "value");
+    println!("  {:-<38}  {:->10}", "", "");
+    for (k, v) in rows {
+        println!("  {k:<38}  {v:>10}");
+    }
+    println!(
+        "\n  {:<38}  {:>10}  {:>10}",
+        "phase (committed handoffs)", "p50", "p99"
+    );
+    println!("  {:-<38}  {:->10}  {:->10}", "", "", "");
+    for (name, f) in [
+        (
+            "spawn → hello",
+            (|t: &handoff::proto::PhaseTimes| t.spawn_to_hello) as fn(&_) -> _,
+        ),
+        ("listeners passed", |t| t.listeners),
+        ("drain", |t| t.drain),
+        ("seal", |t| t.seal),
+        ("begin → ready", |t| t.begin_to_ready),
+        ("commit", |t| t.commit),
+        ("total", |t| Some(t.total)),
+    ] {
+        let (p50, p99) = phase(f);
+        println!("  {name:<38}  {:>10}  {:>10}", ms(p50), ms(p99));
+    }
+    let ok = lost == 0
+        && get(&c.refused) == 0
+        && get(&c.reset) == 0
+        && get(&c.other_errors) == 0
+        && get(&unexpected) == 0
+        && get(&rolled_back) == u64::from(o.broken_at <= o.handoffs)
+        && get(&c.acked) > 0;
+    // Stop the daemon: the serving pid holds the lock.
+    if let Some(pid) = sup.serving() {
+        if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
+            let _ = w.signal(rustix::process::Signal::TERM);
+            let _ = handoff::sys::spawn::wait_any(&[&w], Duration::from_secs(5));
+            let _ = w.kill();
+        }
+    }
+    drop(progress);
+    if ok {
+        println!("\nOK: every acknowledged write survived {} handoffs; no connection was refused or reset.", get(&committed) + get(&rolled_back));
+    } else {
+        println!("\nFAILED: see the table above.");
+        return std::process::ExitCode::FAILURE;
+    }
+    std::process::ExitCode::SUCCESS
+}
