@@ -336,14 +336,12 @@ impl Supervisor<'_> {
     /// Wait for the supervisor to exit, within [`WAIT`].
     fn wait_exit(&mut self) -> ExitStatus {
         self.stdin = None;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "supervisor did not exit in time");
-            thread::sleep(Duration::from_millis(10));
+        // Wait on its exit through a pidfd (bounded), then reap it.
+        if let Ok(w) = handoff::sys::spawn::Watched::open(self.child.id()) {
+            let exited = handoff::sys::spawn::wait_any(&[&w], WAIT).unwrap();
+            assert!(!exited.is_empty(), "supervisor did not exit in time");
         }
+        self.child.wait().unwrap()
     }
 }
 
