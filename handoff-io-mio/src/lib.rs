@@ -44,8 +44,11 @@
 //! # }
 //! ```
 //!
-//! The supervisor's engine makes two calls that block briefly: the journal's `fsync` and the
-//! successor's `fork`/`exec` (milliseconds). Everything else is non-blocking.
+//! A few calls touch the disk or the process table and take a short, bounded time
+//! (milliseconds): the supervisor's journal write (`fsync`) and the successor's `fork`/`exec`;
+//! taking the data-directory lock back, which writes and fsyncs the 48-byte lock record; and
+//! binding the control socket when a successor becomes the incumbent. No call waits on a peer:
+//! sockets are non-blocking, and what a peer does not read waits in an outbox.
 
 #![deny(unsafe_code)]
 
