@@ -475,3 +475,94 @@ impl Supervisor {
         self.engine.poll_event()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    fn interest(key: u8, s: &UnixStream, write: bool) -> EngineInterest<'_, u8> {
+        EngineInterest {
+            key,
+            fd: s.as_fd(),
+            read: true,
+            write,
+        }
+    }
+
+    /// The tokens that report readable within a second.
+    fn ready(poll: &mut mio::Poll, reg: &Registration<u8>) -> Vec<u8> {
+        let mut events = mio::Events::with_capacity(8);
+        poll.poll(&mut events, Some(Duration::from_secs(1)))
+            .expect("poll");
+        let mut keys: Vec<u8> = events
+            .iter()
+            .filter(|e| e.is_readable())
+            .filter_map(|e| reg.key(e.token()))
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    #[test]
+    fn registrations_follow_the_engine_even_when_a_descriptor_number_is_reused() {
+        let mut poll = mio::Poll::new().expect("poll");
+        let tokens = Tokens { start: 10, len: 2 };
+        let mut reg = Registration::new(poll.registry(), tokens).expect("registration");
+        let (a, mut a_peer) = UnixStream::pair().expect("pair");
+        let (b, mut b_peer) = UnixStream::pair().expect("pair");
+        reg.sync(&[interest(1, &a, false), interest(2, &b, false)])
+            .expect("sync");
+        assert!(reg.owns(Token(10)) && reg.owns(Token(11)) && !reg.owns(Token(12)));
+        a_peer.write_all(b"x").expect("write");
+        assert_eq!(ready(&mut poll, &reg), vec![1]);
+
+        // Key 1 goes away and its descriptor closes; a new key 3 most likely gets the same
+        // number. One sync must leave key 3 registered, under key 1's freed token.
+        let old_raw = a.as_raw_fd();
+        drop(a);
+        let (c, mut c_peer) = UnixStream::pair().expect("pair");
+        reg.sync(&[interest(2, &b, false), interest(3, &c, false)])
+            .expect("sync");
+        eprintln!("old fd {old_raw}, new fd {}", c.as_raw_fd());
+        c_peer.write_all(b"y").expect("write");
+        b_peer.write_all(b"z").expect("write");
+        assert_eq!(ready(&mut poll, &reg), vec![2, 3]);
+
+        // The range is full (2 tokens): a third key is an error, not a silent miss.
+        let (d, _d_peer) = UnixStream::pair().expect("pair");
+        let err = reg
+            .sync(&[
+                interest(2, &b, false),
+                interest(3, &c, false),
+                interest(4, &d, false),
+            ])
+            .expect_err("only two tokens");
+        assert!(err.to_string().contains("tokens"), "{err}");
+    }
+
+    #[test]
+    fn write_interest_is_added_and_removed() {
+        let mut poll = mio::Poll::new().expect("poll");
+        let mut reg =
+            Registration::new(poll.registry(), Tokens { start: 0, len: 1 }).expect("registration");
+        let (a, _peer) = UnixStream::pair().expect("pair");
+        reg.sync(&[interest(1, &a, true)]).expect("sync");
+        let mut events = mio::Events::with_capacity(8);
+        poll.poll(&mut events, Some(Duration::from_secs(1)))
+            .expect("poll");
+        assert!(events
+            .iter()
+            .any(|e| e.is_writable() && reg.key(e.token()) == Some(1)));
+        reg.sync(&[interest(1, &a, false)]).expect("sync");
+        poll.poll(&mut events, Some(Duration::from_millis(50)))
+            .expect("poll");
+        assert!(
+            !events.iter().any(|e| e.is_writable()),
+            "write interest was not removed"
+        );
+    }
+}
