@@ -1,0 +1,522 @@
+//! The configuration file (`handoff.toml`).
+//!
+//! ```toml
+//! control_socket   = "/run/my-daemon/handoff.sock"    # the daemon's control socket
+//! trigger_socket   = "/run/my-daemon/handoff.trigger" # our line-protocol socket (mode 0600)
+//! binary           = "/usr/local/bin/my-daemon"       # cold starts, `handoff` with no path, SIGHUP
+//! args             = ["--data", "/var/lib/my-daemon"] # optional
+//! env              = { RUST_LOG = "info" }            # optional, on top of ours
+//! drain_grace_secs = 25                               # optional, default 25
+//! deadline_secs    = 60                               # optional, default 60
+//! journal          = "/run/my-daemon/handoff.journal" # optional, default <control_socket>.journal
+//! trigger_uids     = [0, 1000]                        # optional, default: our uid and root
+//! allowed_binaries = ["/usr/local/bin/my-daemon-v2"]  # optional: also allowed as targets
+//! binary_dir       = "/usr/local/lib/my-daemon"       # optional: any file directly in it too
+//!
+//! [[listeners]]
+//! name = "http"
+//! addr = "0.0.0.0:8080"
+//! kind = "tcp"                                        # tcp (default), udp, unix (a path)
+//! ```
+//!
+//! Unknown keys are errors. Every error names the key and the line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A listener's socket kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A TCP listener (`addr` = `host:port`).
+    #[default]
+    Tcp,
+    /// A bound UDP socket (`addr` = `host:port`).
+    Udp,
+    /// A Unix stream listener (`addr` = a path).
+    Unix,
+}
+
+/// The raw file, as serde reads it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    control_socket: Spanned<PathBuf>,
+    trigger_socket: Spanned<PathBuf>,
+    binary: Spanned<PathBuf>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    drain_grace_secs: Option<Spanned<f64>>,
+    deadline_secs: Option<Spanned<f64>>,
+    journal: Option<Spanned<PathBuf>>,
+    trigger_uids: Option<Vec<u32>>,
+    #[serde(default)]
+    allowed_binaries: Vec<Spanned<PathBuf>>,
+    binary_dir: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    listeners: Vec<RawListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    addr: Spanned<String>,
+    #[serde(default)]
+    kind: Kind,
+}
+
+/// Where a listener binds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Addr {
+    /// TCP or UDP.
+    Inet(SocketAddr),
+    /// A Unix socket path.
+    Path(PathBuf),
+}
+
+/// One configured listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    /// The name the daemon takes it by.
+    pub name: String,
+    /// Its kind.
+    pub kind: Kind,
+    /// Where it binds.
+    pub addr: Addr,
+}
+
+/// A checked configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The daemon's control socket.
+    pub control_socket: PathBuf,
+    /// Our trigger socket.
+    pub trigger_socket: PathBuf,
+    /// The configured daemon binary (absolute).
+    pub binary: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// The incumbent's drain limit.
+    pub drain_grace: Duration,
+    /// A handoff's overall limit.
+    pub deadline: Duration,
+    /// The journal file.
+    pub journal: PathBuf,
+    /// Uids admitted on the trigger socket.
+    pub trigger_uids: Vec<u32>,
+    /// Binaries a handoff may go to, besides `binary`.
+    pub allowed_binaries: Vec<PathBuf>,
+    /// A directory whose files a handoff may go to.
+    pub binary_dir: Option<PathBuf>,
+    /// The listeners.
+    pub listeners: Vec<Listener>,
+}
+
+/// A configuration error: the file, and toml's message, or ours with the key and line.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file, if read from one.
+    pub file: Option<PathBuf>,
+    /// What is wrong (names the key and the line).
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(p) => write!(f, "{}: {}", p.display(), self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+impl Config {
+    /// Read and check the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_path_buf()),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text).map_err(|mut e| {
+            e.file = Some(path.to_path_buf());
+            e
+        })
+    }
+
+    /// Parse and check `text`.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            // toml's Display shows "TOML parse error at line L, column C", the source line
+            // with a caret, and the message naming the key (a missing key is reported at the
+            // start of its table). Add the line if a message ever lacks it.
+            let mut msg = e.to_string();
+            if let Some(span) = e.span() {
+                let line = line_of(text, span.start);
+                if !msg.contains(&format!("line {line}")) {
+                    msg = format!("line {line}: {msg}");
+                }
+            }
+            ConfigError {
+                file: None,
+                message: msg.trim_end().to_string(),
+            }
+        })?;
+        let err = |key: &str, span: std::ops::Range<usize>, what: String| ConfigError {
+            file: None,
+            message: format!("`{key}` (line {}): {what}", line_of(text, span.start)),
+        };
+        let secs = |key: &str, v: &Option<Spanned<f64>>, default: u64| match v {
+            None => Ok(Duration::from_secs(default)),
+            Some(s) => {
+                let x = *s.get_ref();
+                if !(x.is_finite() && x > 0.0 && x <= 86_400.0) {
+                    return Err(err(
+                        key,
+                        s.span(),
+                        format!("{x} is not a number of seconds in (0, 86400]"),
+                    ));
+                }
+                Ok(Duration::from_secs_f64(x))
+            }
+        };
+        let drain_grace = secs("drain_grace_secs", &raw.drain_grace_secs, 25)?;
+        let deadline = secs("deadline_secs", &raw.deadline_secs, 60)?;
+        if drain_grace >= deadline {
+            let s = raw
+                .drain_grace_secs
+                .as_ref()
+                .or(raw.deadline_secs.as_ref())
+                .map_or(0..0, |s| s.span());
+            return Err(err(
+                "drain_grace_secs",
+                s,
+                format!(
+                    "the drain grace ({drain_grace:?}) must be shorter than deadline_secs ({deadline:?})"
+                ),
+            ));
+        }
+        let nonempty = |key: &str, p: &Spanned<PathBuf>| {
+            if p.get_ref().as_os_str().is_empty() {
+                Err(err(key, p.span(), "must not be empty".into()))
+            } else {
+                Ok(p.get_ref().clone())
+            }
+        };
+        let absolute = |key: &str, p: &Spanned<PathBuf>| {
+            if p.get_ref().is_absolute() {
+                Ok(p.get_ref().clone())
+            } else {
+                Err(err(
+                    key,
+                    p.span(),
+                    format!("{} must be an absolute path", p.get_ref().display()),
+                ))
+            }
+        };
+        let control_socket = nonempty("control_socket", &raw.control_socket)?;
+        let trigger_socket = nonempty("trigger_socket", &raw.trigger_socket)?;
+        if control_socket.file_name().is_none() {
+            return Err(err(
+                "control_socket",
+                raw.control_socket.span(),
+                "has no file name".into(),
+            ));
+        }
+        if trigger_socket == control_socket {
+            return Err(err(
+                "trigger_socket",
+                raw.trigger_socket.span(),
+                "must differ from control_socket".into(),
+            ));
+        }
+        let binary = absolute("binary", &raw.binary)?;
+        let allowed_binaries = raw
+            .allowed_binaries
+            .iter()
+            .map(|p| absolute("allowed_binaries", p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let binary_dir = raw
+            .binary_dir
+            .as_ref()
+            .map(|p| absolute("binary_dir", p))
+            .transpose()?;
+        let journal = match &raw.journal {
+            Some(p) => nonempty("journal", p)?,
+            None => {
+                let mut j = control_socket.as_os_str().to_os_string();
+                j.push(".journal");
+                PathBuf::from(j)
+            }
+        };
+        for k in raw.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(ConfigError {
+                    file: None,
+                    message: format!("`env`: variable name {k:?} is empty or contains '=' or NUL"),
+                });
+            }
+        }
+        let mut listeners: Vec<Listener> = Vec::new();
+        for l in &raw.listeners {
+            let name = l.name.get_ref();
+            if name.is_empty() || name.contains(':') || name.contains('\0') {
+                return Err(err(
+                    "listeners.name",
+                    l.name.span(),
+                    format!("{name:?} must be non-empty and contain no ':' or NUL"),
+                ));
+            }
+            if listeners.iter().any(|x| &x.name == name) {
+                return Err(err(
+                    "listeners.name",
+                    l.name.span(),
+                    format!("{name:?} is used twice"),
+                ));
+            }
+            let a = l.addr.get_ref();
+            let addr = match l.kind {
+                Kind::Tcp | Kind::Udp => Addr::Inet(a.parse().map_err(|e| {
+                    err(
+                        "listeners.addr",
+                        l.addr.span(),
+                        format!("{a:?} is not a socket address (host:port): {e}"),
+                    )
+                })?),
+                Kind::Unix => {
+                    if a.is_empty() {
+                        return Err(err(
+                            "listeners.addr",
+                            l.addr.span(),
+                            "a unix listener needs a path".into(),
+                        ));
+                    }
+                    Addr::Path(PathBuf::from(a))
+                }
+            };
+            listeners.push(Listener {
+                name: name.clone(),
+                kind: l.kind,
+                addr,
+            });
+        }
+        let trigger_uids = raw
+            .trigger_uids
+            .unwrap_or_else(|| handoff_io_std::PeerPolicy::default().allowed_uids);
+        Ok(Config {
+            control_socket,
+            trigger_socket,
+            binary,
+            args: raw.args,
+            env: raw.env,
+            drain_grace,
+            deadline,
+            journal,
+            trigger_uids,
+            allowed_binaries,
+            binary_dir,
+            listeners,
+        })
+    }
+
+    /// The binary a `handoff <path>` may go to, resolved (symlinks followed), or why not.
+    /// `None` asks for the configured binary.
+    pub fn resolve_target(&self, requested: Option<&Path>) -> Result<PathBuf, String> {
+        let Some(p) = requested else {
+            return Ok(self.binary.clone());
+        };
+        let refuse = || format!("binary not allowed: {}", p.display());
+        if !p.is_absolute() {
+            return Err(refuse());
+        }
+        let canon = std::fs::canonicalize(p).map_err(|_| refuse())?;
+        let same = |allowed: &Path| {
+            allowed == p || std::fs::canonicalize(allowed).is_ok_and(|c| c == canon)
+        };
+        if same(&self.binary) || self.allowed_binaries.iter().any(|a| same(a)) {
+            return Ok(canon);
+        }
+        if let Some(dir) = &self.binary_dir {
+            let in_dir =
+                std::fs::canonicalize(dir).is_ok_and(|d| canon.parent() == Some(d.as_path()));
+            if in_dir && canon.is_file() {
+                return Ok(canon);
+            }
+        }
+        Err(refuse())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+control_socket = "/run/d/handoff.sock"
+trigger_socket = "/run/d/handoff.trigger"
+binary         = "/usr/local/bin/d"
+drain_grace_secs = 25
+deadline_secs    = 60
+
+[[listeners]]
+name = "http"
+addr = "0.0.0.0:8080"
+"#;
+
+    fn error(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn seed_example_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.binary, PathBuf::from("/usr/local/bin/d"));
+        assert_eq!(c.drain_grace, Duration::from_secs(25));
+        assert_eq!(c.deadline, Duration::from_secs(60));
+        assert_eq!(c.journal, PathBuf::from("/run/d/handoff.sock.journal"));
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].kind, Kind::Tcp);
+        assert_eq!(
+            c.listeners[0].addr,
+            Addr::Inet("0.0.0.0:8080".parse().unwrap())
+        );
+        assert_eq!(
+            c.trigger_uids,
+            handoff_io_std::PeerPolicy::default().allowed_uids
+        );
+        assert!(c.allowed_binaries.is_empty() && c.binary_dir.is_none());
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let text = format!(
+            "{}\n{}",
+            r#"
+control_socket = "c.sock"
+trigger_socket = "t.sock"
+binary = "/bin/true"
+args = ["-a", "b"]
+env = { A = "1", B = "two" }
+journal = "/tmp/j"
+trigger_uids = [0, 1000]
+allowed_binaries = ["/bin/false"]
+binary_dir = "/opt/d"
+"#,
+            r#"
+[[listeners]]
+name = "u"
+addr = "127.0.0.1:53"
+kind = "udp"
+[[listeners]]
+name = "s"
+addr = "/run/d/s.sock"
+kind = "unix"
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.args, vec!["-a", "b"]);
+        assert_eq!(c.env.get("B").map(String::as_str), Some("two"));
+        assert_eq!(c.journal, PathBuf::from("/tmp/j"));
+        assert_eq!(c.trigger_uids, vec![0, 1000]);
+        assert_eq!(c.listeners[0].kind, Kind::Udp);
+        assert_eq!(
+            c.listeners[1].addr,
+            Addr::Path(PathBuf::from("/run/d/s.sock"))
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = error(&format!("{GOOD}colour = \"red\"\n"));
+        assert!(e.contains("colour") && e.contains("line 11"), "{e}");
+        let e = error(&GOOD.replace("addr = ", "port = 1\naddr = "));
+        assert!(e.contains("port") && e.contains("line 10"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let e = error(&GOOD.replace("deadline_secs    = 60", "deadline_secs = \"soon\""));
+        assert!(e.contains("deadline_secs") && e.contains("line 6"), "{e}");
+        let e = error(&GOOD.replace("addr = \"0.0.0.0:8080\"", "addr = \"x\"\nkind = \"sctp\""));
+        assert!(e.contains("sctp") && e.contains("line 11"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let e = error(&GOOD.replace("binary         = \"/usr/local/bin/d\"", ""));
+        assert!(e.contains("binary") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let e = error(&GOOD.replace("deadline_secs    = 60", "deadline_secs = = 60"));
+        assert!(e.contains("line 6"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_line() {
+        let e = error(&GOOD.replace("0.0.0.0:8080", "nowhere"));
+        assert!(
+            e.contains("`listeners.addr` (line 10)") && e.contains("nowhere"),
+            "{e}"
+        );
+        let e = error(&GOOD.replace("/usr/local/bin/d", "bin/d"));
+        assert!(e.contains("`binary` (line 4)"), "{e}");
+        let e = error(&GOOD.replace("deadline_secs    = 60", "deadline_secs = 10"));
+        assert!(e.contains("`drain_grace_secs` (line 5)"), "{e}");
+        let e = error(&GOOD.replace("deadline_secs    = 60", "deadline_secs = -1"));
+        assert!(e.contains("`deadline_secs` (line 6)"), "{e}");
+        let twice = format!("{GOOD}\n[[listeners]]\nname = \"http\"\naddr = \"0.0.0.0:81\"\n");
+        let e = error(&twice);
+        assert!(
+            e.contains("`listeners.name` (line 13)") && e.contains("twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn targets_are_checked() {
+        let dir = std::env::temp_dir().join(format!("hsup-cfg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bins")).unwrap();
+        for f in ["main", "bins/v2", "other"] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        std::os::unix::fs::symlink(dir.join("other"), dir.join("bins/sneaky")).unwrap();
+        let text = format!(
+            "control_socket = \"c\"\ntrigger_socket = \"t\"\nbinary = \"{0}/main\"\nbinary_dir = \"{0}/bins\"\n",
+            dir.display()
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.resolve_target(None).unwrap(), dir.join("main"));
+        assert!(c.resolve_target(Some(&dir.join("main"))).is_ok());
+        assert!(c.resolve_target(Some(&dir.join("bins/v2"))).is_ok());
+        for bad in ["other", "bins/sneaky", "bins/missing", "bins"] {
+            let e = c.resolve_target(Some(&dir.join(bad))).unwrap_err();
+            assert!(e.starts_with("binary not allowed: "), "{e}");
+        }
+        assert!(c.resolve_target(Some(Path::new("main"))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,7 @@
+//! The reference supervisor (`handoff-supervisor`) and its client (`handoffctl`).
+
+pub mod config;
+pub mod ctl;
+pub mod notify;
+pub mod report;
+pub mod server;

@@ -1,0 +1,923 @@
+//! The supervisor process: one single-threaded mio loop over the handoff engine, the
+//! trigger socket and its clients, and the signals.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream as StdUnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use handoff_io_mio::{Supervisor, SupervisorEvent, Tokens};
+use handoff_io_std::engine::SupervisorEngine;
+use handoff_io_std::error::Error as HandoffError;
+use handoff_io_std::supervisor::SpawnSpec;
+use handoff_io_std::sys::peercred::{bind_unix_listener_0600, peer_credentials};
+use handoff_io_std::sys::spawn::{wait_any, Watched};
+use handoff_io_std::{InheritedListeners, ListenerKind};
+use handoff_proto::{HandoffId, Verdict};
+use mio::net::{UnixListener as MioUnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::config::{Addr, Config, Kind};
+use crate::notify::{self, Notifier};
+use crate::report::{self, Ending, Last, Snapshot, Stats};
+
+/// A client sending nothing for this long (while no answer is pending) is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest command line accepted.
+pub const MAX_LINE: usize = 4096;
+/// Unanswered input a client may pipeline.
+const MAX_INPUT: usize = 4 * MAX_LINE;
+/// Answers a client has not read yet; beyond this it is cut off.
+const MAX_OUTPUT: usize = 1 << 20;
+/// Clients served at once.
+pub const MAX_CLIENTS: usize = 64;
+/// First and last wait between two recovery attempts.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// See [`BACKOFF_MIN`].
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A daemon that served this long before it died resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
+
+const TRIGGER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const ENGINE: Tokens = Tokens {
+    start: 16,
+    len: 1024,
+};
+const CLIENT_BASE: usize = 4096;
+
+fn log(msg: impl std::fmt::Display) {
+    eprintln!("handoff-supervisor[{}]: {msg}", std::process::id());
+}
+
+/// A fatal start-up or loop error.
+#[derive(Debug)]
+pub struct Fatal(pub String);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+fn fatal(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> Fatal {
+    move |e| Fatal(format!("{what}: {e}"))
+}
+
+#[derive(Debug)]
+struct Client {
+    stream: UnixStream,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    last_active: Instant,
+    /// A `handoff` of this client runs: its answer comes with the outcome.
+    waiting: bool,
+    read_closed: bool,
+    /// Close once the output is written (an error ended the conversation).
+    closing: bool,
+    writable_registered: bool,
+}
+
+#[derive(Debug)]
+struct Current {
+    id: HandoffId,
+    waiter: Option<usize>,
+    binary: PathBuf,
+}
+
+/// The supervisor.
+pub struct Server {
+    cfg: Config,
+    poll: Poll,
+    sup: Option<Supervisor>,
+    trigger: MioUnixListener,
+    trigger_id: (u64, u64),
+    signals: Signals,
+    clients: BTreeMap<usize, Client>,
+    notifier: Notifier,
+    stats: Stats,
+    current: Option<Current>,
+    /// The binary of the last commit (for `status` when /proc cannot tell).
+    serving_binary: Option<PathBuf>,
+    last_error: Option<String>,
+    recovering: bool,
+    backoff: Duration,
+    gate_until: Option<Instant>,
+    recovered_at: Option<Instant>,
+    ready_sent: bool,
+    /// SIGTERM/SIGINT arrived: stop once the running handoff (if any) has ended.
+    stopping: bool,
+    /// Committed successors: our children, reaped on SIGCHLD.
+    children: Vec<Child>,
+}
+
+/// Bind (or take from systemd) the configured listeners and configure the engine.
+fn listeners(
+    cfg: &Config,
+    mut engine: SupervisorEngine,
+    inherited: &mut InheritedListeners,
+) -> Result<SupervisorEngine, Fatal> {
+    for l in &cfg.listeners {
+        let taken: Option<OwnedFd> = match l.kind {
+            Kind::Tcp => inherited.take(&l.name).map(OwnedFd::from),
+            Kind::Udp => inherited.take_udp(&l.name).map(OwnedFd::from),
+            Kind::Unix => inherited.take_unix(&l.name).map(OwnedFd::from),
+        };
+        if let Some(fd) = taken {
+            log(format!("listener {:?}: inherited from systemd", l.name));
+            engine = engine.with_listener_fd(&l.name, fd.as_fd());
+            continue;
+        }
+        let bound: io::Result<OwnedFd> = match (&l.addr, l.kind) {
+            (Addr::Inet(a), Kind::Tcp) => TcpListener::bind(a).map(OwnedFd::from),
+            (Addr::Inet(a), Kind::Udp) => UdpSocket::bind(a).map(OwnedFd::from),
+            (Addr::Path(p), Kind::Unix) => bind_unix(p).map(OwnedFd::from),
+            _ => unreachable!("config checks the address against the kind"),
+        };
+        match bound {
+            Ok(fd) => engine = engine.with_listener_fd(&l.name, fd.as_fd()),
+            // Held by the serving daemon after our own restart: take it back from it.
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                log(format!(
+                    "listener {:?} ({:?}): address in use; expecting it from the serving daemon",
+                    l.name, l.addr
+                ));
+                let kind = match l.kind {
+                    Kind::Tcp => ListenerKind::Tcp,
+                    Kind::Udp => ListenerKind::Udp,
+                    Kind::Unix => ListenerKind::UnixStream,
+                };
+                engine = engine.expect_listener(&l.name, kind);
+            }
+            Err(e) => {
+                return Err(Fatal(format!(
+                    "listener {:?}: cannot bind {:?}: {e}",
+                    l.name, l.addr
+                )))
+            }
+        }
+    }
+    Ok(engine)
+}
+
+/// Bind a Unix listener at `p`. A socket file nobody listens on is stale and replaced; one
+/// somebody listens on is `AddrInUse`.
+fn bind_unix(p: &Path) -> io::Result<UnixListener> {
+    match UnixListener::bind(p) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => match StdUnixStream::connect(p) {
+            Ok(_) => Err(e),
+            Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(p)?;
+                UnixListener::bind(p)
+            }
+            Err(_) => Err(e),
+        },
+        r => r,
+    }
+}
+
+impl Server {
+    /// Set everything up and start the first recovery (which cold-starts the daemon if
+    /// nobody serves). `inherited`: what systemd passed us (socket activation).
+    pub fn start(
+        cfg: Config,
+        mut inherited: InheritedListeners,
+        notifier: Notifier,
+    ) -> Result<Server, Fatal> {
+        // Another supervisor listening on the trigger socket: do not steal it.
+        if StdUnixStream::connect(&cfg.trigger_socket).is_ok() {
+            return Err(Fatal(format!(
+                "trigger socket {} is in use by a running supervisor",
+                cfg.trigger_socket.display()
+            )));
+        }
+        let spec = cold_spec(&cfg, cfg.binary.clone());
+        let engine = SupervisorEngine::new(&cfg.control_socket)
+            .map_err(|e| Fatal(e.to_string()))?
+            .with_journal(&cfg.journal)
+            .with_cold_start(spec);
+        let engine = listeners(&cfg, engine, &mut inherited)?;
+        for name in inherited.names() {
+            log(format!(
+                "inherited listener {name:?} is not configured; closed"
+            ));
+        }
+        drop(inherited);
+
+        let std_trigger = bind_unix_listener_0600(&cfg.trigger_socket).map_err(fatal(format!(
+            "trigger socket {}",
+            cfg.trigger_socket.display()
+        )))?;
+        std_trigger
+            .set_nonblocking(true)
+            .map_err(fatal("trigger socket"))?;
+        let meta = std::fs::metadata(&cfg.trigger_socket).map_err(fatal("trigger socket"))?;
+        let mut trigger = MioUnixListener::from_std(std_trigger);
+        let poll = Poll::new().map_err(fatal("epoll"))?;
+        poll.registry()
+            .register(&mut trigger, TRIGGER, Interest::READABLE)
+            .map_err(fatal("register"))?;
+        let mut signals =
+            Signals::new([SIGHUP, SIGTERM, SIGINT, SIGCHLD]).map_err(fatal("signals"))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(fatal("register"))?;
+        let mut sup = Supervisor::new(engine, poll.registry(), ENGINE).map_err(fatal("engine"))?;
+        sup.start_recovery()
+            .map_err(|e| Fatal(format!("recovery: {e}")))?;
+        let me = Server {
+            cfg,
+            poll,
+            sup: Some(sup),
+            trigger,
+            trigger_id: (meta.dev(), meta.ino()),
+            signals,
+            clients: BTreeMap::new(),
+            notifier,
+            stats: Stats::default(),
+            current: None,
+            serving_binary: None,
+            last_error: None,
+            // The first recovery runs (start_recovery above).
+            recovering: true,
+            backoff: BACKOFF_MIN,
+            gate_until: Some(Instant::now() + BACKOFF_MIN),
+            recovered_at: None,
+            ready_sent: false,
+            stopping: false,
+            children: Vec::new(),
+        };
+        me.notify(&notify::status(
+            "recovering: looking for the serving daemon",
+        ));
+        log(format!(
+            "trigger socket {}; control socket {}",
+            me.cfg.trigger_socket.display(),
+            me.cfg.control_socket.display()
+        ));
+        Ok(me)
+    }
+
+    fn sup(&mut self) -> &mut Supervisor {
+        self.sup.as_mut().expect("the engine runs until the stop")
+    }
+
+    fn notify(&self, state: &str) {
+        if let Err(e) = self.notifier.send(state) {
+            log(format!("sd_notify: {e}"));
+        }
+    }
+
+    /// Run until SIGTERM/SIGINT, then stop the daemon.
+    pub fn run(mut self) -> Result<(), Fatal> {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let now = Instant::now();
+            let timeout = self
+                .next_deadline()
+                .map(|t| t.saturating_duration_since(now));
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Fatal(format!("poll: {e}"))),
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    TRIGGER => self.accept(),
+                    SIGNALS => self.signals(),
+                    t if t.0 >= CLIENT_BASE => self.client_ready(t.0, ev.is_writable()),
+                    _ => {
+                        if let Err(e) = self.sup().handle_event(ev) {
+                            log(format!("engine registration: {e}"));
+                        }
+                    }
+                }
+            }
+            self.engine_time();
+            self.engine_events();
+            self.client_timeouts();
+            if self.stopping && self.current.is_none() {
+                return self.stop();
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let sup = self.sup.as_ref()?;
+        let mut t = sup.poll_timeout();
+        if self.recovering {
+            if let Some(g) = self.gate_until {
+                t = t.map(|t| t.max(g));
+            }
+        }
+        let idle = self
+            .clients
+            .values()
+            .filter(|c| !c.waiting)
+            .map(|c| c.last_active + IDLE_TIMEOUT)
+            .min();
+        [t, idle].into_iter().flatten().min()
+    }
+
+    /// Let time pass for the engine; while recovering, no more often than the backoff allows
+    /// (each recovery attempt, and each cold start, waits for a timer of the engine).
+    fn engine_time(&mut self) {
+        let now = Instant::now();
+        if self.recovering {
+            let due = self.sup().poll_timeout().is_some_and(|t| t <= now);
+            if !due || self.gate_until.is_some_and(|g| now < g) {
+                return;
+            }
+            self.gate_until = Some(now + self.backoff);
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        }
+        if let Err(e) = self.sup().handle_timeout() {
+            log(format!("engine registration: {e}"));
+        }
+    }
+
+    fn engine_events(&mut self) {
+        while let Some(ev) = self.sup.as_mut().and_then(Supervisor::poll_event) {
+            match ev {
+                SupervisorEvent::Recovered(r) => {
+                    self.stats.recoveries += 1;
+                    self.last_error = None;
+                    self.recovered_at = Some(Instant::now());
+                    log(format!(
+                        "recovered: pid {} serves ({:?})",
+                        r.serving, r.resolution
+                    ));
+                    if !self.ready_sent {
+                        self.ready_sent = true;
+                        self.notify(&format!(
+                            "READY=1\nMAINPID={}\n{}",
+                            std::process::id(),
+                            notify::status(&format!("serving: pid {}", r.serving))
+                        ));
+                    } else {
+                        self.notify(&notify::status(&format!(
+                            "serving: pid {} (recovered)",
+                            r.serving
+                        )));
+                    }
+                }
+                SupervisorEvent::Outcome(o) => self.outcome(o),
+                SupervisorEvent::Failed(e) => {
+                    let msg = e.to_string();
+                    log(format!(
+                        "recovery: {msg} (next attempt in {:?})",
+                        self.backoff
+                    ));
+                    self.notify(&notify::status(&format!("recovering: {msg}")));
+                    self.last_error = Some(msg);
+                }
+            }
+        }
+        let Some(sup) = self.sup.as_ref() else { return };
+        let recovering = sup.needs_recovery() && self.current.is_none();
+        if recovering && !self.recovering {
+            let now = Instant::now();
+            if self
+                .recovered_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= STABLE)
+            {
+                self.backoff = BACKOFF_MIN;
+            }
+            self.gate_until = Some(now + self.backoff);
+            if self.recovered_at.is_some() {
+                log("the serving daemon is gone: recovering");
+                self.notify(&notify::status("recovering: the serving daemon is gone"));
+            }
+        }
+        self.recovering = recovering;
+    }
+
+    fn outcome(&mut self, o: handoff_io_std::supervisor::HandoffOutcome) {
+        let ending = match o.verdict {
+            Verdict::Committed { .. } => Ending::Committed,
+            Verdict::RolledBack { .. } => Ending::RolledBack,
+            Verdict::IncumbentLost { .. } => Ending::Lost,
+        };
+        let line = report::handoff_line(o.handoff_id, o.committed, &o.abort_reason);
+        log(format!(
+            "handoff {}: {:?} in {:?} ({:?})",
+            o.handoff_id, ending, o.times.total, o.abort_reason
+        ));
+        self.stats.ended(Last {
+            id: o.handoff_id,
+            ending,
+            abort_reason: o.abort_reason.clone(),
+            times: o.times,
+        });
+        let current = self.current.take();
+        if let Some(c) = &current {
+            if o.committed {
+                self.serving_binary = Some(c.binary.clone());
+            }
+            if let Some(k) = c.waiter {
+                if let Some(cl) = self.clients.get_mut(&k) {
+                    cl.waiting = false;
+                    cl.last_active = Instant::now();
+                    queue(cl, &line);
+                }
+                // Go on with what it sent meanwhile, and flush the answer.
+                self.process(k);
+            }
+        }
+        if let Some(child) = o.child {
+            self.children.push(child);
+        }
+        let status = match ending {
+            Ending::Committed => format!("serving: pid {:?} (handoff committed)", o.serving),
+            Ending::RolledBack => format!("serving: pid {:?} (handoff rolled back)", o.serving),
+            Ending::Lost => "recovering: the handoff lost the daemon".to_string(),
+        };
+        self.notify(&format!("READY=1\n{}", notify::status(&status)));
+    }
+
+    fn state(&self) -> &'static str {
+        if self.current.is_some() {
+            "handoff"
+        } else if self.stopping {
+            "stopping"
+        } else if self.recovering || self.sup.as_ref().is_some_and(Supervisor::needs_recovery) {
+            // The engine starts a recovery on its own when the daemon dies outside a handoff.
+            "recovering"
+        } else {
+            "idle"
+        }
+    }
+
+    fn snapshot(&self) -> (Option<u32>, Option<String>) {
+        let pid = self.sup.as_ref().and_then(Supervisor::serving);
+        let binary = pid.map(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .ok()
+                .or_else(|| self.serving_binary.clone())
+                .unwrap_or_else(|| self.cfg.binary.clone())
+                .display()
+                .to_string()
+        });
+        (pid, binary)
+    }
+
+    fn status_line(&self) -> String {
+        let (serving_pid, binary) = self.snapshot();
+        report::status_line(
+            &Snapshot {
+                state: self.state(),
+                serving_pid,
+                binary,
+                current: self.current.as_ref().map(|c| c.id),
+                error: self.last_error.as_deref(),
+            },
+            &self.stats,
+        )
+    }
+
+    fn metrics(&self) -> String {
+        let (serving_pid, binary) = self.snapshot();
+        report::metrics(
+            &Snapshot {
+                state: self.state(),
+                serving_pid,
+                binary,
+                current: self.current.as_ref().map(|c| c.id),
+                error: self.last_error.as_deref(),
+            },
+            &self.stats,
+        )
+    }
+
+    /// Start a handoff to `target` (`None`: the configured binary): the answer line now, or
+    /// `None` when the answer comes with the outcome.
+    fn start_handoff(&mut self, target: Option<&Path>, waiter: Option<usize>) -> Option<String> {
+        if self.stopping {
+            return Some("error: shutting down".into());
+        }
+        if let Some(c) = &self.current {
+            self.stats.busy += 1;
+            return Some(format!("busy: handoff {} in progress", c.id));
+        }
+        let binary = match self.cfg.resolve_target(target) {
+            Ok(b) => b,
+            Err(e) => return Some(format!("error: {e}")),
+        };
+        let mut spec = cold_spec(&self.cfg, binary.clone());
+        spec.drain_grace = self.cfg.drain_grace;
+        spec.deadline = self.cfg.deadline;
+        match self.sup().trigger(spec) {
+            Ok(id) => {
+                self.stats.handoffs += 1;
+                log(format!("handoff {id}: to {}", binary.display()));
+                self.current = Some(Current { id, waiter, binary });
+                self.notify(&format!(
+                    "RELOADING=1\nMONOTONIC_USEC={}\n{}",
+                    notify::monotonic_usec(),
+                    notify::status(&format!("handoff {id} in progress"))
+                ));
+                None
+            }
+            Err(HandoffError::Busy(b)) => {
+                self.stats.busy += 1;
+                Some(match b.handoff {
+                    Some(h) => format!("busy: handoff {h} in progress"),
+                    None => "busy: recovering".to_string(),
+                })
+            }
+            Err(e) => Some(format!("error: {}", one_line(&e.to_string()))),
+        }
+    }
+
+    // ---- signals ----
+
+    fn signals(&mut self) {
+        let got: Vec<i32> = self.signals.pending().collect();
+        for sig in got {
+            match sig {
+                SIGHUP => {
+                    log("SIGHUP: handoff to the configured binary");
+                    if let Some(answer) = self.start_handoff(None, None) {
+                        log(format!("SIGHUP: {answer}"));
+                    }
+                }
+                SIGTERM | SIGINT => {
+                    if self.stopping {
+                        log("second stop signal: stopping now");
+                        self.current = None;
+                    } else {
+                        self.stopping = true;
+                        self.notify(&format!(
+                            "STOPPING=1\n{}",
+                            notify::status("stopping the daemon")
+                        ));
+                        if let Some(c) = &self.current {
+                            log(format!(
+                                "stop requested: waiting for handoff {} to end",
+                                c.id
+                            ));
+                        }
+                    }
+                }
+                SIGCHLD => self.reap(),
+                _ => {}
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        self.children
+            .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+    }
+
+    /// Stop the daemon: SIGTERM, up to `drain_grace_secs` for it to exit, then SIGKILL.
+    fn stop(mut self) -> Result<(), Fatal> {
+        let serving = self.sup.as_ref().and_then(Supervisor::serving);
+        // Without the engine nobody restarts the daemon when it exits.
+        drop(self.sup.take());
+        let mut pids: Vec<u32> = serving.into_iter().collect();
+        for p in our_children() {
+            if !pids.contains(&p) {
+                pids.push(p);
+            }
+        }
+        let watched: Vec<Watched> = pids.iter().filter_map(|&p| Watched::open(p).ok()).collect();
+        for w in &watched {
+            log(format!("stopping pid {} (SIGTERM)", w.pid()));
+            let _ = w.signal(rustix::process::Signal::TERM);
+        }
+        let all: Vec<&Watched> = watched.iter().collect();
+        let left = wait_all(&all, self.cfg.drain_grace);
+        for w in &left {
+            log(format!(
+                "pid {} still runs after {:?}: SIGKILL",
+                w.pid(),
+                self.cfg.drain_grace
+            ));
+            let _ = w.kill();
+        }
+        let _ = wait_all(&left, Duration::from_secs(5));
+        self.reap();
+        // Remove the trigger socket if it is still ours.
+        if std::fs::metadata(&self.cfg.trigger_socket)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.trigger_id)
+        {
+            let _ = std::fs::remove_file(&self.cfg.trigger_socket);
+        }
+        log("stopped");
+        Ok(())
+    }
+
+    // ---- the trigger socket ----
+
+    fn accept(&mut self) {
+        loop {
+            let (mut stream, _) = match self.trigger.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and the like: the connection stays queued; try at the next event.
+                    log(format!("trigger socket accept: {e}"));
+                    return;
+                }
+            };
+            let admitted = match peer_credentials(stream.as_fd()) {
+                Ok((pid, uid, _)) if self.cfg.trigger_uids.contains(&uid) => {
+                    let _ = pid;
+                    Ok(())
+                }
+                Ok((pid, uid, _)) => Err(format!("pid {pid} uid {uid} not allowed")),
+                Err(e) => Err(format!("peer credentials: {e}")),
+            };
+            if let Err(why) = admitted {
+                log(format!("trigger client refused: {why}"));
+                refuse(&mut stream, "error: not allowed\n");
+                continue;
+            }
+            if self.clients.len() >= MAX_CLIENTS {
+                refuse(&mut stream, "error: too many clients\n");
+                continue;
+            }
+            let key = (CLIENT_BASE..)
+                .find(|k| !self.clients.contains_key(k))
+                .expect("fewer clients than tokens");
+            if let Err(e) =
+                self.poll
+                    .registry()
+                    .register(&mut stream, Token(key), Interest::READABLE)
+            {
+                log(format!("register client: {e}"));
+                continue;
+            }
+            self.clients.insert(
+                key,
+                Client {
+                    stream,
+                    inbuf: Vec::new(),
+                    outbuf: Vec::new(),
+                    last_active: Instant::now(),
+                    waiting: false,
+                    read_closed: false,
+                    closing: false,
+                    writable_registered: false,
+                },
+            );
+            // Edge-triggered: what arrived before the registration is read now.
+            self.client_ready(key, false);
+        }
+    }
+
+    fn client_ready(&mut self, key: usize, _writable: bool) {
+        let Some(c) = self.clients.get_mut(&key) else {
+            return;
+        };
+        // Read what is there (edge-triggered: until WouldBlock).
+        let mut buf = [0u8; 4096];
+        while !c.read_closed && !c.closing {
+            match c.stream.read(&mut buf) {
+                Ok(0) => c.read_closed = true,
+                Ok(n) => {
+                    c.inbuf.extend_from_slice(&buf[..n]);
+                    c.last_active = Instant::now();
+                    if c.inbuf.len() > MAX_INPUT {
+                        queue(c, "error: too much input");
+                        c.closing = true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close(key);
+                    return;
+                }
+            }
+        }
+        self.process(key);
+    }
+
+    /// Answer the complete lines a client sent (one at a time: a `handoff` holds the rest
+    /// until its answer), write what is queued, close when done.
+    fn process(&mut self, key: usize) {
+        loop {
+            let Some(c) = self.clients.get_mut(&key) else {
+                return;
+            };
+            if c.waiting || c.closing {
+                break;
+            }
+            let line = match c.inbuf.iter().position(|b| *b == b'\n') {
+                Some(i) if i > MAX_LINE => {
+                    queue(c, "error: line too long");
+                    c.closing = true;
+                    break;
+                }
+                Some(i) => {
+                    let l: Vec<u8> = c.inbuf.drain(..=i).collect();
+                    l[..i].to_vec()
+                }
+                None if c.inbuf.len() > MAX_LINE => {
+                    queue(c, "error: line too long");
+                    c.closing = true;
+                    break;
+                }
+                // The last line of a client that closed its side without a newline.
+                None if c.read_closed && !c.inbuf.is_empty() => std::mem::take(&mut c.inbuf),
+                None => break,
+            };
+            let Ok(text) = String::from_utf8(line) else {
+                queue(c, "error: not UTF-8");
+                continue;
+            };
+            if let Some(answer) = self.command(key, text.trim()) {
+                if let Some(c) = self.clients.get_mut(&key) {
+                    queue(c, &answer);
+                }
+            }
+        }
+        self.flush(key);
+    }
+
+    /// One command; `None` when the answer comes later.
+    fn command(&mut self, key: usize, line: &str) -> Option<String> {
+        let (cmd, arg) = match line.split_once(char::is_whitespace) {
+            Some((c, a)) => (c, a.trim()),
+            None => (line, ""),
+        };
+        match (cmd, arg) {
+            ("", _) => None,
+            ("status", "") => Some(self.status_line()),
+            ("metrics", "") => Some(self.metrics()),
+            ("handoff", arg) => {
+                let target = (!arg.is_empty()).then(|| PathBuf::from(arg));
+                let answer = self.start_handoff(target.as_deref(), Some(key));
+                if answer.is_none() {
+                    if let Some(c) = self.clients.get_mut(&key) {
+                        c.waiting = true;
+                    }
+                }
+                answer
+            }
+            _ => Some(format!(
+                "error: unknown command: {} (commands: handoff [path], status, metrics)",
+                one_line(line)
+            )),
+        }
+    }
+
+    fn flush(&mut self, key: usize) {
+        let Some(c) = self.clients.get_mut(&key) else {
+            return;
+        };
+        while !c.outbuf.is_empty() {
+            match c.stream.write(&c.outbuf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    c.outbuf.drain(..n);
+                    c.last_active = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close(key);
+                    return;
+                }
+            }
+        }
+        let done = c.outbuf.is_empty()
+            && (c.closing || (c.read_closed && !c.waiting && c.inbuf.is_empty()));
+        if done || c.outbuf.len() > MAX_OUTPUT {
+            self.close(key);
+            return;
+        }
+        let want_write = !c.outbuf.is_empty();
+        if want_write != c.writable_registered {
+            let interest = if want_write {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if self
+                .poll
+                .registry()
+                .reregister(&mut c.stream, Token(key), interest)
+                .is_err()
+            {
+                self.close(key);
+                return;
+            }
+            c.writable_registered = want_write;
+        }
+    }
+
+    fn close(&mut self, key: usize) {
+        if let Some(mut c) = self.clients.remove(&key) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            if let Some(cur) = self.current.as_mut() {
+                if cur.waiter == Some(key) {
+                    // The handoff goes on; its answer has nobody to go to.
+                    cur.waiter = None;
+                }
+            }
+        }
+    }
+
+    fn client_timeouts(&mut self) {
+        let now = Instant::now();
+        let idle: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.waiting && now >= c.last_active + IDLE_TIMEOUT)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in idle {
+            self.close(k);
+        }
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("state", &self.state())
+            .field("clients", &self.clients.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn queue(c: &mut Client, line: &str) {
+    c.outbuf.extend_from_slice(line.as_bytes());
+    if !line.ends_with('\n') {
+        c.outbuf.push(b'\n');
+    }
+}
+
+/// Answer a client we do not serve with one line and close. What it sent is read first,
+/// so the close does not reset the connection before it read the line.
+fn refuse(stream: &mut UnixStream, line: &str) {
+    let mut buf = [0u8; 4096];
+    let _ = stream.read(&mut buf);
+    let _ = stream.write(line.as_bytes());
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+}
+
+fn cold_spec(cfg: &Config, binary: PathBuf) -> SpawnSpec {
+    SpawnSpec {
+        binary,
+        args: cfg.args.iter().map(OsString::from).collect(),
+        env: cfg
+            .env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect(),
+        drain_grace: cfg.drain_grace,
+        deadline: cfg.deadline,
+    }
+}
+
+/// Wait until every process in `watched` exited or `limit` passed; those still running.
+fn wait_all<'a>(watched: &[&'a Watched], limit: Duration) -> Vec<&'a Watched> {
+    let end = Instant::now() + limit;
+    let mut left: Vec<&Watched> = watched.to_vec();
+    loop {
+        left.retain(|w| !w.has_exited().unwrap_or(true));
+        let now = Instant::now();
+        if left.is_empty() || now >= end {
+            return left;
+        }
+        let _ = wait_any(&left, end - now);
+    }
+}
+
+/// Our direct children, from `/proc/*/stat`.
+fn our_children() -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = &s[s.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(me)
+        })
+        .collect()
+}

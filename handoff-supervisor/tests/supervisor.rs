@@ -1,0 +1,600 @@
+//! End-to-end tests of `handoff-supervisor` and `handoffctl`, with the tests crate's
+//! `testd` as the daemon (built first if missing). Every wait is bounded.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const CTL: &str = env!("CARGO_BIN_EXE_handoffctl");
+const SUP: &str = env!("CARGO_BIN_EXE_handoff-supervisor");
+
+/// `target/<profile>/testd`, built if it is not there yet.
+fn testd() -> PathBuf {
+    static BUILT: Mutex<()> = Mutex::new(());
+    let _g = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = Path::new(CTL).parent().unwrap().to_path_buf();
+    let path = dir.join("testd");
+    if !path.exists() {
+        let profile = dir.file_name().unwrap().to_str().unwrap().to_string();
+        let target = dir.parent().unwrap();
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "-p", "handoff-tests", "--bin", "testd"])
+            .env("CARGO_TARGET_DIR", target)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("cargo build testd");
+        assert!(st.success() && path.exists(), "cannot build testd");
+    }
+    path
+}
+
+struct Env {
+    dir: PathBuf,
+    config: PathBuf,
+    sup: Option<Child>,
+    /// Every daemon pid seen, killed at the end whatever happens.
+    seen: Vec<u32>,
+}
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+impl Env {
+    /// A directory with a config for testd; `extra` is appended to the top-level keys.
+    fn new(extra: &str, binary: Option<&Path>) -> Env {
+        let dir = PathBuf::from(format!(
+            "/tmp/hsup-t{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let binary = binary.map_or_else(testd, Path::to_path_buf);
+        let d = dir.display();
+        let text = format!(
+            "control_socket = \"{d}/ctl.sock\"\n\
+             trigger_socket = \"{d}/trig.sock\"\n\
+             binary = \"{}\"\n\
+             drain_grace_secs = 5\n\
+             deadline_secs = 20\n\
+             env = {{ TESTD_DATA = \"{d}/data\", TESTD_SOCK = \"{d}/ctl.sock\" }}\n\
+             {extra}\n\
+             [[listeners]]\nname = \"kv\"\naddr = \"{d}/kv.sock\"\nkind = \"unix\"\n",
+            binary.display()
+        );
+        let config = dir.join("handoff.toml");
+        std::fs::write(&config, text).unwrap();
+        Env {
+            dir,
+            config,
+            sup: None,
+            seen: Vec::new(),
+        }
+    }
+
+    fn trigger(&self) -> PathBuf {
+        self.dir.join("trig.sock")
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("sup.log"))
+            .unwrap();
+        let child = Command::new(SUP)
+            .arg("--config")
+            .arg(&self.config)
+            // The tests read the library's log lines: never let the caller's setting hide them.
+            .env("HANDOFF_LOG", "on")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.sup = Some(child);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sup.log")).unwrap_or_default()
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(CTL)
+            .arg("--socket")
+            .arg(self.trigger())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn status(&mut self) -> Option<String> {
+        let out = self.ctl(&["status"]);
+        let s = String::from_utf8(out.stdout).ok()?;
+        let pid = field(&s, "serving_pid").and_then(|p| p.parse().ok());
+        if let Some(p) = pid {
+            if !self.seen.contains(&p) {
+                self.seen.push(p);
+            }
+        }
+        out.status.success().then(|| s.trim_end().to_string())
+    }
+
+    /// Wait (bounded) until `status` satisfies `f`.
+    fn wait_status(&mut self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = self.status() {
+                if f(&s) {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn idle(&mut self) -> String {
+        self.wait_status("state=idle", |s| s.starts_with("state=idle "))
+    }
+
+    /// SIGTERM the supervisor and wait for it (bounded).
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.sup.take()?;
+        signal(c.id(), "TERM");
+        // Wait for its exit on a pidfd, bounded; kill it if it does not go.
+        let exited = handoff_io_std::sys::spawn::Watched::open(c.id())
+            .map(|w| {
+                !handoff_io_std::sys::spawn::wait_any(&[&w], Duration::from_secs(15))
+                    .unwrap_or_default()
+                    .is_empty()
+            })
+            .unwrap_or(true);
+        if !exited {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        c.wait().ok()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // A graceful stop stops the daemon too (bounded; SIGKILL after).
+        let _ = self.stop();
+        for p in &self.seen {
+            signal(*p, "KILL");
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .split(' ')
+        .filter_map(|w| w.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.trim_end())
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s[s.rfind(')')? + 2..].chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// `PING` over the daemon's Unix listener: the pid that answers.
+fn ping(env: &Env) -> u32 {
+    let mut s = UnixStream::connect(env.dir.join("kv.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"PING\n").unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap();
+    let line = String::from_utf8_lossy(&buf[..n]).to_string();
+    line.trim()
+        .strip_prefix("PONG ")
+        .and_then(|p| p.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("bad answer {line:?}"))
+}
+
+/// A raw client: send `text`, read until `done` says the answer is complete (bounded).
+fn raw(path: &Path, text: &[u8], done: impl Fn(&str) -> bool) -> String {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(text).unwrap();
+    if !text.ends_with(b"\n") {
+        // An unterminated last line: end the stream so it counts.
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !done(&String::from_utf8_lossy(&got)) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("read: {e} after {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+    String::from_utf8(got).unwrap()
+}
+
+const KEYS: [&str; 11] = [
+    "state",
+    "serving_pid",
+    "binary",
+    "current",
+    "last",
+    "handoff_id",
+    "abort_reason",
+    "phases",
+    "handoffs",
+    "recoveries",
+    "error",
+];
+
+#[test]
+fn handoff_through_handoffctl_commits() {
+    let mut env = Env::new("", None);
+    env.start();
+    let s = env.idle();
+    let first: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
+    assert_eq!(ping(&env), first);
+    // The status line: these keys, in this order.
+    let keys: Vec<&str> = s.split(' ').map(|w| w.split_once('=').unwrap().0).collect();
+    assert_eq!(keys, KEYS, "{s}");
+    assert_eq!(field(&s, "last"), Some("none"));
+    assert_eq!(field(&s, "binary"), Some(testd().to_str().unwrap()));
+
+    let out = env.ctl(&["handoff"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", env.log());
+    assert!(
+        stdout.starts_with("ok: handoff_id=")
+            && stdout.ends_with(" committed=true abort_reason=None\n"),
+        "{stdout}"
+    );
+    let id = field(&stdout["ok: ".len()..], "handoff_id")
+        .unwrap()
+        .to_string();
+
+    let s = env.idle();
+    let second: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
+    assert_ne!(first, second);
+    assert_eq!(ping(&env), second);
+    assert_eq!(field(&s, "last"), Some("committed"));
+    assert_eq!(field(&s, "handoff_id"), Some(id.as_str()));
+    assert_eq!(field(&s, "handoffs"), Some("1"));
+    let phases = field(&s, "phases").unwrap();
+    for p in [
+        "spawn_to_hello:",
+        ",drain:",
+        ",seal:",
+        ",commit:",
+        ",total:",
+    ] {
+        assert!(phases.contains(p), "{phases}");
+    }
+    assert!(phases.ends_with("ms"), "{phases}");
+
+    // --json
+    let out = env.ctl(&["--json", "status"]);
+    assert_eq!(out.status.code(), Some(0));
+    let j = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        j.starts_with("{\"ok\":true,\"command\":\"status\",\"status\":{\"state\":\"idle\",")
+            && j.contains(&format!("\"serving_pid\":{second},")),
+        "{j}"
+    );
+
+    // metrics: Prometheus text, ending with an empty line.
+    let m = raw(&env.trigger(), b"metrics\n", |t| t.ends_with("\n\n"));
+    for want in [
+        "# TYPE handoff_handoffs_total counter\nhandoff_handoffs_total 1\n",
+        "handoff_handoffs_committed_total 1\n",
+        "handoff_handoffs_rolled_back_total 0\n",
+        "handoff_handoffs_failed_total 0\n",
+        "handoff_phase_duration_seconds_count{phase=\"total\"} 1\n",
+        "handoff_last_phase_seconds{phase=\"drain\"} ",
+        &format!("handoff_serving_pid {second}\n"),
+    ] {
+        assert!(m.contains(want), "missing {want:?} in\n{m}");
+    }
+    let out = env.ctl(&["--json", "metrics"]);
+    let j = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(j.contains("\"handoff_handoffs_total\":1"), "{j}");
+
+    // Several commands on one connection, answered in order.
+    let both = raw(&env.trigger(), b"status\nstatus\nbogus\n", |t| {
+        t.lines().count() >= 3
+    });
+    let lines: Vec<&str> = both.lines().collect();
+    assert!(lines[0].starts_with("state=idle ") && lines[1].starts_with("state=idle "));
+    assert!(
+        lines[2].starts_with("error: unknown command: bogus"),
+        "{both}"
+    );
+
+    // SIGTERM: the daemon is stopped, the supervisor exits 0, the trigger socket is gone.
+    let st = env.stop().expect("supervisor stops within its bound");
+    assert!(st.success(), "{st:?}\n{}", env.log());
+    assert!(!alive(second), "daemon {second} still runs");
+    assert!(!env.trigger().exists());
+}
+
+#[test]
+fn trigger_while_busy_gets_busy() {
+    // The incumbent drains for 1.5 s: the handoff is in progress long enough.
+    let mut env = Env::new("", None);
+    let cfg = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("TESTD_SOCK", "TESTD_DRAIN_MS = \"1500\", TESTD_SOCK");
+    std::fs::write(&env.config, cfg).unwrap();
+    env.start();
+    env.idle();
+    let first = Command::new(CTL)
+        .arg("--socket")
+        .arg(env.trigger())
+        .arg("handoff")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let s = env.wait_status("state=handoff", |s| s.starts_with("state=handoff "));
+    let current = field(&s, "current").unwrap().to_string();
+    let out = env.ctl(&["handoff"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert_eq!(stdout, format!("busy: handoff {current} in progress\n"));
+    let out = env.ctl(&["--json", "handoff"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"busy\":"));
+    // status and metrics are answered at once during the handoff.
+    let t = Instant::now();
+    assert!(env.status().unwrap().starts_with("state=handoff "));
+    assert!(t.elapsed() < Duration::from_secs(1));
+
+    let out = first.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains(&format!("handoff_id={current} committed=true")),
+        "{stdout}"
+    );
+    let m = raw(&env.trigger(), b"metrics\n", |t| t.ends_with("\n\n"));
+    assert!(m.contains("handoff_triggers_busy_total 2\n"), "{m}");
+}
+
+#[test]
+fn only_allowed_binaries() {
+    let mut env = Env::new("", None);
+    // A second name for testd, allowed by `allowed_binaries`.
+    let v2 = env.dir.join("testd-v2");
+    std::os::unix::fs::symlink(testd(), &v2).unwrap();
+    let cfg = std::fs::read_to_string(&env.config).unwrap().replace(
+        "drain_grace_secs",
+        &format!(
+            "allowed_binaries = [\"{}\", \"/bin/false\"]\ndrain_grace_secs",
+            v2.display()
+        ),
+    );
+    std::fs::write(&env.config, cfg).unwrap();
+    env.start();
+    env.idle();
+    for bad in ["/bin/true", "relative/testd", "/nonexistent/x"] {
+        let out = env.ctl(&["handoff", bad]);
+        assert_eq!(out.status.code(), Some(4), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            err.contains(&format!("error: binary not allowed: {bad}")),
+            "{err}"
+        );
+    }
+    let s = env.idle();
+    assert_eq!(field(&s, "handoffs"), Some("0"));
+    let out = env.ctl(&["handoff", v2.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // An allowed binary that exits at once: the handoff rolls back, exit code 1.
+    let out = env.ctl(&["handoff", "/bin/false"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(" committed=false abort_reason=Some("),
+        "{stdout}"
+    );
+    let s = env.idle();
+    assert_eq!(field(&s, "last"), Some("rolled_back"));
+}
+
+#[test]
+fn trigger_socket_is_0600_and_checks_peers() {
+    let mut env = Env::new("", None);
+    env.start();
+    env.idle();
+    let mode = std::fs::metadata(env.trigger())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // handoffctl where `nobody` can run it.
+    let ctl = env.dir.join("handoffctl");
+    std::fs::copy(CTL, &ctl).unwrap();
+    let as_nobody = |env: &Env| {
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(&ctl)
+            .arg("--socket")
+            .arg(env.trigger())
+            .arg("handoff")
+            .output()
+            .unwrap()
+    };
+    // 0600: nobody cannot even connect.
+    let out = as_nobody(&env);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    // Opened up: connected, then refused by SO_PEERCRED with one line.
+    std::fs::set_permissions(env.trigger(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody(&env);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("error: not allowed"), "{err}");
+    assert!(env.log().contains("trigger client refused: pid "));
+    // Nothing happened, and we are still served.
+    let s = env.idle();
+    assert_eq!(field(&s, "handoffs"), Some("0"));
+}
+
+#[test]
+fn slow_and_bad_clients_do_not_block_others() {
+    let mut env = Env::new("", None);
+    env.start();
+    env.idle();
+    // A client that sent half a line and waits.
+    let mut slow = UnixStream::connect(env.trigger()).unwrap();
+    slow.write_all(b"sta").unwrap();
+    // A silent one.
+    let _silent = UnixStream::connect(env.trigger()).unwrap();
+    let t = Instant::now();
+    assert!(env.status().is_some());
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // A line longer than 4 KiB: one error line, then closed.
+    let long = vec![b'x'; 5000];
+    let answer = raw(&env.trigger(), &long, |_| false);
+    assert_eq!(answer, "error: line too long\n");
+    // The slow client finishes its line and is answered.
+    slow.write_all(b"tus\n").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = slow.read(&mut buf).unwrap();
+    let got = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(got.starts_with("state=idle "), "{got:?}\n{}", env.log());
+    // A last line without a newline, then end of stream: answered.
+    let a = raw(&env.trigger(), b"status", |t| t.ends_with('\n'));
+    assert!(a.starts_with("state=idle "), "{a}");
+}
+
+#[test]
+fn crash_respawn_and_restart_adoption() {
+    let mut env = Env::new("", None);
+    env.start();
+    let s = env.idle();
+    let first: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
+    // The daemon crashes: a new one is started.
+    signal(first, "KILL");
+    let s = env.wait_status("a new daemon", |s| {
+        s.starts_with("state=idle ") && field(s, "serving_pid") != Some(&first.to_string())
+    });
+    let second: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
+    assert_eq!(field(&s, "recoveries"), Some("2"));
+    assert_eq!(ping(&env), second);
+
+    // The supervisor is SIGKILLed; a new one adopts the daemon (its listener is in use, so
+    // it takes it back from the daemon) and hands off.
+    let mut c = env.sup.take().unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    env.start();
+    let s = env.wait_status("adoption", |s| {
+        s.starts_with("state=idle ") && field(s, "recoveries") == Some("1")
+    });
+    assert_eq!(
+        field(&s, "serving_pid"),
+        Some(second.to_string().as_str()),
+        "{}",
+        env.log()
+    );
+    assert!(env
+        .log()
+        .contains("address in use; expecting it from the serving daemon"));
+    let out = env.ctl(&["handoff"]);
+    assert_eq!(out.status.code(), Some(0), "{}", env.log());
+    let s = env.idle();
+    let third: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
+    assert_eq!(ping(&env), third);
+    assert!(env.stop().is_some_and(|s| s.success()));
+}
+
+#[test]
+fn a_daemon_that_never_comes_up_is_retried_with_backoff() {
+    let mut env = Env::new("", Some(Path::new("/bin/false")));
+    env.start();
+    env.wait_status("recovering", |s| s.starts_with("state=recovering "));
+    // Watch the first four cold starts arrive (bounded) and time the gaps between them. The
+    // engine alone retries every 50 ms (three gaps: ~150 ms); the backoff (100 ms, doubling,
+    // gating the engine's timer) makes them grow to ~100, ~100, ~200 ms. Load only makes gaps
+    // longer, so only lower bounds are checked.
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let starts = env.log().matches("started /bin/false cold").count();
+        while seen.len() < starts.min(4) {
+            seen.push(Instant::now());
+        }
+        assert!(
+            Instant::now() < until,
+            "{} cold starts in 20 s:\n{}",
+            seen.len(),
+            env.log()
+        );
+        std::thread::yield_now();
+    }
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("gaps between cold starts: {gaps:?}");
+    let total: Duration = gaps.iter().sum();
+    assert!(
+        gaps[2] >= Duration::from_millis(150) && total >= Duration::from_millis(300),
+        "gaps {gaps:?}: no backoff"
+    );
+    let out = env.ctl(&["handoff"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "busy: recovering\n");
+    assert!(env.stop().is_some_and(|s| s.success()));
+}
+
+#[test]
+fn bad_config_is_reported_with_key_and_line() {
+    let env = Env::new("colour = \"red\"", None);
+    let out = Command::new(SUP)
+        .arg("--config")
+        .arg(&env.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("colour") && err.contains("line 7"), "{err}");
+    let out = Command::new(CTL)
+        .args(["--socket", "/nonexistent/t", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let out = Command::new(CTL)
+        .args(["--socket", "/x", "frob"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+}
