@@ -546,8 +546,7 @@ fn a_daemon_that_never_comes_up_is_retried_with_backoff() {
     env.wait_status("recovering", |s| s.starts_with("state=recovering "));
     // Watch the first four cold starts arrive (bounded) and time the gaps between them. The
     // engine alone retries every 50 ms (three gaps: ~150 ms); the backoff (100 ms, doubling,
-    // gating the engine's timer) makes them grow to ~100, ~100, ~200 ms. Load only makes gaps
-    // longer, so only lower bounds are checked.
+    // gating the engine's timer) makes them ~100, ~100, ~200 ms (~400 ms in all).
     let until = Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();
     while seen.len() < 4 {
@@ -565,9 +564,10 @@ fn a_daemon_that_never_comes_up_is_retried_with_backoff() {
     }
     let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1] - w[0]).collect();
     eprintln!("gaps between cold starts: {gaps:?}");
+    // Only the sum is checked: a start delayed by load shortens the gap after it.
     let total: Duration = gaps.iter().sum();
     assert!(
-        gaps[2] >= Duration::from_millis(150) && total >= Duration::from_millis(300),
+        total >= Duration::from_millis(300),
         "gaps {gaps:?}: no backoff"
     );
     let out = env.ctl(&["handoff"]);

@@ -53,7 +53,7 @@ impl Site {
         }
         cmd.env("TESTD_DATA", self.dir.path().join("data"))
             .env("TESTD_SOCK", self.dir.path().join("ctl.sock"))
-            .env("TESTD_TIMING_MS", "100,1500,1500")
+            .env("TESTD_TIMING_MS", "100,4000,3000")
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());

@@ -41,8 +41,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let testd = PathBuf::from(&args[2]);
     let timing = Timing {
         heartbeat_interval: Duration::from_millis(100),
-        peer_silence: Duration::from_millis(1500),
-        slack: Duration::from_millis(1500),
+        peer_silence: Duration::from_millis(4000),
+        slack: Duration::from_millis(3000),
         retry_interval: Duration::from_millis(20),
     };
     let mut sup = SupervisorEngine::new(&sock)?
