@@ -4,16 +4,19 @@
 //! cargo run --release -p handoff-demo [-- --handoffs 20 --clients 8]
 //! ```
 //!
-//! It starts `kvd` (a key-value daemon with a real, fsynced, segmented log) under an embedded
-//! supervisor, puts it under load from concurrent clients (half on long-lived connections,
+//! It starts the reference supervisor (`handoff-supervisor`, socket-activated with the `kv`
+//! listener) with `kvd` (a key-value daemon with a real, fsynced, segmented log), puts it under
+//! load from concurrent clients (half on long-lived connections,
 //! half opening a new connection per request), hands it off again and again to fresh copies
 //! of the binary ("v2", "v3", …), once to a deliberately broken build that must roll back,
 //! then reads back every acknowledged write. It prints a progress line while it runs and a
 //! table at the end, and exits non-zero if any acknowledged write was lost, any connection was
 //! refused or reset, or a handoff ended otherwise than expected.
 //!
-//! The same binary is the daemon: started as `kvd …` (its file name begins with `kvd`), it
-//! runs `kvd` (see `handoff_demo::kvd`).
+//! The same binary is the daemon and the supervisor: started as `kvd …` (or under a file name
+//! beginning with `kvd`) it runs `kvd` (see `handoff_demo::kvd`); as `supervisor --config …` it
+//! runs `handoff-supervisor`. Handoffs are triggered over the supervisor's trigger socket, as
+//! `handoffctl` does.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Write};
@@ -23,8 +26,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use handoff::supervisor::{SpawnSpec, Supervisor};
-use handoff::Timing;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+
+use handoff::sys::spawn::{spawn_with_listeners, Command, Watched};
 
 /// How long any client operation may take before it counts as a stall failure.
 const IO_BOUND: Duration = Duration::from_secs(30);
@@ -237,9 +242,70 @@ fn copy_build(exe: &Path, work: &Path, name: &str) -> PathBuf {
     to
 }
 
+/// One command on the trigger socket, one line back (as `handoffctl` does).
+fn ask(trigger: &Path, line: &str) -> io::Result<String> {
+    let mut s = UnixStream::connect(trigger)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    Ok(answer.trim_end().to_string())
+}
+
+/// Wait (bounded, polling `status`) until the supervisor reports a serving daemon.
+fn wait_serving(trigger: &Path, log: &Path) -> u32 {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = ask(trigger, "status") {
+            if s.starts_with("state=idle ") {
+                if let Some(pid) = field(&s, "serving_pid").and_then(|p| p.parse().ok()) {
+                    return pid;
+                }
+            }
+        }
+        if Instant::now() > until {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("the supervisor did not start kvd within 30 s:\n{log}");
+        }
+        // A bounded poll of the status socket while the supervisor starts.
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+/// `key=value` from a status line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split(' ')
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// `handoff <path>` → whether it committed, and the abort reason.
+fn trigger_handoff(trigger: &Path, bin: &Path) -> io::Result<(bool, String)> {
+    let a = ask(trigger, &format!("handoff {}", bin.display()))?;
+    let committed = field(&a, "committed").ok_or_else(|| io::Error::other(a.clone()))? == "true";
+    let reason = a.split("abort_reason=").nth(1).unwrap_or("?").to_string();
+    Ok((committed, reason))
+}
+
+/// The last handoff's phase times, from `status` (`phases=name:<ms>ms,…`).
+fn last_phases(trigger: &Path) -> BTreeMap<String, Duration> {
+    let s = ask(trigger, "status").unwrap_or_default();
+    field(&s, "phases")
+        .unwrap_or("-")
+        .split(',')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once(':')?;
+            let ms: f64 = v.strip_suffix("ms")?.parse().ok()?;
+            Some((k.to_string(), Duration::from_secs_f64(ms / 1e3)))
+        })
+        .collect()
+}
+
 fn main() -> std::process::ExitCode {
     if handoff_demo::kvd::is_kvd_invocation() {
         return handoff_demo::kvd::main();
+    }
+    if std::env::args().nth(1).as_deref() == Some("supervisor") {
+        return handoff_supervisor::cli::cli(std::env::args().skip(2));
     }
     let o = opts();
     // Quiet daemons (they inherit our environment), unless asked otherwise.
@@ -256,36 +322,52 @@ fn main() -> std::process::ExitCode {
     let sock = work.0.join("kvd.sock");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let spec = |binary: PathBuf| SpawnSpec {
-        binary,
-        args: vec![
-            "kvd".into(),
-            "--data".into(),
-            data.clone().into_os_string(),
-            "--socket".into(),
-            sock.clone().into_os_string(),
-        ],
-        drain_grace: Duration::from_secs(5),
-        deadline: Duration::from_secs(20),
-        ..Default::default()
-    };
+    let trigger = work.0.join("trigger.sock");
     let v1 = copy_build(&exe, &work.0, "kvd-v1");
-    let sup = Supervisor::new(&sock)
-        .expect("supervisor")
-        .with_listener_fd("kv", &listener)
-        .with_timing(Timing::default())
-        .with_cold_start(spec(v1));
+    let config = work.0.join("handoff.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_socket = {sock:?}\n\
+             trigger_socket = {trigger:?}\n\
+             binary = {v1:?}\n\
+             args = [\"--data\", {data:?}, \"--socket\", {sock:?}]\n\
+             binary_dir = {dir:?}\n\
+             drain_grace_secs = 5\n\
+             deadline_secs = 20\n\n\
+             [[listeners]]\nname = \"kv\"\naddr = \"{addr}\"\n",
+            dir = work.0,
+        ),
+    )
+    .expect("write the configuration");
     println!(
-        "handoff demo: kvd on {addr}, {} clients ({} long-lived, {} connection-per-request), {} handoffs (#{} to a broken build)",
+        "handoff demo: handoff-supervisor with kvd on {addr}, {} clients ({} long-lived, {} connection-per-request), {} handoffs (#{} to a broken build)",
         o.clients,
         o.clients / 2,
         o.clients - o.clients / 2,
         o.handoffs,
         o.broken_at
     );
-    let first = sup.resume_from_journal().expect("start kvd");
-    println!("kvd v1 serving as pid {}", first.serving);
-
+    // The supervisor, socket-activated as systemd would start it: the `kv` listener at fd 3
+    // (`LISTEN_FDS`), its log in the work directory.
+    let sup_log = work.0.join("supervisor.log");
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args = vec![
+        "-c".into(),
+        "exec \"$0\" supervisor --config \"$1\" 2>>\"$2\"".into(),
+        exe.clone().into_os_string(),
+        config.clone().into_os_string(),
+        sup_log.clone().into_os_string(),
+    ];
+    cmd.inherit_stdio = false;
+    let mut sup_child =
+        spawn_with_listeners(&cmd, &[("kv", listener.as_fd())]).expect("start handoff-supervisor");
+    drop(listener);
+    let first = wait_serving(&trigger, &sup_log);
+    println!(
+        "kvd v1 serving as pid {first} under handoff-supervisor pid {}",
+        sup_child.id()
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
     let clients: Vec<_> = (0..o.clients)
@@ -350,34 +432,30 @@ fn main() -> std::process::ExitCode {
             format!("kvd-v{version}")
         };
         let bin = copy_build(&exe, &work.0, &name);
-        match sup.perform_handoff(spec(bin)) {
-            Ok(out) if out.committed != broken => {
-                if out.committed {
+        match trigger_handoff(&trigger, &bin) {
+            Ok((committed_now, reason)) if committed_now != broken => {
+                if committed_now {
                     committed.fetch_add(1, Ordering::Relaxed);
-                    times.push(out.times);
-                    if let Some(mut child) = out.child {
-                        // Reaped when it retires, so no zombie piles up.
-                        std::thread::spawn(move || child.wait());
-                    }
+                    times.push(last_phases(&trigger));
                 } else {
                     rolled_back.fetch_add(1, Ordering::Relaxed);
+                    let total = last_phases(&trigger)
+                        .get("total")
+                        .copied()
+                        .unwrap_or_default();
                     println!(
-                        "\n  #{i} {name}: rolled back as expected ({}) in {}",
-                        out.abort_reason.map_or("?".into(), |r| r.to_string()),
-                        ms(out.times.total)
+                        "\n  #{i} {name}: rolled back as expected ({reason}) in {}",
+                        ms(total)
                     );
                 }
             }
-            Ok(out) => {
+            Ok((committed_now, reason)) => {
                 unexpected.fetch_add(1, Ordering::Relaxed);
-                println!(
-                    "\n  #{i} {name}: UNEXPECTED: committed={} ({:?})",
-                    out.committed, out.abort_reason
-                );
+                println!("\n  #{i} {name}: UNEXPECTED: committed={committed_now} ({reason})");
             }
             Err(e) => {
                 unexpected.fetch_add(1, Ordering::Relaxed);
-                println!("\n  #{i} {name}: handoff call failed: {e}");
+                println!("\n  #{i} {name}: trigger failed: {e}");
             }
         }
     }
@@ -416,8 +494,8 @@ fn main() -> std::process::ExitCode {
 
     let c = &counters;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let phase = |f: fn(&handoff::proto::PhaseTimes) -> Option<Duration>| {
-        let mut v: Vec<Duration> = times.iter().filter_map(f).collect();
+    let phase = |key: &str| {
+        let mut v: Vec<Duration> = times.iter().filter_map(|t| t.get(key).copied()).collect();
         v.sort();
         (pct(&v, 0.5), pct(&v, 0.99))
     };
@@ -458,19 +536,16 @@ fn main() -> std::process::ExitCode {
         "phase (committed handoffs)", "p50", "p99"
     );
     println!("  {:-<38}  {:->10}  {:->10}", "", "", "");
-    for (name, f) in [
-        (
-            "spawn → hello",
-            (|t: &handoff::proto::PhaseTimes| t.spawn_to_hello) as fn(&_) -> _,
-        ),
-        ("listeners passed", |t| t.listeners),
-        ("drain", |t| t.drain),
-        ("seal", |t| t.seal),
-        ("begin → ready", |t| t.begin_to_ready),
-        ("commit", |t| t.commit),
-        ("total", |t| Some(t.total)),
+    for (name, key) in [
+        ("spawn → hello", "spawn_to_hello"),
+        ("listeners passed", "listeners"),
+        ("drain", "drain"),
+        ("seal", "seal"),
+        ("begin → ready", "begin_to_ready"),
+        ("commit", "commit"),
+        ("total", "total"),
     ] {
-        let (p50, p99) = phase(f);
+        let (p50, p99) = phase(key);
         println!("  {name:<38}  {:>10}  {:>10}", ms(p50), ms(p99));
     }
     let ok = lost == 0
@@ -480,14 +555,18 @@ fn main() -> std::process::ExitCode {
         && get(&unexpected) == 0
         && get(&rolled_back) == u64::from(o.broken_at <= o.handoffs)
         && get(&c.acked) > 0;
-    // Stop the daemon: the serving pid holds the lock.
-    if let Some(pid) = sup.serving() {
-        if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
-            let _ = w.signal(rustix::process::Signal::TERM);
-            let _ = handoff::sys::spawn::wait_any(&[&w], Duration::from_secs(5));
+    // Stop: SIGTERM makes the supervisor stop kvd within its drain grace, then exit.
+    if let Ok(w) = Watched::open(sup_child.id()) {
+        let _ = w.signal(rustix::process::Signal::TERM);
+        if handoff::sys::spawn::wait_any(&[&w], Duration::from_secs(15))
+            .unwrap_or_default()
+            .is_empty()
+        {
+            println!("  the supervisor did not stop within 15 s; killing it");
             let _ = w.kill();
         }
     }
+    let _ = sup_child.wait();
     drop(progress);
     if ok {
         println!("\nOK: every acknowledged write survived {} handoffs; no connection was refused or reset.", get(&committed) + get(&rolled_back));

@@ -1,5 +1,6 @@
 //! The reference supervisor (`handoff-supervisor`) and its client (`handoffctl`).
 
+pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod notify;
