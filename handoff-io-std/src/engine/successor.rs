@@ -167,7 +167,8 @@ impl SuccessorEngine {
     /// shared) or if there is none. The engine keeps its own copy for the incumbent this
     /// process becomes.
     pub fn take_fd(&self, name: &str, kind: ListenerKind) -> Option<OwnedFd> {
-        if !self.machine.listeners_received() || self.machine.handoff().is_none() {
+        // Past `Begin` only: taking the lock (`begin`) or holding it.
+        if self.machine.begin().is_none() && !self.machine.holds_lock() {
             return None;
         }
         let h = self
