@@ -382,18 +382,20 @@ impl Successor {
     }
 
     /// After [`SuccessorEvent::Committed`]: the incumbent's endpoint, bound at `socket_path`
-    /// with this successor's timings, to configure further (`with_peer_policy`,
+    /// with this successor's timings and build id, to configure further (`with_peer_policy`,
     /// `with_build_id`) before [`Incumbent::new`].
     pub fn into_std_incumbent(mut self, socket_path: &Path) -> Result<handoff_io_std::Incumbent> {
         self.reg.deregister_all();
         let timing = self.timing;
+        let build = self.engine.build_id().to_string();
         let (lock, listeners) = self
             .engine
             .into_parts()
             .ok_or_else(|| Error::Protocol("not committed".into()))?;
         Ok(
             handoff_io_std::Incumbent::from_parts(socket_path, lock, listeners)?
-                .with_timing(timing),
+                .with_timing(timing)
+                .with_build_id(build),
         )
     }
 }
@@ -448,6 +450,11 @@ impl Supervisor {
     /// The serving daemon, when known.
     pub fn serving(&self) -> Option<proto::Pid> {
         self.engine.serving()
+    }
+
+    /// The build id the serving daemon reported, when known.
+    pub fn serving_build(&self) -> Option<&str> {
+        self.engine.serving_build()
     }
 
     /// Feed an event whose token this driver [`owns`](Self::owns).

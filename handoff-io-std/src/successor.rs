@@ -214,12 +214,14 @@ impl BegunSuccessor {
             s.absorb();
         }
         self.shared.waker.wake();
-        let (lock, received) = {
+        let (lock, received, build) = {
             let mut s = self.shared.wait_for(|s| s.committed.is_some())?;
             let engine = s.engine.take().expect("the engine stays until commit");
-            engine
+            let build = engine.build_id().to_string();
+            let (lock, received) = engine
                 .into_parts()
-                .ok_or(Error::Protocol("committed without the lock".into()))?
+                .ok_or(Error::Protocol("committed without the lock".into()))?;
+            (lock, received, build)
         };
         log!(
             ROLE,
@@ -227,7 +229,7 @@ impl BegunSuccessor {
             self.handoff,
             socket_path.display()
         );
-        Incumbent::new(socket_path, lock, received)
+        Ok(Incumbent::new(socket_path, lock, received)?.with_build_id(build))
     }
 }
 

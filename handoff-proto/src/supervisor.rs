@@ -246,6 +246,9 @@ struct Handoff {
     seal: Option<SealReport>,
     stage: Stage,
     marks: [Option<Instant>; 8],
+    /// Build ids the two daemons reported in `HelloAck`.
+    incumbent_build: Option<String>,
+    successor_build: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -279,6 +282,8 @@ struct Recovery {
     resolution: Option<(HandoffId, Resolution)>,
     wait_until: Instant,
     step: RecStep,
+    /// The last daemon that answered, with the build id it reported.
+    answered: Option<(Pid, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -322,6 +327,8 @@ pub struct Supervisor {
     cfg: SupervisorConfig,
     state: State,
     incumbent: Option<Pid>,
+    /// The build id the serving daemon reported.
+    serving_build: Option<String>,
     holds_listeners: bool,
     last_handoff: HandoffId,
     inc: Option<Channel>,
@@ -363,6 +370,7 @@ impl Supervisor {
             cfg,
             state: State::Idle,
             incumbent: None,
+            serving_build: None,
             holds_listeners,
             last_handoff,
             inc: None,
@@ -377,6 +385,11 @@ impl Supervisor {
     /// The serving daemon, when idle.
     pub fn incumbent(&self) -> Option<Pid> {
         self.incumbent
+    }
+
+    /// The build id the serving daemon reported in its `HelloAck`, when known.
+    pub fn serving_build(&self) -> Option<&str> {
+        self.serving_build.as_deref()
     }
 
     /// Whether a trigger would start a handoff now.
@@ -473,6 +486,8 @@ impl Supervisor {
             seal: None,
             stage: Stage::Spawning,
             marks: [None; 8],
+            incumbent_build: None,
+            successor_build: None,
         }));
         self.timers.set(T::Deadline as usize, now + spec.deadline);
         self.timers.set(
@@ -906,6 +921,7 @@ impl Supervisor {
                     return Err(self.violation(now, peer, e));
                 }
                 h.marks[Mark::Hello as usize] = Some(now);
+                h.successor_build = Some(ack.build_id.clone());
                 h.stage = Stage::PassingListeners;
                 let welcome = Message::Welcome {
                     handoff: h.id,
@@ -929,6 +945,7 @@ impl Supervisor {
                         return Ok(());
                     }
                     h.stage = Stage::Draining;
+                    h.incumbent_build = Some(ack.build_id.clone());
                     h.marks[Mark::Prepare as usize] = Some(now);
                     let prepare = Message::Prepare {
                         handoff: h.id,
@@ -941,6 +958,7 @@ impl Supervisor {
                 }
                 Stage::Aborting { step, reason, .. } if *step == AbortStep::Confirming => {
                     if ack.pid == h.incumbent && ack.status == DaemonStatus::Serving {
+                        h.incumbent_build = Some(ack.build_id.clone());
                         let v = Verdict::RolledBack {
                             incumbent: h.incumbent,
                             reason: reason.clone(),
@@ -960,6 +978,7 @@ impl Supervisor {
                 _ => Err(self.violation(now, peer, unexpected("HelloAck", "handoff"))),
             },
             (State::Recovering(r), Peer::Incumbent) if r.step == RecStep::Greeting => {
+                r.answered = Some((ack.pid, ack.build_id.clone()));
                 self.observe(now, Some((ack.pid, ack.status)));
                 Ok(())
             }
@@ -1336,6 +1355,14 @@ impl Supervisor {
             Verdict::RolledBack { incumbent, .. } => Some(*incumbent),
             Verdict::IncumbentLost { .. } => None,
         };
+        self.serving_build = match &verdict {
+            Verdict::Committed { .. } => h.successor_build.clone(),
+            Verdict::RolledBack { .. } => h
+                .incumbent_build
+                .clone()
+                .or_else(|| self.serving_build.take()),
+            Verdict::IncumbentLost { .. } => None,
+        };
         let rec = JournalRecord::Idle {
             serving,
             last_handoff: h.id,
@@ -1413,6 +1440,7 @@ impl Supervisor {
             resolution: None,
             wait_until: now + self.cfg.recovery_wait,
             step: RecStep::Connecting,
+            answered: None,
         });
         self.out.push_back(SupervisorOutput::Connect);
     }
@@ -1481,6 +1509,10 @@ impl Supervisor {
     fn adopt(&mut self, pid: Pid, resolution: Option<(HandoffId, Resolution)>) {
         self.drop_chan(Peer::Incumbent);
         if let State::Recovering(r) = &mut self.state {
+            self.serving_build = match &r.answered {
+                Some((p, build)) if *p == pid => Some(build.clone()),
+                _ => None,
+            };
             r.step = RecStep::Journaling { pid, resolution };
             let rec = JournalRecord::Idle {
                 serving: Some(pid),

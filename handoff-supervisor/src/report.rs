@@ -19,6 +19,7 @@
 //! | `handoffs` | handoffs started since the supervisor started |
 //! | `recoveries` | recoveries completed (the first one included) |
 //! | `error` | the last recovery error, cleared by a successful recovery, or `-` |
+//! | `build` | the build id the serving daemon reported in its handshake, or `-` |
 //!
 //! Values never contain a space: `%`, space, and control characters are written `%XX`
 //! (percent-encoding), so `value.split(' ')` then `split_once('=')` parses a line.
@@ -177,6 +178,8 @@ pub struct Snapshot<'a> {
     pub current: Option<HandoffId>,
     /// The last recovery error.
     pub error: Option<&'a str>,
+    /// The build id the serving daemon reported.
+    pub build: Option<&'a str>,
 }
 
 fn ms(d: Duration) -> String {
@@ -197,7 +200,7 @@ pub fn status_line(s: &Snapshot<'_>, stats: &Stats) -> String {
     });
     format!(
         "state={} serving_pid={} binary={} current={} last={} handoff_id={} abort_reason={} \
-         phases={} handoffs={} recoveries={} error={}",
+         phases={} handoffs={} recoveries={} error={} build={}",
         s.state,
         s.serving_pid.map_or_else(dash, |p| p.to_string()),
         s.binary.as_deref().map_or_else(dash, escape),
@@ -210,6 +213,7 @@ pub fn status_line(s: &Snapshot<'_>, stats: &Stats) -> String {
         stats.handoffs,
         stats.recoveries,
         s.error.map_or_else(dash, escape),
+        s.build.map_or_else(dash, escape),
     )
 }
 
@@ -340,11 +344,12 @@ mod tests {
             binary: None,
             current: None,
             error: None,
+            build: None,
         };
         assert_eq!(
             status_line(&snap, &stats),
             "state=idle serving_pid=- binary=- current=- last=none handoff_id=- \
-             abort_reason=- phases=- handoffs=0 recoveries=0 error=-"
+             abort_reason=- phases=- handoffs=0 recoveries=0 error=- build=-"
         );
         stats.handoffs = 1;
         stats.ended(Last {
@@ -359,6 +364,7 @@ mod tests {
             binary: Some("/opt/my d".into()),
             current: None,
             error: Some("cold start failed"),
+            build: Some("my-daemon 2.1"),
         };
         let line = status_line(&snap, &stats);
         assert_eq!(
@@ -366,7 +372,8 @@ mod tests {
             "state=idle serving_pid=42 binary=/opt/my%20d current=- last=rolled_back \
              handoff_id=00000000000000ab abort_reason=SpawnFailed(\"no%20such%20file\") \
              phases=spawn_to_hello:2.100ms,listeners:0.300ms,drain:-,seal:-,begin_to_ready:-,\
-             commit:-,total:5.000ms handoffs=1 recoveries=0 error=cold%20start%20failed"
+             commit:-,total:5.000ms handoffs=1 recoveries=0 error=cold%20start%20failed \
+             build=my-daemon%202.1"
         );
         for word in line.split(' ') {
             assert!(word.split_once('=').is_some(), "{word}");
@@ -393,6 +400,7 @@ mod tests {
             binary: None,
             current: None,
             error: None,
+            build: None,
         };
         let m = metrics(&snap, &stats);
         assert!(m.ends_with("\n\n"));

@@ -480,6 +480,7 @@ impl Server {
                 binary,
                 current: self.current.as_ref().map(|c| c.id),
                 error: self.last_error.as_deref(),
+                build: self.sup.as_ref().and_then(Supervisor::serving_build),
             },
             &self.stats,
         )
@@ -494,6 +495,7 @@ impl Server {
                 binary,
                 current: self.current.as_ref().map(|c| c.id),
                 error: self.last_error.as_deref(),
+                build: self.sup.as_ref().and_then(Supervisor::serving_build),
             },
             &self.stats,
         )

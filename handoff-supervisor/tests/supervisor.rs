@@ -240,7 +240,7 @@ fn raw(path: &Path, text: &[u8], done: impl Fn(&str) -> bool) -> String {
     String::from_utf8(got).unwrap()
 }
 
-const KEYS: [&str; 11] = [
+const KEYS: [&str; 12] = [
     "state",
     "serving_pid",
     "binary",
@@ -252,6 +252,7 @@ const KEYS: [&str; 11] = [
     "handoffs",
     "recoveries",
     "error",
+    "build",
 ];
 
 #[test]
@@ -266,6 +267,14 @@ fn handoff_through_handoffctl_commits() {
     assert_eq!(keys, KEYS, "{s}");
     assert_eq!(field(&s, "last"), Some("none"));
     assert_eq!(field(&s, "binary"), Some(testd().to_str().unwrap()));
+    // The build id from the daemon's handshake: testd started cold has the library's default
+    // (`<file name> <version>`); as a successor it says `testd <pid>`, and keeps it once it
+    // serves.
+    assert_eq!(
+        field(&s, "build"),
+        Some(format!("testd%20{}", env!("CARGO_PKG_VERSION")).as_str()),
+        "{s}"
+    );
 
     let out = env.ctl(&["handoff"]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -283,6 +292,10 @@ fn handoff_through_handoffctl_commits() {
     let second: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
     assert_ne!(first, second);
     assert_eq!(ping(&env), second);
+    assert_eq!(
+        field(&s, "build"),
+        Some(format!("testd%20{second}").as_str())
+    );
     assert_eq!(field(&s, "last"), Some("committed"));
     assert_eq!(field(&s, "handoff_id"), Some(id.as_str()));
     assert_eq!(field(&s, "handoffs"), Some("1"));

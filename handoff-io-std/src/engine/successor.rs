@@ -54,6 +54,7 @@ pub enum SuccessorEvent {
 #[derive(Debug)]
 pub struct SuccessorEngine {
     machine: handoff_proto::Successor,
+    build_id: String,
     conn: Option<Conn>,
     received: Vec<Held>,
     lock: Option<DataDirLock>,
@@ -73,13 +74,14 @@ impl SuccessorEngine {
     ) -> io::Result<SuccessorEngine> {
         let cfg = DaemonConfig {
             pid: std::process::id(),
-            build_id,
+            build_id: build_id.clone(),
             versions: SUPPORTED_VERSIONS,
             timing,
             listeners: Vec::new(),
         };
         Ok(SuccessorEngine {
             machine: handoff_proto::Successor::new(cfg, now),
+            build_id,
             conn: Some(Conn::new(chan)?),
             received: Vec::new(),
             lock: None,
@@ -155,6 +157,11 @@ impl SuccessorEngine {
             self.machine.handle_timeout(now);
             self.perform(now);
         }
+    }
+
+    /// The build id this successor answered with (the incumbent it becomes keeps it).
+    pub fn build_id(&self) -> &str {
+        &self.build_id
     }
 
     /// The names of the listeners received so far, in order.

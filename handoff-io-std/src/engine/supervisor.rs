@@ -205,6 +205,11 @@ impl SupervisorEngine {
         self.machine.as_ref().and_then(|m| m.incumbent())
     }
 
+    /// The build id the serving daemon reported in its `HelloAck`, when known.
+    pub fn serving_build(&self) -> Option<&str> {
+        self.machine.as_ref().and_then(|m| m.serving_build())
+    }
+
     /// Whether a trigger would be refused until a recovery has found whoever serves (none has
     /// run, or the serving daemon was lost).
     pub fn needs_recovery(&self) -> bool {
