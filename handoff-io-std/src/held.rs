@@ -63,19 +63,47 @@ pub(crate) fn take_all() -> Vec<Held> {
     std::mem::take(&mut *list())
 }
 
-/// Check that `name` can be sent as a listener name (unique, non-empty, no `:`).
-pub(crate) fn check_name(name: &str, existing: &[Held]) -> Result<()> {
+/// What is wrong with `name` as a listener name, given the names already `taken`: it must be
+/// non-empty, free of `:` and NUL (it travels in `LISTEN_FDNAMES`), and unique (names identify
+/// listeners across a handoff). One rule for the daemon and the supervisor sides.
+pub(crate) fn name_problem<'a>(
+    name: &str,
+    mut taken: impl Iterator<Item = &'a str>,
+) -> Option<String> {
     if name.is_empty() || name.contains(':') || name.contains('\0') {
-        return Err(Error::invalid(
-            format!("listener name {name:?}"),
-            "must be non-empty and contain no ':' or NUL",
+        return Some(format!(
+            "listener name {name:?} must be non-empty and contain no ':' or NUL"
         ));
     }
-    if existing.iter().any(|h| h.name == name) {
-        return Err(Error::invalid(
-            format!("listener name {name:?}"),
-            "is used twice; names identify listeners across a handoff",
+    if taken.any(|t| t == name) {
+        return Some(format!(
+            "listener name {name:?} is used twice; names identify listeners across a handoff"
         ));
     }
-    Ok(())
+    None
+}
+
+/// Check that `name` can be kept next to `existing` (see [`name_problem`]).
+pub(crate) fn check_name(name: &str, existing: &[Held]) -> Result<()> {
+    match name_problem(name, existing.iter().map(|h| h.name.as_str())) {
+        Some(detail) => Err(Error::invalid("listener name", detail)),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_problem;
+
+    #[test]
+    fn listener_names_must_be_plain_and_unique() {
+        let taken = ["http", "dns"];
+        assert_eq!(name_problem("admin", taken.into_iter()), None);
+        for bad in ["", "a:b", "nul\0"] {
+            let p = name_problem(bad, taken.into_iter()).expect("refused");
+            assert!(p.contains("non-empty"), "{p}");
+        }
+        let p = name_problem("dns", taken.into_iter()).expect("a duplicate");
+        assert!(p.contains("used twice"), "{p}");
+    }
 }

@@ -21,6 +21,8 @@
 //!
 //! `kvd` is taken from `target/<profile>/kvd` (built first if missing).
 
+mod common;
+
 use std::fs;
 use std::io::{self, BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -412,24 +414,7 @@ fn kill_mid_handoff(env: &mut Env, point: KillPoint, incumbent: u32) -> MidKill 
 
 /// `target/<profile>/kvd`, built if it is not there yet.
 fn kvd() -> PathBuf {
-    static BUILT: Mutex<()> = Mutex::new(());
-    let _g = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = Path::new(CTL).parent().unwrap().to_path_buf();
-    let path = dir.join("kvd");
-    if !path.exists() {
-        let profile = dir.file_name().unwrap().to_str().unwrap().to_string();
-        let target = dir.parent().unwrap();
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "-p", "handoff-demo", "--bin", "kvd"])
-            .env("CARGO_TARGET_DIR", target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile == "release" {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("cargo build kvd");
-        assert!(st.success() && path.exists(), "cannot build kvd");
-    }
-    path
+    common::workspace_bin("handoff-demo", "kvd")
 }
 
 static N: AtomicU32 = AtomicU32::new(0);

@@ -1,13 +1,14 @@
 //! End-to-end tests of `handoff-supervisor` and `handoffctl`, with the tests crate's
 //! `testd` as the daemon (built first if missing). Every wait is bounded.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const CTL: &str = env!("CARGO_BIN_EXE_handoffctl");
@@ -15,24 +16,7 @@ const SUP: &str = env!("CARGO_BIN_EXE_handoff-supervisor");
 
 /// `target/<profile>/testd`, built if it is not there yet.
 fn testd() -> PathBuf {
-    static BUILT: Mutex<()> = Mutex::new(());
-    let _g = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = Path::new(CTL).parent().unwrap().to_path_buf();
-    let path = dir.join("testd");
-    if !path.exists() {
-        let profile = dir.file_name().unwrap().to_str().unwrap().to_string();
-        let target = dir.parent().unwrap();
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "-p", "handoff-tests", "--bin", "testd"])
-            .env("CARGO_TARGET_DIR", target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile == "release" {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("cargo build testd");
-        assert!(st.success() && path.exists(), "cannot build testd");
-    }
-    path
+    common::workspace_bin("handoff-tests", "testd")
 }
 
 struct Env {

@@ -729,13 +729,8 @@ impl SupervisorEngine {
 }
 
 fn check_listener_name(name: &str, existing: &[Listener]) -> std::result::Result<(), String> {
-    if name.is_empty() || name.contains(':') || name.contains('\0') {
-        return Err(format!(
-            "listener name {name:?} must be non-empty and contain no ':' or NUL"
-        ));
+    match crate::held::name_problem(name, existing.iter().map(|l| l.name.as_str())) {
+        Some(problem) => Err(problem),
+        None => Ok(()),
     }
-    if existing.iter().any(|l| l.name == name) {
-        return Err(format!("listener name {name:?} is used twice"));
-    }
-    Ok(())
 }
