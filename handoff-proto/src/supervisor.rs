@@ -143,8 +143,9 @@ pub enum SupervisorOutput {
         peer: Peer,
     },
     /// The frame just decoded from the incumbent carried these listeners: take the
-    /// descriptors that came with it (recovery). On a mismatch call
-    /// [`Supervisor::handle_listener_error`].
+    /// descriptors that came with it (recovery) and check them, then call
+    /// [`Supervisor::handle_listeners_taken`], or [`Supervisor::handle_listener_error`] on a
+    /// mismatch. Recovery adopts the daemon only once every listener is taken and checked.
     TakeListeners {
         /// Names and kinds, in descriptor order.
         batch: Vec<ListenerInfo>,
@@ -257,7 +258,10 @@ enum RecStep {
     Greeting,
     Reclaiming {
         pid: Pid,
+        /// Listeners announced by the daemon so far.
         got: u32,
+        /// Listeners the driver took and checked so far.
+        taken: u32,
         resolution: Option<(HandoffId, Resolution)>,
     },
     RetryWait,
@@ -823,6 +827,33 @@ impl Supervisor {
         }
     }
 
+    /// The driver took and checked the `count` listener descriptors of a
+    /// [`SupervisorOutput::TakeListeners`]. When every configured listener is back, recovery
+    /// acknowledges them and adopts the daemon that returned them.
+    pub fn handle_listeners_taken(&mut self, _now: Instant, count: u32) {
+        let want = self.cfg.listeners.len() as u32;
+        let State::Recovering(r) = &mut self.state else {
+            return;
+        };
+        let RecStep::Reclaiming {
+            pid,
+            got,
+            taken,
+            resolution,
+        } = &mut r.step
+        else {
+            return;
+        };
+        *taken += count;
+        if *taken < want || *taken > *got {
+            return;
+        }
+        let (pid, resolution, count) = (*pid, *resolution, *taken);
+        self.send(Peer::Incumbent, Message::ListenersAck { count });
+        self.holds_listeners = true;
+        self.adopt(pid, resolution);
+    }
+
     /// Listener descriptors taken back during recovery did not match their announcement.
     pub fn handle_listener_error(&mut self, now: Instant, reason: String) {
         if let State::Recovering(r) = &mut self.state {
@@ -1055,16 +1086,9 @@ impl Supervisor {
     fn on_incumbent_message(&mut self, now: Instant, m: Message) -> Result<(), Error> {
         if let State::Recovering(r) = &mut self.state {
             return match (m, &mut r.step) {
-                (
-                    Message::Listeners { batch },
-                    RecStep::Reclaiming {
-                        got,
-                        pid,
-                        resolution,
-                    },
-                ) => {
+                (Message::Listeners { batch }, RecStep::Reclaiming { got, .. }) => {
                     *got += batch.len() as u32;
-                    let (got, pid, resolution) = (*got, *pid, *resolution);
+                    let got = *got;
                     let want = self.cfg.listeners.len() as u32;
                     if got > want {
                         let e = PeerMisbehaved::ListenerCount(format!(
@@ -1072,13 +1096,10 @@ impl Supervisor {
                         ));
                         return Err(self.violation(now, Peer::Incumbent, e));
                     }
+                    // Adopted in `handle_listeners_taken`, once the driver has the descriptors
+                    // and found them to be the configured listeners.
                     self.out
                         .push_back(SupervisorOutput::TakeListeners { batch });
-                    if got == want {
-                        self.send(Peer::Incumbent, Message::ListenersAck { count: got });
-                        self.holds_listeners = true;
-                        self.adopt(pid, resolution);
-                    }
                     Ok(())
                 }
                 (m, _) => {
@@ -1474,6 +1495,7 @@ impl Supervisor {
                         r.step = RecStep::Reclaiming {
                             pid,
                             got: 0,
+                            taken: 0,
                             resolution,
                         };
                     }

@@ -1646,6 +1646,9 @@ impl SupHarness {
                 }
                 SupervisorOutput::TakeListeners { batch } => {
                     prop_assert!(batch.len() <= self.n_listeners);
+                    // An honest driver: the descriptors arrived and are the configured ones.
+                    let now = self.clock.now();
+                    self.m.handle_listeners_taken(now, batch.len() as u32);
                 }
                 SupervisorOutput::SpawnSuccessor { handoff } => {
                     prop_assert_eq!(ctx, SupCtx::TriggerOk(handoff), "spawn without trigger");

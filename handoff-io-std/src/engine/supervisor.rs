@@ -591,10 +591,18 @@ impl SupervisorEngine {
                         l.fd = Some(fd);
                     }
                 }
+                self.machine_mut()
+                    .handle_listeners_taken(now, batch.len() as u32);
             }
             Err(why) => {
                 log!(ROLE, "listeners returned by the daemon: {why}");
-                self.machine_mut().handle_listener_error(now, why);
+                self.machine_mut().handle_listener_error(now, why.clone());
+                // The machine tries again; the caller learns why this attempt failed.
+                self.events
+                    .push_back(SupervisorEvent::Failed(Error::Protocol(format!(
+                        "the serving daemon returned listeners this supervisor does not have \
+                     configured: {why}"
+                    ))));
             }
         }
     }

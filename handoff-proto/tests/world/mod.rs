@@ -815,7 +815,13 @@ impl World {
                 }
                 self.gc_links();
             }
-            SupervisorOutput::TakeListeners { .. } => {}
+            SupervisorOutput::TakeListeners { batch } => {
+                // The driver takes the descriptors and finds them as configured.
+                let now = at(self.now);
+                if let Some(sup) = self.sup.as_mut() {
+                    sup.m.handle_listeners_taken(now, batch.len() as u32);
+                }
+            }
             SupervisorOutput::SpawnSuccessor { handoff: _ } => {
                 let pid = self.next_pid();
                 let build = cfg.builds[self.triggered as usize - 1];
