@@ -312,14 +312,19 @@ impl Incumbent {
     }
 
     /// The connection closed (EOF or error). If it carried a handoff, the supervisor is lost.
-    pub fn handle_closed(&mut self, _now: Instant, conn: ConnId) -> Result<(), Misuse> {
-        if self.conns.remove(&conn).is_none() {
-            return Err(Misuse::UnknownConnection(conn.0));
-        }
+    ///
+    /// A peer that stopped inside a frame is reported (as a [`PeerMisbehaved::Decode`] error)
+    /// after the connection is dealt with like any other close.
+    pub fn handle_closed(&mut self, _now: Instant, conn: ConnId) -> Result<(), Error> {
+        let Some(ch) = self.conns.remove(&conn) else {
+            return Err(Misuse::UnknownConnection(conn.0).into());
+        };
         if self.handoff_conn() == Some(conn) {
             self.lose_supervisor();
         }
-        Ok(())
+        ch.decoder
+            .finish()
+            .map_err(|e| PeerMisbehaved::Decode(e).into())
     }
 
     /// Bytes arrived on a connection.
@@ -383,7 +388,7 @@ impl Incumbent {
                 _ => Err(self.unexpected(conn, "Prepare")),
             },
             Message::Seal { handoff } => {
-                self.check_handoff(conn, handoff)?;
+                self.check_handoff(conn, handoff, "Seal")?;
                 match &mut self.phase {
                     Phase::Handoff(h) if h.step == Step::Drained => {
                         h.step = Step::Sealing;
@@ -394,7 +399,7 @@ impl Incumbent {
                 }
             }
             Message::Commit { handoff } => {
-                self.check_handoff(conn, handoff)?;
+                self.check_handoff(conn, handoff, "Commit")?;
                 match &self.phase {
                     Phase::Handoff(h) if h.step == Step::Sealed => {
                         self.send(conn, Message::CommitAck { handoff });
@@ -415,7 +420,7 @@ impl Incumbent {
                         return Ok(());
                     }
                 }
-                self.check_handoff(conn, handoff)?;
+                self.check_handoff(conn, handoff, "Abort")?;
                 if let Phase::Handoff(h) = &mut self.phase {
                     h.ack = true;
                 }
@@ -754,7 +759,13 @@ impl Incumbent {
             .push_back(IncumbentOutput::CallDrain { handoff: id, grace });
     }
 
-    fn check_handoff(&mut self, conn: ConnId, got: HandoffId) -> Result<(), Error> {
+    /// `kind` (a message naming handoff `got`) belongs to the handoff in progress on `conn`.
+    fn check_handoff(
+        &mut self,
+        conn: ConnId,
+        got: HandoffId,
+        kind: &'static str,
+    ) -> Result<(), Error> {
         match &self.phase {
             Phase::Handoff(h) if h.conn == Some(conn) && h.id == got => Ok(()),
             Phase::Handoff(h) if h.conn == Some(conn) => Err(self.violation(
@@ -764,7 +775,7 @@ impl Incumbent {
                     got,
                 },
             )),
-            _ => Err(self.unexpected(conn, "handoff message")),
+            _ => Err(self.unexpected(conn, kind)),
         }
     }
 

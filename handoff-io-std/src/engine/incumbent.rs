@@ -286,7 +286,9 @@ impl IncumbentEngine {
     fn closed(&mut self, now: Instant, id: ConnId) {
         if self.conns.remove(&id).is_some() {
             // The machine may have closed it already (after a Refused): then it is unknown.
-            let _ = self.machine.handle_closed(now, id);
+            if let Err(handoff_proto::Error::Peer(e)) = self.machine.handle_closed(now, id) {
+                log!(ROLE, "control connection {}: peer misbehaved: {e}", id.0);
+            }
         }
     }
 
