@@ -514,10 +514,17 @@ impl SupervisorEngine {
                 SupervisorOutput::SpawnColdStart => self.spawn_cold_start(now),
                 SupervisorOutput::Connect => self.connect(now),
                 SupervisorOutput::Watch { pid } => match Watched::open(pid) {
-                    Ok(w) => {
+                    Ok(w) if !w.has_exited().unwrap_or(false) => {
                         self.watched.insert(pid, w);
                     }
-                    Err(_) => self.machine_mut().handle_exited(now, pid),
+                    // Gone, or dead and not yet reaped (a daemon adopted after a restart is
+                    // not our child): report it now. Watching it would not do: the machine
+                    // asks again for a pid whose exit we just reported (an idle supervisor's
+                    // recovery watches the dead incumbent), the new pidfd then often gets the
+                    // number of the one just closed, under the same key, and a driver that
+                    // registers by (key, number) never polls it (the mio driver did not:
+                    // the recovery waited the whole recovery_wait before a cold start).
+                    _ => self.machine_mut().handle_exited(now, pid),
                 },
                 SupervisorOutput::Kill { pid } => {
                     let r = match self.watched.get(&pid) {
