@@ -50,6 +50,7 @@
 
 pub use handoff_proto as proto;
 
+pub mod crash;
 mod daemon;
 pub mod drainable;
 pub mod engine;

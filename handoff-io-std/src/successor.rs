@@ -229,7 +229,9 @@ impl BegunSuccessor {
             self.handoff,
             socket_path.display()
         );
-        Ok(Incumbent::new(socket_path, lock, received)?.with_build_id(build))
+        let incumbent = Incumbent::new(socket_path, lock, received)?.with_build_id(build);
+        crate::crash::point("successor.control_bound");
+        Ok(incumbent)
     }
 }
 

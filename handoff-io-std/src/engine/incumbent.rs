@@ -13,6 +13,7 @@ use handoff_proto::{
 };
 
 use super::Interest;
+use crate::crash;
 use crate::daemon::Incumbent;
 use crate::held::Held;
 use crate::log::log;
@@ -189,6 +190,10 @@ impl IncumbentEngine {
 
     /// The seal hook finished.
     pub fn sealed(&mut self, now: Instant, result: Result<SealReport, String>) {
+        if result.is_ok() {
+            // Sealed and fsynced by the hook; the lock is still held.
+            crash::point("incumbent.sealed");
+        }
         if let Err(e) = self.machine.handle_sealed(now, result) {
             log!(ROLE, "internal: {e}");
         }
@@ -320,6 +325,8 @@ impl IncumbentEngine {
                     if let Err(e) = sent {
                         log!(ROLE, "sending {} failed: {e}", frame.message.kind());
                         self.closed(now, conn);
+                    } else if let Some(point) = sent_point(&frame.message) {
+                        crash::point(point);
                     }
                 }
                 IncumbentOutput::Close { conn } => {
@@ -327,6 +334,7 @@ impl IncumbentEngine {
                 }
                 IncumbentOutput::CallDrain { handoff, grace } => {
                     log!(ROLE, "handoff {handoff}: draining (grace {grace:?})");
+                    crash::point("incumbent.drain_started");
                     self.events.push_back(IncumbentEvent::Drain {
                         handoff,
                         deadline: now + grace,
@@ -347,12 +355,14 @@ impl IncumbentEngine {
                             log!(ROLE, "handoff {}: unlock: {e}", proof.handoff());
                         }
                     }
+                    crash::point("incumbent.lock_released");
                 }
                 IncumbentOutput::AcquireLock => {
                     let result = match lock::try_acquire(&self.inc.lock_dir) {
                         Ok(acquired) => {
                             let r = acquired.lock_result();
                             self.inc.lock = Some(acquired.lock);
+                            crash::point("incumbent.lock_reacquired");
                             r
                         }
                         Err(LockError::Held { record }) => LockResult::Held(record),
@@ -386,4 +396,17 @@ impl IncumbentEngine {
             }
         }
     }
+}
+
+/// The crash point right after `message` went out, if there is one.
+fn sent_point(message: &Message) -> Option<&'static str> {
+    Some(match message {
+        Message::HelloAck { .. } => "incumbent.hello_acked",
+        Message::Drained { .. } => "incumbent.drained_sent",
+        Message::Sealed { .. } => "incumbent.sealed_sent",
+        Message::CommitAck { .. } => "incumbent.commit_acked",
+        Message::Resumed { .. } => "incumbent.resumed_sent",
+        Message::Listeners { .. } => "incumbent.listeners_returned",
+        _ => return None,
+    })
 }

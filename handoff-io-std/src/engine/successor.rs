@@ -6,13 +6,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use handoff_proto::wire::SUPPORTED_VERSIONS;
+use handoff_proto::wire::{Message, SUPPORTED_VERSIONS};
 use handoff_proto::{
     AbortReason, DaemonConfig, HandoffId, ListenerInfo, ListenerKind, LockResult,
     ReadinessSnapshot, SealReport, SuccessorOutput, Timing,
 };
 
 use super::Interest;
+use crate::crash;
 use crate::error::{Error, Result};
 use crate::held::Held;
 use crate::log::log;
@@ -195,6 +196,8 @@ impl SuccessorEngine {
         readiness: ReadinessSnapshot,
         lock: DataDirLock,
     ) -> Result<()> {
+        // The lock is held and the application has opened the data; `Ready` is next.
+        crash::point("successor.data_opened");
         let previous = lock.previous();
         self.lock = Some(lock);
         self.machine
@@ -235,6 +238,8 @@ impl SuccessorEngine {
                     if let Err(e) = sent {
                         log!(ROLE, "sending {}: {e}", frame.message.kind());
                         self.machine.handle_closed(now);
+                    } else if let Some(point) = sent_point(&frame.message) {
+                        crash::point(point);
                     }
                 }
                 SuccessorOutput::TakeListeners { batch } => {
@@ -248,6 +253,7 @@ impl SuccessorEngine {
                     // `Begin` arrived. The application takes the lock and hands it to
                     // `ready_with`, which feeds the result.
                     if let Some((handoff, seal)) = self.machine.begin() {
+                        crash::point("successor.begun");
                         let seal = seal.clone();
                         log!(
                             ROLE,
@@ -269,6 +275,8 @@ impl SuccessorEngine {
                         let why = format!("cannot mark the lock record committed: {e}");
                         log!(ROLE, "handoff {handoff}: {why}");
                         self.abort(AbortReason::ProtocolViolation(why));
+                    } else {
+                        crash::point("successor.commit_marked");
                     }
                 }
                 SuccessorOutput::Committed { handoff } => {
@@ -313,4 +321,15 @@ impl SuccessorEngine {
         }
         Ok(())
     }
+}
+
+/// The crash point right after `message` went out, if there is one.
+fn sent_point(message: &Message) -> Option<&'static str> {
+    Some(match message {
+        Message::HelloAck { .. } => "successor.hello_acked",
+        Message::ListenersAck { .. } => "successor.listeners_received",
+        Message::Ready { .. } => "successor.ready_sent",
+        Message::CommitAck { .. } => "successor.commit_acked",
+        _ => return None,
+    })
 }

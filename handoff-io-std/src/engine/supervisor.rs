@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use handoff_proto::wire::{Message, SUPPORTED_VERSIONS};
 use handoff_proto::{
-    HandoffId, HandoffSpec, ListenerInfo, ListenerKind, Peer, Pid, SupervisorConfig,
+    HandoffId, HandoffSpec, JournalRecord, ListenerInfo, ListenerKind, Peer, Pid, SupervisorConfig,
     SupervisorOutput, Timing, Verdict,
 };
 
 use super::Interest;
+use crate::crash;
 use crate::error::{Error, Result};
 use crate::log::log;
 use crate::supervisor::{HandoffOutcome, Recovery, SpawnSpec};
@@ -504,6 +505,8 @@ impl SupervisorEngine {
                         if self.conn(to).take().is_some() {
                             self.machine_mut().handle_closed(now, to);
                         }
+                    } else if let Some(point) = sent_point(to, &frame.message) {
+                        crash::point(point);
                     }
                 }
                 SupervisorOutput::Close { peer } => {
@@ -514,10 +517,17 @@ impl SupervisorEngine {
                 SupervisorOutput::SpawnColdStart => self.spawn_cold_start(now),
                 SupervisorOutput::Connect => self.connect(now),
                 SupervisorOutput::Watch { pid } => match Watched::open(pid) {
-                    Ok(w) => {
+                    Ok(w) if !w.has_exited().unwrap_or(false) => {
                         self.watched.insert(pid, w);
                     }
-                    Err(_) => self.machine_mut().handle_exited(now, pid),
+                    // Gone, or dead and not yet reaped (a daemon adopted after a restart is
+                    // not our child): report it now. Watching it would not do: the machine
+                    // asks again for a pid whose exit we just reported (an idle supervisor's
+                    // recovery watches the dead incumbent), the new pidfd then often gets the
+                    // number of the one just closed, under the same key, and a driver that
+                    // registers by (key, number) never polls it (the mio driver did not:
+                    // the recovery waited the whole recovery_wait before a cold start).
+                    _ => self.machine_mut().handle_exited(now, pid),
                 },
                 SupervisorOutput::Kill { pid } => {
                     let r = match self.watched.get(&pid) {
@@ -530,8 +540,28 @@ impl SupervisorEngine {
                     }
                 }
                 SupervisorOutput::WriteJournal(rec) => {
-                    let r = match journal_file::write(&self.journal, &rec) {
-                        Ok(()) => self.machine_mut().handle_journal_written(now),
+                    let (tmp_point, done_point) = match rec {
+                        JournalRecord::InFlight { .. } => (
+                            Some("supervisor.inflight_tmp_written"),
+                            "supervisor.inflight_journaled",
+                        ),
+                        JournalRecord::Committing { .. } => (
+                            Some("supervisor.committing_tmp_written"),
+                            "supervisor.committing_journaled",
+                        ),
+                        JournalRecord::Idle { .. } => (None, "supervisor.idle_journaled"),
+                    };
+                    let bytes = handoff_proto::journal::encode(&rec);
+                    let written = journal_file::write_atomic_with(&self.journal, &bytes, || {
+                        if let Some(p) = tmp_point {
+                            crash::point(p);
+                        }
+                    });
+                    let r = match written {
+                        Ok(()) => {
+                            crash::point(done_point);
+                            self.machine_mut().handle_journal_written(now)
+                        }
                         Err(e) => {
                             log!(ROLE, "journal: {e}");
                             self.machine_mut().handle_journal_failed(now, e.to_string())
@@ -591,6 +621,7 @@ impl SupervisorEngine {
                         l.fd = Some(fd);
                     }
                 }
+                crash::point("supervisor.listeners_taken_back");
                 self.machine_mut()
                     .handle_listeners_taken(now, batch.len() as u32);
             }
@@ -629,6 +660,7 @@ impl SupervisorEngine {
                 }
                 self.children.insert(pid, child);
                 self.successor = Some(pid);
+                crash::point("supervisor.successor_spawned");
                 if let Err(e) = self.machine_mut().handle_spawned(now, pid) {
                     log!(ROLE, "internal: {e}");
                 }
@@ -734,6 +766,20 @@ impl SupervisorEngine {
             log!(ROLE, "internal: {e}");
         }
     }
+}
+
+/// The crash point right after `message` went to `to`, if there is one.
+fn sent_point(to: Peer, message: &Message) -> Option<&'static str> {
+    Some(match (to, message) {
+        (Peer::Successor, Message::Listeners { .. }) => "supervisor.listeners_sent",
+        (Peer::Incumbent, Message::Prepare { .. }) => "supervisor.prepare_sent",
+        (Peer::Incumbent, Message::Seal { .. }) => "supervisor.seal_sent",
+        (Peer::Successor, Message::Begin { .. }) => "supervisor.begin_sent",
+        (Peer::Successor, Message::Commit { .. }) => "supervisor.commit_sent_successor",
+        (Peer::Incumbent, Message::Commit { .. }) => "supervisor.commit_sent_incumbent",
+        (Peer::Incumbent, Message::Abort { .. }) => "supervisor.abort_sent_incumbent",
+        _ => return None,
+    })
 }
 
 fn check_listener_name(name: &str, existing: &[Listener]) -> std::result::Result<(), String> {

@@ -53,6 +53,16 @@ fn io_at(path: &Path) -> impl Fn(io::Error) -> JournalFileError + '_ {
 /// `O_CLOEXEC | O_NOFOLLOW`, truncated if a crash left one), fsync it, rename it over `path`,
 /// fsync the directory. Returns once the new content survives a crash.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), JournalFileError> {
+    write_atomic_with(path, bytes, || {})
+}
+
+/// [`write_atomic`], calling `before_rename` once the temporary file is written and fsynced
+/// (the supervisor's engine puts a crash point there).
+pub fn write_atomic_with(
+    path: &Path,
+    bytes: &[u8],
+    before_rename: impl FnOnce(),
+) -> Result<(), JournalFileError> {
     let tmp = tmp_path(path);
     let fd = rustix::fs::open(
         &tmp,
@@ -66,6 +76,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), JournalFileError> {
     file.write_all(bytes).map_err(io_at(&tmp))?;
     file.sync_all().map_err(io_at(&tmp))?;
     drop(file);
+    before_rename();
     std::fs::rename(&tmp, path).map_err(io_at(path))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,

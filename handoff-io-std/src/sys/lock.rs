@@ -181,7 +181,9 @@ impl DataDirLock {
     /// A successor calls this after `wait_for_begin`, when the incumbent has released the
     /// lock, so it succeeds unless something other than the protocol holds the directory.
     pub fn acquire(dir: &Path) -> Result<DataDirLock, LockError> {
-        try_acquire(dir).map(|a| a.lock)
+        let lock = try_acquire(dir)?.lock;
+        crate::crash::successor_point("successor.lock_taken");
+        Ok(lock)
     }
 
     /// Take the lock for a cold start, when the recorded holder may have just died.
