@@ -13,6 +13,11 @@
 //! table at the end, and exits non-zero if any acknowledged write was lost, any connection was
 //! refused or reset, or a handoff ended otherwise than expected.
 //!
+//! It also samples the supervisor's open descriptors (`/proc/PID/fd`) and resident memory
+//! (`VmRSS` in `/proc/PID/status`) before the first handoff, every 100 handoffs and at the
+//! end, prints them, and fails if the descriptor count grew (`scripts/soak` runs 1,000
+//! handoffs).
+//!
 //! The same binary is the daemon and the supervisor: started as `kvd …` (or under a file name
 //! beginning with `kvd`) it runs `kvd` (see `handoff_demo::kvd`); as `supervisor --config …` it
 //! runs `handoff-supervisor`. Handoffs are triggered over the supervisor's trigger socket, as
@@ -300,6 +305,36 @@ fn last_phases(trigger: &Path) -> BTreeMap<String, Duration> {
         .collect()
 }
 
+/// How often (in handoffs) the supervisor's descriptors and memory are sampled.
+const SAMPLE_EVERY: usize = 100;
+
+/// A process's open descriptors and resident memory, from `/proc`.
+struct Usage {
+    /// What each open descriptor refers to (`/proc/PID/fd/N` link targets), sorted.
+    fds: Vec<String>,
+    rss_kib: u64,
+}
+
+fn usage(pid: u32) -> io::Result<Usage> {
+    let mut fds = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let e = e?;
+        // A descriptor closed between the listing and the reading is simply not counted.
+        if let Ok(target) = std::fs::read_link(e.path()) {
+            fds.push(target.display().to_string());
+        }
+    }
+    fds.sort();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no VmRSS line"))?;
+    Ok(Usage { fds, rss_kib })
+}
+
 fn main() -> std::process::ExitCode {
     if handoff_demo::kvd::is_kvd_invocation() {
         return handoff_demo::kvd::main();
@@ -416,13 +451,33 @@ fn main() -> std::process::ExitCode {
         })
     };
 
+    let sup_pid = sup_child.id();
+    // (handoffs done, the supervisor's usage then), taken when it is idle between handoffs.
+    let mut samples: Vec<(usize, Usage)> = Vec::new();
+    let mut sample = |done: usize| match usage(sup_pid) {
+        Ok(u) => {
+            println!(
+                "\n  after {done} handoffs: supervisor fds {}, RSS {} KiB",
+                u.fds.len(),
+                u.rss_kib
+            );
+            samples.push((done, u));
+        }
+        Err(e) => println!("\n  cannot read the supervisor's /proc entries: {e}"),
+    };
     let mut times = Vec::new();
     let mut version = 1;
+    // The build serving now, removed once a later one commits (1,000 copies of the binary
+    // would fill the disk); v1 stays, it is the configured binary.
+    let mut serving_copy: Option<PathBuf> = None;
     for i in 1..=o.handoffs {
         // Let the clients work a little between handoffs.
         let settle = Instant::now() + Duration::from_millis(150);
         while Instant::now() < settle {
             std::thread::park_timeout(settle - Instant::now());
+        }
+        if (i - 1) % SAMPLE_EVERY == 0 {
+            sample(i - 1);
         }
         let broken = i == o.broken_at;
         let name = if broken {
@@ -432,7 +487,18 @@ fn main() -> std::process::ExitCode {
             format!("kvd-v{version}")
         };
         let bin = copy_build(&exe, &work.0, &name);
-        match trigger_handoff(&trigger, &bin) {
+        let outcome = trigger_handoff(&trigger, &bin);
+        match &outcome {
+            Ok((true, _)) => {
+                if let Some(old) = serving_copy.replace(bin.clone()) {
+                    let _ = std::fs::remove_file(old);
+                }
+            }
+            _ => {
+                let _ = std::fs::remove_file(&bin);
+            }
+        }
+        match outcome {
             Ok((committed_now, reason)) if committed_now != broken => {
                 if committed_now {
                     committed.fetch_add(1, Ordering::Relaxed);
@@ -464,6 +530,7 @@ fn main() -> std::process::ExitCode {
     while Instant::now() < settle {
         std::thread::park_timeout(settle - Instant::now());
     }
+    sample(o.handoffs);
     stop.store(true, Ordering::Relaxed);
     let acked: Vec<BTreeMap<String, String>> = clients
         .into_iter()
@@ -548,7 +615,37 @@ fn main() -> std::process::ExitCode {
         let (p50, p99) = phase(key);
         println!("  {name:<38}  {:>10}  {:>10}", ms(p50), ms(p99));
     }
-    let ok = lost == 0
+    println!(
+        "\n  {:<38}  {:>10}  {:>10}",
+        format!("supervisor (pid {sup_pid}), after handoffs"),
+        "fds",
+        "RSS"
+    );
+    println!("  {:-<38}  {:->10}  {:->10}", "", "", "");
+    for (done, u) in &samples {
+        println!(
+            "  {done:<38}  {:>10}  {:>10}",
+            u.fds.len(),
+            format!("{} KiB", u.rss_kib)
+        );
+    }
+    let fds_flat = match (samples.first(), samples.last()) {
+        (Some((_, first)), Some((_, last))) if samples.len() >= 2 => {
+            let grew = last.fds.len() > first.fds.len();
+            if grew {
+                let new: Vec<&String> =
+                    last.fds.iter().filter(|f| !first.fds.contains(f)).collect();
+                println!("  the supervisor's descriptors grew; new ones: {new:?}");
+            }
+            !grew
+        }
+        _ => {
+            println!("  too few samples of the supervisor's descriptors");
+            false
+        }
+    };
+    let ok = fds_flat
+        && lost == 0
         && get(&c.refused) == 0
         && get(&c.reset) == 0
         && get(&c.other_errors) == 0

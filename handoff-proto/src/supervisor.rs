@@ -584,6 +584,12 @@ impl Supervisor {
             State::Recovering(r) => {
                 r.alive.remove(&pid);
                 r.exited.insert(pid);
+                // The daemon handing the listeners back died: whatever it still sent is
+                // stale, and adopting it would name a dead process as serving. Start over,
+                // as when its connection ends first.
+                if matches!(r.step, RecStep::Reclaiming { pid: p, .. } if p == pid) {
+                    self.retry_recovery(now);
+                }
             }
             State::Handoff(h) => {
                 if h.successor == Some(pid) && h.successor_alive {

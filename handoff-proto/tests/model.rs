@@ -112,6 +112,7 @@ fn config(builds: Vec<Build>, crashes: u8, bug: Option<Bug>) -> Config {
         recovery_wait: ms(8),
         builds,
         crashes,
+        hook_delay: world::HOOK_DELAY,
         hook_failures: true,
         forbid_silence_aborts: false,
         bug,

@@ -36,8 +36,8 @@ pub const SUP_PID: Pid = 100;
 /// does not move past it. Long enough to carry a message past a timer that falls due at the
 /// same or the next instant.
 pub const MSG_DELAY: u64 = 1;
-/// Longest time an application hook (drain, seal, resume, open) may take: past the handoff
-/// deadline, so slow hooks are explored too.
+/// Longest time an application hook (drain, seal, resume, open) may take in the model check:
+/// past its handoff deadline, so slow hooks are explored too (`Config::hook_delay`).
 pub const HOOK_DELAY: u64 = 11;
 /// A crash may cut a step after any of its first this many outputs (no step has more).
 pub const MAX_CUT: usize = 8;
@@ -84,7 +84,11 @@ pub struct Config {
     pub recovery_wait: Duration,
     /// One entry per handoff to trigger, in order.
     pub builds: Vec<Build>,
+    /// How many crashes may happen in one run. Every crash of the supervisor may be followed
+    /// by a restart from the journal.
     pub crashes: u8,
+    /// Longest time in milliseconds an application hook (drain, seal, resume, open) may take.
+    pub hook_delay: u64,
     /// Drain and seal hooks may fail.
     pub hook_failures: bool,
     /// Treat a handoff abandoned for silence as a violation: with heartbeats shorter than the
@@ -220,6 +224,7 @@ pub struct World {
     pub triggered: u8,
     pub trigger_time: Option<u64>,
     pub crashes_left: u8,
+    /// The supervisor was restarted at least once.
     pub restarted: bool,
     pub outcomes: Vec<(HandoffId, VerdictKind)>,
     pub recovered: bool,
@@ -254,6 +259,8 @@ pub enum Action {
     Crash(Party),
     /// Perform the action, but crash `party` after `k` of the outputs of its step.
     CrashMidStep(Box<Action>, usize),
+    /// Start a new supervisor from the journal, without listeners (offered whenever the
+    /// supervisor is dead; with one crash that is once).
     Restart,
 }
 
@@ -409,7 +416,7 @@ impl World {
                 out.push(Action::Crash(Party::Daemon(p.pid)));
             }
         }
-        if self.sup.is_none() && !self.restarted {
+        if self.sup.is_none() {
             out.push(Action::Restart);
         }
     }
@@ -855,15 +862,19 @@ impl World {
                 }
             }
             SupervisorOutput::SpawnColdStart => {
-                // With one crash there is never a reason to start more than one daemon cold
-                // per recovery; more means recovery is looping (and the state space with it).
+                // Each crash gives a recovery at most one reason to start a daemon cold (the
+                // model allows one crash, so three daemons that are not the first are good
+                // successors and cold starts enough); more means recovery is looping (and
+                // the state space with it).
+                let goods = cfg.builds.iter().filter(|b| **b == Build::Good).count();
+                let limit = 3.max(goods + 2 * cfg.crashes as usize);
                 let cold = self
                     .procs
                     .iter()
                     .filter(|p| p.build == Build::Good && p.pid > 1)
                     .filter(|p| matches!(&p.m, Machine::Incumbent(_)))
                     .count();
-                if cold > 3 {
+                if cold > limit {
                     self.fail("recovery keeps starting daemons cold".into());
                 }
                 let pid = self.next_pid();
@@ -1095,7 +1106,7 @@ impl World {
                 self.gc_links();
             }
             IncumbentOutput::CallDrain { .. } => {
-                let due = self.now + HOOK_DELAY;
+                let due = self.now + cfg.hook_delay;
                 self.proc_mut(pid)
                     .events
                     .push_back((DaemonEvent::Drained, due))
@@ -1104,7 +1115,7 @@ impl World {
                 if cfg.bug == Some(Bug::ReleaseBeforeSeal) {
                     self.release(pid, None);
                 }
-                let due = self.now + HOOK_DELAY;
+                let due = self.now + cfg.hook_delay;
                 self.proc_mut(pid)
                     .events
                     .push_back((DaemonEvent::Sealed(handoff), due));
@@ -1113,7 +1124,7 @@ impl World {
                 if self.lock != Some(pid) {
                     self.fail(format!("I1: {pid} resumes writing without the lock"));
                 }
-                let due = self.now + HOOK_DELAY;
+                let due = self.now + cfg.hook_delay;
                 let p = self.proc_mut(pid);
                 p.writer = true;
                 p.data_open = true;
@@ -1203,7 +1214,7 @@ impl World {
                 }
             }
             SuccessorOutput::Begun { .. } => {
-                let due = self.now + HOOK_DELAY;
+                let due = self.now + cfg.hook_delay;
                 self.proc_mut(pid).app = App::Opening(due)
             }
             SuccessorOutput::MarkCommitted { handoff } => {
