@@ -186,6 +186,30 @@ fn bind_unix(p: &Path) -> io::Result<UnixListener> {
     }
 }
 
+/// Raise the soft limit on open descriptors to the hard limit. The supervisor holds every
+/// configured listener (and passes them on in batches), and trigger clients come on top; the
+/// usual soft limit of 1,024 is below what a daemon with many listeners needs. The daemons it
+/// starts inherit the raised limit.
+fn raise_nofile_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    // An unlimited soft limit has nothing to raise.
+    let (Some(soft), Some(hard)) = (l.current, l.maximum) else {
+        return;
+    };
+    if soft < hard {
+        l.current = Some(hard);
+        match setrlimit(Resource::Nofile, l) {
+            Ok(()) => log(format!(
+                "RLIMIT_NOFILE: soft limit raised from {soft} to {hard}"
+            )),
+            Err(e) => log(format!(
+                "RLIMIT_NOFILE: cannot raise the soft limit {soft} to {hard}: {e}"
+            )),
+        }
+    }
+}
+
 impl Server {
     /// Set everything up and start the first recovery (which cold-starts the daemon if
     /// nobody serves). `inherited`: what systemd passed us (socket activation).
@@ -194,6 +218,7 @@ impl Server {
         mut inherited: InheritedListeners,
         notifier: Notifier,
     ) -> Result<Server, Fatal> {
+        raise_nofile_limit();
         // Another supervisor listening on the trigger socket: do not steal it.
         if StdUnixStream::connect(&cfg.trigger_socket).is_ok() {
             return Err(Fatal(format!(
