@@ -37,7 +37,8 @@ pub const MAX_LINE: usize = 4096;
 const MAX_INPUT: usize = 4 * MAX_LINE;
 /// Answers a client has not read yet; beyond this it is cut off.
 const MAX_OUTPUT: usize = 1 << 20;
-/// Clients served at once.
+/// Clients served at once. When all places are taken, a new client takes the place of the
+/// one idle the longest; only if none is idle is it refused (`error: too many clients`).
 pub const MAX_CLIENTS: usize = 64;
 /// First and last wait between two recovery attempts.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -672,7 +673,7 @@ impl Server {
                 refuse(&mut stream, "error: not allowed\n");
                 continue;
             }
-            if self.clients.len() >= MAX_CLIENTS {
+            if self.clients.len() >= MAX_CLIENTS && !self.evict_idle() {
                 refuse(&mut stream, "error: too many clients\n");
                 continue;
             }
@@ -857,6 +858,30 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Make room for a new client: close the one idle the longest (nothing to read, nothing
+    /// to write, no handoff waiting), telling it why. Connections that send nothing thus hold
+    /// a place only until a new client needs it, not for [`IDLE_TIMEOUT`]. Whether one was
+    /// closed.
+    fn evict_idle(&mut self) -> bool {
+        let idlest = self
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.waiting && !c.closing && c.inbuf.is_empty() && c.outbuf.is_empty())
+            .min_by_key(|(_, c)| c.last_active)
+            .map(|(k, _)| *k);
+        let Some(key) = idlest else {
+            return false;
+        };
+        if let Some(c) = self.clients.get_mut(&key) {
+            let _ = c
+                .stream
+                .write(b"error: too many clients: closed the longest idle connection\n");
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
+        self.close(key);
+        true
     }
 
     fn client_timeouts(&mut self) {
