@@ -862,26 +862,35 @@ impl Server {
 
     /// Make room for a new client: close the one idle the longest (nothing to read, nothing
     /// to write, no handoff waiting), telling it why. Connections that send nothing thus hold
-    /// a place only until a new client needs it, not for [`IDLE_TIMEOUT`]. Whether one was
-    /// closed.
+    /// a place only until a new client needs it, not for [`IDLE_TIMEOUT`]. A candidate's
+    /// socket is read first: a client whose command arrived while we were accepting others
+    /// is not idle. Whether one was closed.
     fn evict_idle(&mut self) -> bool {
-        let idlest = self
+        let idle =
+            |c: &Client| !c.waiting && !c.closing && c.inbuf.is_empty() && c.outbuf.is_empty();
+        let mut candidates: Vec<(Instant, usize)> = self
             .clients
             .iter()
-            .filter(|(_, c)| !c.waiting && !c.closing && c.inbuf.is_empty() && c.outbuf.is_empty())
-            .min_by_key(|(_, c)| c.last_active)
-            .map(|(k, _)| *k);
-        let Some(key) = idlest else {
-            return false;
-        };
-        if let Some(c) = self.clients.get_mut(&key) {
+            .filter(|(_, c)| idle(c))
+            .map(|(k, c)| (c.last_active, *k))
+            .collect();
+        candidates.sort_unstable();
+        for (_, key) in candidates {
+            self.client_ready(key, false);
+            let Some(c) = self.clients.get_mut(&key) else {
+                return true; // It was done (or broken) and is closed: its place is free.
+            };
+            if !idle(c) {
+                continue;
+            }
             let _ = c
                 .stream
                 .write(b"error: too many clients: closed the longest idle connection\n");
             let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            self.close(key);
+            return true;
         }
-        self.close(key);
-        true
+        false
     }
 
     fn client_timeouts(&mut self) {
