@@ -37,7 +37,8 @@ pub const MAX_LINE: usize = 4096;
 const MAX_INPUT: usize = 4 * MAX_LINE;
 /// Answers a client has not read yet; beyond this it is cut off.
 const MAX_OUTPUT: usize = 1 << 20;
-/// Clients served at once.
+/// Clients served at once. When all places are taken, a new client takes the place of the
+/// one idle the longest; only if none is idle is it refused (`error: too many clients`).
 pub const MAX_CLIENTS: usize = 64;
 /// First and last wait between two recovery attempts.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -186,6 +187,30 @@ fn bind_unix(p: &Path) -> io::Result<UnixListener> {
     }
 }
 
+/// Raise the soft limit on open descriptors to the hard limit. The supervisor holds every
+/// configured listener (and passes them on in batches), and trigger clients come on top; the
+/// usual soft limit of 1,024 is below what a daemon with many listeners needs. The daemons it
+/// starts inherit the raised limit.
+fn raise_nofile_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    // An unlimited soft limit has nothing to raise.
+    let (Some(soft), Some(hard)) = (l.current, l.maximum) else {
+        return;
+    };
+    if soft < hard {
+        l.current = Some(hard);
+        match setrlimit(Resource::Nofile, l) {
+            Ok(()) => log(format!(
+                "RLIMIT_NOFILE: soft limit raised from {soft} to {hard}"
+            )),
+            Err(e) => log(format!(
+                "RLIMIT_NOFILE: cannot raise the soft limit {soft} to {hard}: {e}"
+            )),
+        }
+    }
+}
+
 impl Server {
     /// Set everything up and start the first recovery (which cold-starts the daemon if
     /// nobody serves). `inherited`: what systemd passed us (socket activation).
@@ -194,6 +219,7 @@ impl Server {
         mut inherited: InheritedListeners,
         notifier: Notifier,
     ) -> Result<Server, Fatal> {
+        raise_nofile_limit();
         // Another supervisor listening on the trigger socket: do not steal it.
         if StdUnixStream::connect(&cfg.trigger_socket).is_ok() {
             return Err(Fatal(format!(
@@ -647,7 +673,7 @@ impl Server {
                 refuse(&mut stream, "error: not allowed\n");
                 continue;
             }
-            if self.clients.len() >= MAX_CLIENTS {
+            if self.clients.len() >= MAX_CLIENTS && !self.evict_idle() {
                 refuse(&mut stream, "error: too many clients\n");
                 continue;
             }
@@ -832,6 +858,39 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Make room for a new client: close the one idle the longest (nothing to read, nothing
+    /// to write, no handoff waiting), telling it why. Connections that send nothing thus hold
+    /// a place only until a new client needs it, not for [`IDLE_TIMEOUT`]. A candidate's
+    /// socket is read first: a client whose command arrived while we were accepting others
+    /// is not idle. Whether one was closed.
+    fn evict_idle(&mut self) -> bool {
+        let idle =
+            |c: &Client| !c.waiting && !c.closing && c.inbuf.is_empty() && c.outbuf.is_empty();
+        let mut candidates: Vec<(Instant, usize)> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| idle(c))
+            .map(|(k, c)| (c.last_active, *k))
+            .collect();
+        candidates.sort_unstable();
+        for (_, key) in candidates {
+            self.client_ready(key, false);
+            let Some(c) = self.clients.get_mut(&key) else {
+                return true; // It was done (or broken) and is closed: its place is free.
+            };
+            if !idle(c) {
+                continue;
+            }
+            let _ = c
+                .stream
+                .write(b"error: too many clients: closed the longest idle connection\n");
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            self.close(key);
+            return true;
+        }
+        false
     }
 
     fn client_timeouts(&mut self) {

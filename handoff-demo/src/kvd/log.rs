@@ -457,12 +457,16 @@ struct Active {
 
 /// Create segment `n`, starting after revision `base`: its header written and fsynced, the
 /// directory too.
+/// An error names the file (a header that does not fit on a full disk leaves an empty file,
+/// which the next recovery removes).
 fn create_segment(dir: &Path, n: u64, base: u64) -> io::Result<Active> {
     let name = segment_name(n);
+    let creating = |e: io::Error| io::Error::new(e.kind(), format!("creating {name}: {e}"));
     let mut file = OpenOptions::new()
         .append(true)
         .create_new(true)
-        .open(dir.join(&name))?;
+        .open(dir.join(&name))
+        .map_err(creating)?;
     let mut header = Vec::new();
     encode(
         &Record::Header {
@@ -471,9 +475,10 @@ fn create_segment(dir: &Path, n: u64, base: u64) -> io::Result<Active> {
         },
         &mut header,
     );
-    file.write_all(&header)?;
-    file.sync_all()?;
-    sync_dir(dir)?;
+    file.write_all(&header)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| sync_dir(dir))
+        .map_err(creating)?;
     let mut crc = Crc32::new();
     crc.update(&header);
     Ok(Active {
@@ -709,7 +714,8 @@ impl Wal {
     }
 
     /// Freeze, wait for the writes in flight, write the active segment's footer, fsync and
-    /// close it. Nothing is written after this until [`reopen`](Self::reopen).
+    /// close it. Nothing is written after this until [`reopen`](Self::reopen). A failed log is
+    /// sealed by recovery (see `seal_failed`).
     pub fn seal(&self) -> io::Result<Sealed> {
         let sh = &self.shared;
         let mut s = sh.lock();
@@ -722,12 +728,16 @@ impl Wal {
                     fingerprint: s.fingerprint,
                 })
             }
-            Mode::Failed(e) => return Err(io::Error::other(format!("the log failed: {e}"))),
+            Mode::Failed(_) => {
+                drop(s);
+                return self.seal_failed();
+            }
         }
         s = sh.wait_quiet(s);
-        if let Mode::Failed(e) = &s.mode {
+        if let Mode::Failed(_) = &s.mode {
             // The last batch failed while we waited: the segment may end with part of it.
-            return Err(io::Error::other(format!("the log failed: {e}")));
+            drop(s);
+            return self.seal_failed();
         }
         let active = s
             .active
@@ -750,8 +760,9 @@ impl Wal {
             .and_then(|()| sync_dir(&sh.dir));
         let mut s = sh.lock();
         if let Err(e) = written {
-            s.mode = Mode::Failed(format!("sealing {}: {e}", active.name));
-            return Err(e);
+            let why = format!("sealing {}: {e}", active.name);
+            s.mode = Mode::Failed(why.clone());
+            return Err(io::Error::new(e.kind(), why));
         }
         s.fingerprint = fingerprint_with(s.fingerprint, &active.name, &footer);
         s.mode = Mode::Sealed;
@@ -761,8 +772,38 @@ impl Wal {
         })
     }
 
+    /// Seal a log whose write failed (a full disk, say) the way a successor would open it:
+    /// recover from disk, which cuts the failed batch's torn tail and writes the footer. The
+    /// writes of that batch were not acknowledged; whole records of it that reached the disk
+    /// count, as after a crash. If recovery fails too (the disk is still full), the log stays
+    /// failed and the error says why.
+    fn seal_failed(&self) -> io::Result<Sealed> {
+        let sh = &self.shared;
+        let mut s = sh.wait_quiet(sh.lock());
+        drop(s.active.take());
+        drop(s);
+        let recovered = recover(&sh.dir).map_err(|e| {
+            io::Error::new(e.kind(), format!("sealing the failed log by recovery: {e}"))
+        })?;
+        if let Some(what) = &recovered.repaired {
+            crate::kvd::say(&format!("recovery: {what}"));
+        }
+        let mut s = sh.lock();
+        s.map = recovered.map;
+        s.assigned = recovered.revision;
+        s.durable = recovered.revision;
+        s.fingerprint = recovered.fingerprint;
+        s.mode = Mode::Sealed;
+        Ok(Sealed {
+            revision: recovered.revision,
+            fingerprint: recovered.fingerprint,
+        })
+    }
+
     /// After a handoff was rolled back (or the log failed): close the active segment if any,
-    /// recover from disk, open a new segment and accept writes again.
+    /// recover from disk, open a new segment and accept writes again. If that fails (a full
+    /// disk), the log is left failed: writes are answered with this error (not `retry`), reads
+    /// go on, and a later seal or reopen tries again.
     pub fn reopen(&self) -> io::Result<()> {
         let sh = &self.shared;
         let mut s = sh.lock();
@@ -772,8 +813,18 @@ impl Wal {
         s = sh.wait_quiet(s);
         drop(s.active.take());
         drop(s);
-        let recovered = recover(&sh.dir)?;
-        let active = create_segment(&sh.dir, recovered.next_segment, recovered.revision)?;
+        let opened = recover(&sh.dir).and_then(|recovered| {
+            let active = create_segment(&sh.dir, recovered.next_segment, recovered.revision)?;
+            Ok((recovered, active))
+        });
+        let (recovered, active) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                sh.lock().mode = Mode::Failed(format!("reopening the log: {e}"));
+                sh.done.notify_all();
+                return Err(e);
+            }
+        };
         if let Some(what) = &recovered.repaired {
             crate::kvd::say(&format!("recovery: {what}"));
         }
@@ -1099,6 +1150,59 @@ mod tests {
         assert!(e.to_string().contains("seg-2.log"), "{e}");
         fs::write(seg(&dir, 2), &two).unwrap();
         assert_eq!(recover(dir.path()).unwrap().revision, 4);
+    }
+
+    /// A write that fails (here: the segment's handle made read-only; on a full disk,
+    /// ENOSPC) is not acknowledged, and neither is any later one, with the error rather than
+    /// `retry`; reads go on. A seal then recovers: the acknowledged writes are sealed, and a
+    /// successor opens exactly them.
+    #[test]
+    fn a_failed_log_refuses_writes_and_seals_by_recovery() {
+        let dir = TempDir::new("failed");
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.set("a", "1"), Ok(1));
+        assert_eq!(wal.set("b", "2"), Ok(2));
+        wal.shared.lock().active.as_mut().unwrap().file =
+            Arc::new(File::open(seg(&dir, 1)).unwrap());
+        let Err(SetError::Failed(e)) = wal.set("c", "3") else {
+            panic!("a failed write was acknowledged")
+        };
+        assert!(e.starts_with("writing seg-1.log: "), "{e}");
+        assert_eq!(wal.set("d", "4"), Err(SetError::Failed(e.clone())));
+        assert_eq!(wal.get("a").as_deref(), Some("1"));
+        assert_eq!((wal.get("c"), wal.revision()), (None, 2));
+
+        let sealed = wal.seal().unwrap();
+        assert_eq!(sealed.revision, 2);
+        assert_eq!(wal.set("c", "3"), Err(SetError::Retry), "sealed");
+        let successor = Wal::open(dir.path()).unwrap();
+        assert_eq!(successor.revision(), 2);
+        assert_eq!(successor.fingerprint(), sealed.fingerprint);
+        assert_eq!(successor.get("b").as_deref(), Some("2"));
+        assert_eq!(successor.set("c", "3"), Ok(3));
+    }
+
+    /// A reopen that fails (here: a directory where a segment should be; on a full disk, the
+    /// new segment's header) leaves the log failed with that error, not frozen; a seal or a
+    /// reopen after the cause is gone succeeds.
+    #[test]
+    fn a_failed_reopen_leaves_the_log_failed_with_its_error() {
+        let dir = TempDir::new("reopen");
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.set("a", "1"), Ok(1));
+        wal.seal().unwrap();
+        fs::create_dir(seg(&dir, 2)).unwrap();
+        let e = wal.reopen().unwrap_err();
+        let Err(SetError::Failed(why)) = wal.set("b", "2") else {
+            panic!("a write was accepted without a log")
+        };
+        assert_eq!(why, format!("reopening the log: {e}"));
+        assert_eq!(wal.get("a").as_deref(), Some("1"));
+        assert!(wal.seal().is_err(), "the cause is still there");
+        fs::remove_dir(seg(&dir, 2)).unwrap();
+        assert_eq!(wal.seal().unwrap().revision, 1);
+        wal.reopen().unwrap();
+        assert_eq!(wal.set("b", "2"), Ok(2));
     }
 
     #[test]

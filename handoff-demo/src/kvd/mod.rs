@@ -16,6 +16,9 @@
 //! ```text
 //! SET <key> <value>  ->  OK <revision>     after the fsync that covers the write
 //!                    |   ERR retry         a handoff is in progress: not applied, send it again
+//!                    |   ERR io: <error>   the log could not be written (a full disk): not
+//!                                          acknowledged; no write succeeds until a handoff
+//!                                          (or its rollback) reopens the log
 //! GET <key>          ->  VAL <value> | NONE
 //! PING               ->  PONG <pid> <build>   build: the executable's file name
 //! ```
@@ -279,11 +282,19 @@ impl Drainable for Hooks {
     }
 
     fn resume_after_abort(&self) -> handoff::error::Result<()> {
-        self.server.resume()?;
-        say(&format!(
-            "resumed at revision {}",
-            self.server.wal().revision()
-        ));
+        // Serving again does not depend on the log: a log that cannot be reopened (a full
+        // disk) fails writes with its error, as a failed write does while serving. Failing the
+        // hook instead would keep the gate shut and the handoff unresolved while it retries.
+        match self.server.resume() {
+            Ok(()) => say(&format!(
+                "resumed at revision {}",
+                self.server.wal().revision()
+            )),
+            Err(e) => say(&format!(
+                "resumed at revision {}, reads only: the log cannot be reopened: {e}",
+                self.server.wal().revision()
+            )),
+        }
         Ok(())
     }
 

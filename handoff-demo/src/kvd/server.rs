@@ -291,11 +291,14 @@ impl Server {
     }
 
     /// After a rolled-back handoff: reopen the log (a new segment) from disk and accept again.
+    /// Connections are accepted even if the log cannot be reopened (a full disk): reads are
+    /// served, and writes are answered with the log's error until a later reopen or seal
+    /// succeeds. The error is returned for the log line.
     pub fn resume(&self) -> io::Result<()> {
-        self.wal.reopen()?;
+        let reopened = self.wal.reopen();
         self.gate().stopped = false;
         self.changed.notify_all();
-        Ok(())
+        reopened
     }
 
     /// Connections open now.
@@ -419,6 +422,25 @@ mod tests {
         assert!(b.line().unwrap().starts_with("PONG "));
         assert_eq!(b.ask("SET y 2"), "OK 2");
         assert_eq!(b.ask("GET x"), "VAL 1");
+    }
+
+    /// A rollback whose log cannot be reopened (a full disk) still accepts connections: reads
+    /// are served, writes are answered with the error.
+    #[test]
+    fn resume_serves_reads_when_the_log_cannot_be_reopened() {
+        let (dir, server, addr) = start("noreopen");
+        let mut a = Client::connect(addr);
+        assert_eq!(a.ask("SET x 1"), "OK 1");
+        server.drain(Instant::now() + BOUND);
+        assert_eq!(a.line(), None);
+        drop(a);
+        // Where the log's next segment goes.
+        std::fs::create_dir(dir.path().join("seg-2.log")).unwrap();
+        let e = server.resume().unwrap_err();
+        let mut b = Client::connect(addr);
+        assert!(b.ask("PING").starts_with("PONG "));
+        assert_eq!(b.ask("GET x"), "VAL 1");
+        assert_eq!(b.ask("SET y 2"), format!("ERR io: reopening the log: {e}"));
     }
 
     /// A `SET` waiting for its group commit when the drain starts is answered `OK` before its
