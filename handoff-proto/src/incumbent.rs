@@ -302,6 +302,9 @@ impl Incumbent {
     // ---- handle ----
 
     /// The control socket accepted a connection (already checked with `SO_PEERCRED`).
+    ///
+    /// Connection ids must increase in accept order (a counter does): of two sessions, the
+    /// one on the newer connection is the live one, whichever `Hello` is read first.
     pub fn handle_connected(&mut self, now: Instant, conn: ConnId) -> Result<(), Misuse> {
         if self.conns.contains_key(&conn) {
             return Err(Misuse::DuplicateConnection(conn.0));
@@ -706,6 +709,25 @@ impl Incumbent {
                 return Err(PeerMisbehaved::NoCommonVersion(e).into());
             }
         };
+        // A `Hello` read on a connection older than a session already open is stale: its
+        // supervisor abandoned that connection (an aborted handoff, a crash) before this
+        // process read it, and has opened the newer one since. Connection ids increase in
+        // accept order (see `handle_connected`), so the newer session stays.
+        if let Some(newer) = self
+            .conns
+            .iter()
+            .find(|(id, c)| **id > conn && c.version().is_some())
+            .map(|(id, _)| *id)
+        {
+            self.refuse(
+                conn,
+                format!(
+                    "stale session: a newer one (connection {}) is open",
+                    newer.0
+                ),
+            );
+            return Ok(());
+        }
         // There is one supervisor: a new session supersedes every older one. Whatever is
         // still buffered on an older connection comes from a supervisor that is gone or has
         // moved on (a restarted supervisor racing its predecessor's last `Prepare`).

@@ -178,7 +178,7 @@ fn two_handoffs_commit_then_rollback_with_every_crash_and_a_restart() {
     let (c, took) = check(config(vec![Build::Good, Build::FailsOnOpen], 1, None));
     report("full model", &c, took);
     assert_holds(&c);
-    pin(&c, 351_387);
+    pin(&c, 333_307);
     for name in [
         "commit reached",
         "rollback after drain reached",
@@ -210,7 +210,7 @@ fn heartbeats_keep_slow_hooks_alive() {
         let (c, took) = check(cfg);
         report(&format!("heartbeats, {crashes} crash"), &c, took);
         assert_holds(&c);
-        pin(&c, if crashes == 0 { 1_057_071 } else { 185_125 });
+        pin(&c, if crashes == 0 { 1_057_071 } else { 184_490 });
         assert!(c.discovery("commit reached").is_some());
     }
 }
