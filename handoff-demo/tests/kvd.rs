@@ -408,11 +408,10 @@ impl Fixture {
         }
     }
 
-    /// A copy of `binary` named `name` (made before any process is spawned, so that no
-    /// child inherits the copy's descriptor open for writing: ETXTBSY).
+    /// A copy of `binary` named `name`.
     fn copy_of(&self, binary: &Path, name: &str) -> PathBuf {
         let copy = self.dir.join(name);
-        fs::copy(binary, &copy).unwrap();
+        copy_executable(binary, &copy);
         copy
     }
 
@@ -443,4 +442,21 @@ impl Drop for Fixture {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Copy an executable through `cp`, a process of its own: had this (multi-threaded) test
+/// process written the copy, a child forked meanwhile by another test could still hold the
+/// descriptor open for writing when the copy is executed (ETXTBSY).
+fn copy_executable(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(
+        status.success(),
+        "cp {} {}: {status}",
+        from.display(),
+        to.display()
+    );
 }

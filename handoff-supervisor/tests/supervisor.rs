@@ -440,7 +440,7 @@ fn trigger_socket_is_0600_and_checks_peers() {
     assert_eq!(mode & 0o777, 0o600);
     // handoffctl where `nobody` can run it.
     let ctl = env.dir.join("handoffctl");
-    std::fs::copy(CTL, &ctl).unwrap();
+    copy_executable(Path::new(CTL), &ctl);
     let as_nobody = |env: &Env| {
         Command::new("setpriv")
             .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
@@ -594,4 +594,21 @@ fn bad_config_is_reported_with_key_and_line() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(4));
+}
+
+/// Copy an executable through `cp`, a process of its own: had this (multi-threaded) test
+/// process written the copy, a child forked meanwhile by another test could still hold the
+/// descriptor open for writing when the copy is executed (ETXTBSY).
+fn copy_executable(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(
+        status.success(),
+        "cp {} {}: {status}",
+        from.display(),
+        to.display()
+    );
 }

@@ -115,7 +115,7 @@ impl Env {
     /// A copy of `binary` in `bins/` (the config's `binary_dir`).
     pub fn copy_of(&self, binary: &Path, name: &str) -> PathBuf {
         let copy = self.dir.join("bins").join(name);
-        fs::copy(binary, &copy).unwrap();
+        copy_executable(binary, &copy);
         copy
     }
 
@@ -843,4 +843,21 @@ impl Written {
             }
         }
     }
+}
+
+/// Copy an executable through `cp`, a process of its own: had this (multi-threaded) test
+/// process written the copy, a child forked meanwhile by another test could still hold the
+/// descriptor open for writing when the copy is executed (ETXTBSY).
+pub fn copy_executable(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(
+        status.success(),
+        "cp {} {}: {status}",
+        from.display(),
+        to.display()
+    );
 }
