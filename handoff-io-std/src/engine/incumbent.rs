@@ -283,9 +283,16 @@ impl IncumbentEngine {
         if let Some(c) = self.conns.get_mut(&id) {
             if let Err(e) = c.flush() {
                 log!(ROLE, "control connection {}: {e}", id.0);
-                self.closed(now, id);
+                self.write_failed(now, id);
             }
         }
+    }
+
+    /// Writing to `id` failed: the peer closed its end, or is gone. What it sent before that
+    /// is still ours to read (a last `Commit` or `Abort`): read it, then close.
+    fn write_failed(&mut self, now: Instant, id: ConnId) {
+        self.read(now, id);
+        self.closed(now, id);
     }
 
     fn closed(&mut self, now: Instant, id: ConnId) {
@@ -324,7 +331,7 @@ impl IncumbentEngine {
                         .and_then(|bytes| c.send(&bytes, &fds));
                     if let Err(e) = sent {
                         log!(ROLE, "sending {} failed: {e}", frame.message.kind());
-                        self.closed(now, conn);
+                        self.write_failed(now, conn);
                     } else if let Some(point) = sent_point(&frame.message) {
                         crash::point(point);
                     }

@@ -356,9 +356,7 @@ impl SupervisorEngine {
                 if writable {
                     if let Some(Err(e)) = self.conn(peer).as_mut().map(Conn::flush) {
                         log!(ROLE, "{peer:?} channel: {e}");
-                        if self.conn(peer).take().is_some() {
-                            self.machine_mut().handle_closed(now, peer);
-                        }
+                        self.write_failed(now, peer);
                     }
                 }
                 if readable {
@@ -445,6 +443,16 @@ impl SupervisorEngine {
         }
     }
 
+    /// Writing to `peer` failed: it closed its end, or is gone. What it sent before that is
+    /// still ours to read, and may decide the handoff (a successor sends `CommitAck` and
+    /// closes its channel, possibly before our next heartbeat): read it, then close.
+    fn write_failed(&mut self, now: Instant, peer: Peer) {
+        self.read(now, peer);
+        if self.conn(peer).take().is_some() {
+            self.machine_mut().handle_closed(now, peer);
+        }
+    }
+
     fn read(&mut self, now: Instant, peer: Peer) {
         let mut buf = std::mem::take(&mut self.buf);
         let Some(conn) = self.conn(peer).as_mut() else {
@@ -502,9 +510,7 @@ impl SupervisorEngine {
                         .and_then(|b| conn.send(&b, &fds));
                     if let Err(e) = sent {
                         log!(ROLE, "sending {} to {to:?}: {e}", frame.message.kind());
-                        if self.conn(to).take().is_some() {
-                            self.machine_mut().handle_closed(now, to);
-                        }
+                        self.write_failed(now, to);
                     } else if let Some(point) = sent_point(to, &frame.message) {
                         crash::point(point);
                     }
