@@ -17,8 +17,11 @@ pub mod successor;
 pub mod supervisor;
 pub mod trigger_line;
 
-/// Every target: its name (the directory under `fuzz/corpus/`) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A target's name (its directory under `fuzz/corpus/`) and body.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target.
+pub const TARGETS: &[Target] = &[
     ("frame_decoder", frame_decoder::run),
     ("incumbent", incumbent::run),
     ("successor", successor::run),

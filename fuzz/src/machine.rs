@@ -117,9 +117,11 @@ pub enum Direction {
     FromMachine,
 }
 
+/// Frames recorded in order, each with its direction.
+pub type Frames = Vec<(Direction, Vec<u8>)>;
+
 thread_local! {
-    static RECORDING: std::cell::RefCell<Option<Vec<(Direction, Vec<u8>)>>> =
-        const { std::cell::RefCell::new(None) };
+    static RECORDING: std::cell::RefCell<Option<Frames>> = const { std::cell::RefCell::new(None) };
 }
 
 fn record(dir: Direction, bytes: &[u8]) {
@@ -132,7 +134,7 @@ fn record(dir: Direction, bytes: &[u8]) {
 
 /// Run `f` and return, with its result, every frame fed to a machine and emitted by it
 /// meanwhile, in order (the seed generator writes them as `frame_decoder` inputs).
-pub fn recording<T>(f: impl FnOnce() -> T) -> (T, Vec<(Direction, Vec<u8>)>) {
+pub fn recording<T>(f: impl FnOnce() -> T) -> (T, Frames) {
     RECORDING.with(|r| *r.borrow_mut() = Some(Vec::new()));
     let out = f();
     let frames = RECORDING
@@ -196,7 +198,7 @@ pub fn listeners(n: usize) -> Vec<ListenerInfo> {
 /// fails there, not silently.
 pub fn variant(index: u32, count: u32) -> [u8; 4] {
     assert!(index < count);
-    let x = ((u64::from(index) << 32) + u64::from(count) - 1) / u64::from(count);
+    let x = (u64::from(index) << 32).div_ceil(u64::from(count));
     u32::try_from(x)
         .expect("index < count keeps x below 2^32")
         .to_le_bytes()

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use fuzz::machine::{recording, Direction};
+use fuzz::machine::{recording, Direction, Frames};
 
 fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus")
@@ -101,7 +101,7 @@ impl Writer {
 #[test]
 #[ignore = "regenerates the fuzz seed corpus; run by `scripts/fuzz seed`"]
 fn regenerate_fuzz_seed_corpus() {
-    let mut frames: Vec<(String, Vec<(Direction, Vec<u8>)>)> = Vec::new();
+    let mut frames: Vec<(String, Frames)> = Vec::new();
     machine_seeds(
         "incumbent",
         fuzz::incumbent::MILESTONES,
@@ -172,7 +172,7 @@ fn regenerate_fuzz_seed_corpus() {
 fn machine_seeds(
     target: &str,
     milestones: &[&str],
-    frames: &mut Vec<(String, Vec<(Direction, Vec<u8>)>)>,
+    frames: &mut Vec<(String, Frames)>,
     listener_counts: &[usize],
     bytes: impl Fn(usize, &[Option<u8>]) -> Vec<u8>,
     run: fn(&[u8]) -> fuzz::machine::Reached,
@@ -223,7 +223,7 @@ fn machine_seeds(
 
 /// The byte streams of the kept machine runs, each direction as one session: in one piece,
 /// byte by byte, and in chunks of 3 and 7.
-fn frame_seeds(runs: &[(String, Vec<(Direction, Vec<u8>)>)]) {
+fn frame_seeds(runs: &[(String, Frames)]) {
     use fuzz::frame_decoder::Input;
     let mut w = Writer::new("frame_decoder");
     for (i, (name, frames)) in runs.iter().enumerate() {
