@@ -49,6 +49,50 @@ fn fuzz_corpus_replays_cleanly() {
     assert!(failures.is_empty(), "fuzz inputs that fail: {failures:#?}");
 }
 
+/// The machine corpora get deep: together, their inputs reach every milestone the property
+/// tests name (lock released, retired, committed, recovered, ...), so the invariants checked
+/// on them are not checked only on the first messages.
+#[test]
+fn fuzz_corpus_reaches_every_machine_milestone() {
+    type Machine = (
+        &'static str,
+        fn(&[u8]) -> fuzz::machine::Reached,
+        &'static [&'static str],
+    );
+    let machines: [Machine; 3] = [
+        (
+            "incumbent",
+            fuzz::incumbent::run_ops,
+            fuzz::incumbent::MILESTONES,
+        ),
+        (
+            "successor",
+            fuzz::successor::run_ops,
+            fuzz::successor::MILESTONES,
+        ),
+        (
+            "supervisor",
+            fuzz::supervisor::run_ops,
+            fuzz::supervisor::MILESTONES,
+        ),
+    ];
+    let mut missed = Vec::new();
+    for (target, run, milestones) in machines {
+        let dir = corpus().join(target);
+        let mut union = 0u32;
+        for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let data = std::fs::read(e.expect("corpus entry").path()).expect("corpus file");
+            union |= run(&data).0;
+        }
+        for (bit, name) in milestones.iter().enumerate() {
+            if union & (1 << bit) == 0 {
+                missed.push(format!("{target}: {name}"));
+            }
+        }
+    }
+    assert!(missed.is_empty(), "no corpus input reaches {missed:?}");
+}
+
 /// Deterministic selector sequences for the honest runs (xorshift; no rand dependency).
 struct Sels(u64);
 
