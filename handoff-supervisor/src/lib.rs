@@ -6,3 +6,4 @@ pub mod ctl;
 pub mod notify;
 pub mod report;
 pub mod server;
+pub mod trigger;

@@ -28,11 +28,11 @@ use signal_hook_mio::v1_0::Signals;
 use crate::config::{Addr, Config, Kind};
 use crate::notify::{self, Notifier};
 use crate::report::{self, Ending, Last, Snapshot, Stats};
+use crate::trigger::{self, Command, LineBuf, LineError};
 
 /// A client sending nothing for this long (while no answer is pending) is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest command line accepted.
-pub const MAX_LINE: usize = 4096;
+pub use crate::trigger::MAX_LINE;
 /// Unanswered input a client may pipeline.
 const MAX_INPUT: usize = 4 * MAX_LINE;
 /// Answers a client has not read yet; beyond this it is cut off.
@@ -78,7 +78,7 @@ fn fatal(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> Fatal {
 #[derive(Debug)]
 struct Client {
     stream: UnixStream,
-    inbuf: Vec<u8>,
+    inbuf: LineBuf,
     outbuf: Vec<u8>,
     last_active: Instant,
     /// A `handoff` of this client runs: its answer comes with the outcome.
@@ -692,7 +692,7 @@ impl Server {
                 key,
                 Client {
                     stream,
-                    inbuf: Vec::new(),
+                    inbuf: LineBuf::new(),
                     outbuf: Vec::new(),
                     last_active: Instant::now(),
                     waiting: false,
@@ -716,7 +716,7 @@ impl Server {
             match c.stream.read(&mut buf) {
                 Ok(0) => c.read_closed = true,
                 Ok(n) => {
-                    c.inbuf.extend_from_slice(&buf[..n]);
+                    c.inbuf.push(&buf[..n]);
                     c.last_active = Instant::now();
                     if c.inbuf.len() > MAX_INPUT {
                         queue(c, "error: too much input");
@@ -744,30 +744,21 @@ impl Server {
             if c.waiting || c.closing {
                 break;
             }
-            let line = match c.inbuf.iter().position(|b| *b == b'\n') {
-                Some(i) if i > MAX_LINE => {
-                    queue(c, "error: line too long");
-                    c.closing = true;
-                    break;
-                }
-                Some(i) => {
-                    let l: Vec<u8> = c.inbuf.drain(..=i).collect();
-                    l[..i].to_vec()
-                }
-                None if c.inbuf.len() > MAX_LINE => {
-                    queue(c, "error: line too long");
-                    c.closing = true;
-                    break;
-                }
-                // The last line of a client that closed its side without a newline.
-                None if c.read_closed && !c.inbuf.is_empty() => std::mem::take(&mut c.inbuf),
+            // At a close, what is left without a newline is the last line.
+            let text = match c.inbuf.next_line(c.read_closed) {
                 None => break,
+                Some(Ok(text)) => text,
+                Some(Err(e @ LineError::TooLong)) => {
+                    queue(c, &format!("error: {e}"));
+                    c.closing = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    queue(c, &format!("error: {e}"));
+                    continue;
+                }
             };
-            let Ok(text) = String::from_utf8(line) else {
-                queue(c, "error: not UTF-8");
-                continue;
-            };
-            if let Some(answer) = self.command(key, text.trim()) {
+            if let Some(answer) = self.command(key, &text) {
                 if let Some(c) = self.clients.get_mut(&key) {
                     queue(c, &answer);
                 }
@@ -778,16 +769,11 @@ impl Server {
 
     /// One command; `None` when the answer comes later.
     fn command(&mut self, key: usize, line: &str) -> Option<String> {
-        let (cmd, arg) = match line.split_once(char::is_whitespace) {
-            Some((c, a)) => (c, a.trim()),
-            None => (line, ""),
-        };
-        match (cmd, arg) {
-            ("", _) => None,
-            ("status", "") => Some(self.status_line()),
-            ("metrics", "") => Some(self.metrics()),
-            ("handoff", arg) => {
-                let target = (!arg.is_empty()).then(|| PathBuf::from(arg));
+        match trigger::parse(line) {
+            Ok(Command::Empty) => None,
+            Ok(Command::Status) => Some(self.status_line()),
+            Ok(Command::Metrics) => Some(self.metrics()),
+            Ok(Command::Handoff(target)) => {
                 let answer = self.start_handoff(target.as_deref(), Some(key));
                 if answer.is_none() {
                     if let Some(c) = self.clients.get_mut(&key) {
@@ -796,10 +782,7 @@ impl Server {
                 }
                 answer
             }
-            _ => Some(format!(
-                "error: unknown command: {} (commands: handoff [path], status, metrics)",
-                one_line(line)
-            )),
+            Err(e) => Some(format!("error: {e}")),
         }
     }
 

@@ -1,0 +1,1077 @@
+//! `supervisor`: the supervisor machine fed arbitrary op sequences (triggers, spawn and
+//! connect results, messages and bytes from either daemon, exits, journal results, time),
+//! mixed with `Honest` ops in which cooperating daemons and a driver perform one obligation.
+//! Every output is drained after every op and checked: `Begin` only after the incumbent's
+//! `Sealed` of the same handoff, carrying that seal (I3 from the supervisor's side);
+//! `Commit` only after the `Committing` journal record is durable, to the incumbent only
+//! after the successor's `CommitAck`, never twice; no `Abort` to the incumbent after its
+//! `Commit`; `Committed` only after the successor's `CommitAck`; `RolledBack` only on
+//! something the incumbent said; one outcome per handoff, journaled; the journal never goes
+//! back; kills and watches only of known pids; triggers accepted exactly when idle. Ported
+//! from `supervisor_random_inputs_keep_commit_order` in `handoff-proto/tests/prop_machines.rs`.
+//!
+//! Input layout: one byte choosing the listener count (0, 2 or 300), then the ops.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use arbitrary::Arbitrary;
+use handoff_proto::wire::{
+    decode_body, DaemonStatus, HelloAck, Message, PeerRole, MAX_FRAME_LEN, SUPPORTED_VERSIONS,
+};
+use handoff_proto::{
+    DrainReport, HandoffId, HandoffSpec, JournalRecord, ListenerInfo, Peer, Pid, ReadinessSnapshot,
+    SealReport, StateSnapshot, Supervisor, SupervisorConfig, SupervisorOutput, Timing, Verdict,
+    MAX_FDS_PER_MESSAGE,
+};
+
+use super::machine::{
+    check_frame, for_each_op, frame_as_peer, listeners, trace, variant, Clock, Id, Reached,
+    TestResult,
+};
+
+const INCUMBENT: Pid = 100;
+const SUCCESSORS: [Pid; 3] = [200, 201, 202];
+
+/// One input, as the fuzzer chooses it.
+#[derive(Clone, Debug, PartialEq, Arbitrary)]
+pub enum Op {
+    /// A handoff is triggered.
+    Trigger {
+        /// Drain grace.
+        drain_grace_ms: u16,
+        /// Deadline.
+        deadline_ms: u16,
+    },
+    /// A spawn report for a process never seen before.
+    SpawnedFresh,
+    /// A spawn failed.
+    SpawnFailed(String),
+    /// The connect to the control socket succeeded.
+    Connected,
+    /// It failed.
+    ConnectFailed(String),
+    /// A message from the successor.
+    FromSuccessor {
+        /// What.
+        msg: SuccMsg,
+        /// Through `handle_bytes` (else `handle_message`).
+        framed: bool,
+    },
+    /// A message from the incumbent.
+    FromIncumbent {
+        /// What.
+        msg: IncMsg,
+        /// Through `handle_bytes` (else `handle_message`).
+        framed: bool,
+    },
+    /// Any message from either.
+    Msg {
+        /// From.
+        peer: Peer,
+        /// What.
+        msg: Message,
+        /// Through `handle_bytes` (else `handle_message`).
+        framed: bool,
+    },
+    /// Raw bytes from either.
+    Bytes(Peer, Vec<u8>),
+    /// A channel closed.
+    Closed(Peer),
+    /// One of the pids messages name exited.
+    Exited(PidSel),
+    /// One of the pids the harness has seen exited.
+    ExitedKnown(u8),
+    /// The journal record is durable.
+    JournalWritten,
+    /// The journal write failed.
+    JournalFailed(String),
+    /// A listener check failed.
+    ListenerError(String),
+    /// Let this many milliseconds pass, then `handle_timeout`.
+    Advance(u16),
+    /// Jump to the machine's next timeout.
+    AdvanceToTimer,
+    /// The cooperating environment performs one pending obligation.
+    Honest(u8),
+}
+
+/// One of the pids random messages name: the incumbent, a successor, or a stranger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Arbitrary)]
+pub struct PidSel(pub u8);
+
+impl PidSel {
+    fn get(self) -> Pid {
+        match self.0 % 5 {
+            0 => INCUMBENT,
+            4 => 300,
+            i => SUCCESSORS[usize::from(i - 1)],
+        }
+    }
+}
+
+/// A message from a successor, mostly with a meaning for the supervisor.
+#[derive(Clone, Debug, PartialEq, Arbitrary)]
+pub enum SuccMsg {
+    /// `HelloAck` from one of the successor pids, version 1 unless `version` is given.
+    HelloAck {
+        /// Which successor pid.
+        pid: u8,
+        /// Another version.
+        version: Option<u16>,
+    },
+    /// `ListenersAck` of `n % 4`, or of 300 when `n % 5 == 4`.
+    ListenersAck(u8),
+    /// `Ready`.
+    Ready(Id, ReadinessSnapshot),
+    /// `CommitAck`.
+    CommitAck(Id),
+    /// Anything at all.
+    Any(Message),
+}
+
+/// A message from an incumbent, mostly with a meaning for the supervisor.
+#[derive(Clone, Debug, PartialEq, Arbitrary)]
+pub enum IncMsg {
+    /// `HelloAck` (status `Serving` unless given).
+    HelloAck(PidSel, Option<DaemonStatus>),
+    /// `Drained`.
+    Drained(Id, DrainReport),
+    /// `DrainFailed`.
+    DrainFailed(Id, String),
+    /// `Sealed`.
+    Sealed(Id, SealReport),
+    /// `SealFailed`.
+    SealFailed(Id, String),
+    /// `CommitAck`.
+    CommitAck(Id),
+    /// `Resumed`.
+    Resumed(Id, StateSnapshot),
+    /// `ResumeFailed`.
+    ResumeFailed(Id, String),
+    /// `Listeners`.
+    Listeners(Vec<ListenerInfo>),
+    /// Anything at all.
+    Any(Message),
+}
+
+impl SuccMsg {
+    fn into_message(self) -> Message {
+        match self {
+            SuccMsg::HelloAck { pid, version } => Message::HelloAck(HelloAck {
+                role: PeerRole::Successor,
+                version: version.unwrap_or(1),
+                pid: SUCCESSORS[usize::from(pid % 3)],
+                build_id: "new".into(),
+                status: DaemonStatus::Successor,
+            }),
+            SuccMsg::ListenersAck(n) => Message::ListenersAck {
+                count: if n % 5 == 4 { 300 } else { u32::from(n % 4) },
+            },
+            SuccMsg::Ready(h, readiness) => Message::Ready {
+                handoff: h.get(),
+                readiness,
+            },
+            SuccMsg::CommitAck(h) => Message::CommitAck { handoff: h.get() },
+            SuccMsg::Any(m) => m,
+        }
+    }
+}
+
+impl IncMsg {
+    fn into_message(self) -> Message {
+        match self {
+            IncMsg::HelloAck(pid, status) => Message::HelloAck(HelloAck {
+                role: PeerRole::Incumbent,
+                version: 1,
+                pid: pid.get(),
+                build_id: "old".into(),
+                status: status.unwrap_or(DaemonStatus::Serving),
+            }),
+            IncMsg::Drained(h, report) => Message::Drained {
+                handoff: h.get(),
+                report,
+            },
+            IncMsg::DrainFailed(h, reason) => Message::DrainFailed {
+                handoff: h.get(),
+                reason,
+            },
+            IncMsg::Sealed(h, report) => Message::Sealed {
+                handoff: h.get(),
+                report,
+            },
+            IncMsg::SealFailed(h, reason) => Message::SealFailed {
+                handoff: h.get(),
+                reason,
+            },
+            IncMsg::CommitAck(h) => Message::CommitAck { handoff: h.get() },
+            IncMsg::Resumed(h, snapshot) => Message::Resumed {
+                handoff: h.get(),
+                snapshot,
+            },
+            IncMsg::ResumeFailed(h, reason) => Message::ResumeFailed {
+                handoff: h.get(),
+                reason,
+            },
+            IncMsg::Listeners(batch) => Message::Listeners { batch },
+            IncMsg::Any(m) => m,
+        }
+    }
+}
+
+/// The fuzz target.
+pub fn run(data: &[u8]) {
+    run_ops(data);
+}
+
+/// The listener count the first byte chooses.
+fn n_listeners(b: u8) -> usize {
+    match b % 8 {
+        0 | 1 => 0,
+        7 => 300,
+        _ => 2,
+    }
+}
+
+/// Run the ops in `data`; the milestones reached (for the seed generator).
+pub fn run_ops(data: &[u8]) -> Reached {
+    let Some((first, ops)) = data.split_first() else {
+        return Reached::default();
+    };
+    let mut h = SupHarness::new(n_listeners(*first));
+    let Ok(()) = h.drain(SupCtx::Other);
+    for_each_op(ops, |op: Op| {
+        let Ok(()) = h.apply(internal(op));
+    });
+    h.reached
+}
+
+/// The bytes of an honest run with `n` listeners (0, 2 or 300): `Honest(sel)` for each
+/// `Some(sel)`, `AdvanceToTimer` for each `None`.
+pub fn honest_bytes(n: usize, steps: &[Option<u8>]) -> Vec<u8> {
+    let first = match n {
+        0 => 0,
+        300 => 7,
+        _ => 2,
+    };
+    let mut out = vec![first];
+    for step in steps {
+        match step {
+            Some(sel) => {
+                out.extend(variant(17, 18));
+                out.push(*sel);
+            }
+            None => out.extend(variant(16, 18)),
+        }
+    }
+    out
+}
+
+/// Decode `data` to ops (for the seed generator's round-trip check).
+pub fn decode(data: &[u8]) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if let Some((_, rest)) = data.split_first() {
+        for_each_op(rest, |op| ops.push(op));
+    }
+    ops
+}
+
+/// Milestone names, by bit.
+pub const MILESTONES: &[&str] = &[
+    "Begin",
+    "Commit",
+    "Verdict::Committed",
+    "Verdict::RolledBack drained",
+    "Verdict::IncumbentLost",
+    "Recovered",
+    "second handoff",
+];
+
+#[derive(Clone, Debug)]
+enum SupOp {
+    Trigger(HandoffSpec),
+    Spawned(Pid),
+    SpawnedFresh,
+    SpawnFailed(String),
+    Connected,
+    ConnectFailed(String),
+    Msg {
+        peer: Peer,
+        msg: Message,
+        framed: bool,
+    },
+    Bytes(Peer, Vec<u8>),
+    Closed(Peer),
+    Exited(Pid),
+    ExitedKnown(u8),
+    JournalWritten,
+    JournalFailed(String),
+    ListenerError(String),
+    Advance(u64),
+    AdvanceToTimer,
+    Honest(u8),
+}
+
+fn internal(op: Op) -> SupOp {
+    match op {
+        Op::Trigger {
+            drain_grace_ms,
+            deadline_ms,
+        } => SupOp::Trigger(HandoffSpec {
+            drain_grace: Duration::from_millis(u64::from(drain_grace_ms)),
+            deadline: Duration::from_millis(u64::from(deadline_ms)),
+        }),
+        Op::SpawnedFresh => SupOp::SpawnedFresh,
+        Op::SpawnFailed(s) => SupOp::SpawnFailed(s),
+        Op::Connected => SupOp::Connected,
+        Op::ConnectFailed(s) => SupOp::ConnectFailed(s),
+        Op::FromSuccessor { msg, framed } => SupOp::Msg {
+            peer: Peer::Successor,
+            msg: msg.into_message(),
+            framed,
+        },
+        Op::FromIncumbent { msg, framed } => SupOp::Msg {
+            peer: Peer::Incumbent,
+            msg: msg.into_message(),
+            framed,
+        },
+        Op::Msg { peer, msg, framed } => SupOp::Msg { peer, msg, framed },
+        Op::Bytes(p, b) => SupOp::Bytes(p, b),
+        Op::Closed(p) => SupOp::Closed(p),
+        Op::Exited(p) => SupOp::Exited(p.get()),
+        Op::ExitedKnown(i) => SupOp::ExitedKnown(i),
+        Op::JournalWritten => SupOp::JournalWritten,
+        Op::JournalFailed(s) => SupOp::JournalFailed(s),
+        Op::ListenerError(s) => SupOp::ListenerError(s),
+        Op::Advance(ms) => SupOp::Advance(u64::from(ms)),
+        Op::AdvanceToTimer => SupOp::AdvanceToTimer,
+        Op::Honest(sel) => SupOp::Honest(sel),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum SupDuty {
+    Spawn,
+    ColdSpawn,
+    Journal,
+    SuccHelloAck,
+    SuccListenersAck(u32),
+    Connect,
+    IncHelloAck,
+    Drained(HandoffId),
+    Sealed(HandoffId),
+    Ready(HandoffId, SealReport),
+    SuccCommitAck(HandoffId),
+    IncCommitAck(HandoffId),
+    Resumed(HandoffId),
+    ReturnListeners,
+    Exit(Pid),
+}
+
+impl SupDuty {
+    fn peer(&self) -> Option<Peer> {
+        match self {
+            SupDuty::SuccHelloAck
+            | SupDuty::SuccListenersAck(_)
+            | SupDuty::Ready(..)
+            | SupDuty::SuccCommitAck(_) => Some(Peer::Successor),
+            SupDuty::IncHelloAck
+            | SupDuty::Drained(_)
+            | SupDuty::Sealed(_)
+            | SupDuty::IncCommitAck(_)
+            | SupDuty::Resumed(_)
+            | SupDuty::ReturnListeners => Some(Peer::Incumbent),
+            _ => None,
+        }
+    }
+}
+
+fn peer_ix(p: Peer) -> usize {
+    match p {
+        Peer::Incumbent => 0,
+        Peer::Successor => 1,
+    }
+}
+
+/// The frames a channel could have delivered, found by length alone (ignoring the version
+/// checks, which only ever reject more). A superset of what the machine decoded, so facts
+/// "X was received" derived from it are never missing something the machine saw.
+#[derive(Default)]
+struct Scan {
+    buf: Vec<u8>,
+    dead: bool,
+}
+
+impl Scan {
+    fn push(&mut self, bytes: &[u8]) -> Vec<Message> {
+        let mut out = Vec::new();
+        if self.dead {
+            return out;
+        }
+        self.buf.extend_from_slice(bytes);
+        while self.buf.len() >= 4 {
+            let len = u32::from_le_bytes(self.buf[0..4].try_into().unwrap());
+            if !(2..=MAX_FRAME_LEN).contains(&len) {
+                self.dead = true;
+                break;
+            }
+            let total = 4 + len as usize;
+            if self.buf.len() < total {
+                break;
+            }
+            match decode_body(&self.buf[6..total]) {
+                Ok(m) => out.push(m),
+                Err(_) => {
+                    self.dead = true;
+                    break;
+                }
+            }
+            self.buf.drain(..total);
+        }
+        out
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum SupCtx {
+    Other,
+    TriggerOk(HandoffId),
+}
+
+const SUP_BEGIN: u32 = 0;
+const SUP_COMMIT: u32 = 1;
+const SUP_COMMITTED: u32 = 2;
+const SUP_ROLLED_BACK_DRAINED: u32 = 3;
+const SUP_LOST: u32 = 4;
+const SUP_RECOVERED: u32 = 5;
+const SUP_SECOND_HANDOFF: u32 = 6;
+
+struct SupHarness {
+    m: Supervisor,
+    clock: Clock,
+    n_listeners: usize,
+    // Facts from inputs.
+    scans: [Scan; 2],
+    peer_version: [Option<u16>; 2],
+    sealed_from_inc: BTreeMap<HandoffId, Vec<SealReport>>,
+    succ_commit_ack: BTreeSet<HandoffId>,
+    resumed_from_inc: BTreeSet<HandoffId>,
+    /// Daemons that said `Serving` on a (re)connection after the incumbent was asked to drain.
+    serving_after_prepare: BTreeSet<(HandoffId, Pid)>,
+    known_pids: BTreeSet<Pid>,
+    // Facts from outputs.
+    current: Option<HandoffId>,
+    ids: BTreeSet<HandoffId>,
+    journal_pending: Option<JournalRecord>,
+    journal_max: HandoffId,
+    commit_durable: BTreeSet<HandoffId>,
+    in_flight_successor: BTreeMap<HandoffId, Pid>,
+    in_flight_incumbent: BTreeMap<HandoffId, Pid>,
+    prepare_sent: BTreeSet<HandoffId>,
+    /// Pids killed while the current handoff ran.
+    killed: BTreeSet<Pid>,
+    idle_journaled: BTreeSet<HandoffId>,
+    begin_sent: BTreeSet<HandoffId>,
+    commit_sent_succ: BTreeSet<HandoffId>,
+    commit_sent_inc: BTreeSet<HandoffId>,
+    outcomes: BTreeSet<HandoffId>,
+    // Cooperating environment.
+    duties: Vec<SupDuty>,
+    succ_pid: Pid,
+    spawns: u32,
+    serving: Pid,
+    reached: Reached,
+}
+
+impl SupHarness {
+    fn new(n_listeners: usize) -> Self {
+        let cfg = SupervisorConfig {
+            pid: 1,
+            build_id: "supervisor".into(),
+            versions: SUPPORTED_VERSIONS,
+            timing: Timing::default(),
+            listeners: listeners(n_listeners),
+            recovery_wait: Duration::from_secs(2),
+        };
+        Self {
+            m: Supervisor::with_incumbent(cfg, INCUMBENT, HandoffId(0)),
+            clock: Clock::new(),
+            n_listeners,
+            scans: Default::default(),
+            peer_version: [None, None],
+            sealed_from_inc: BTreeMap::new(),
+            succ_commit_ack: BTreeSet::new(),
+            resumed_from_inc: BTreeSet::new(),
+            serving_after_prepare: BTreeSet::new(),
+            known_pids: [INCUMBENT].into_iter().collect(),
+            current: None,
+            ids: BTreeSet::new(),
+            journal_pending: None,
+            journal_max: HandoffId(0),
+            commit_durable: BTreeSet::new(),
+            in_flight_successor: BTreeMap::new(),
+            in_flight_incumbent: BTreeMap::new(),
+            prepare_sent: BTreeSet::new(),
+            killed: BTreeSet::new(),
+            idle_journaled: BTreeSet::new(),
+            begin_sent: BTreeSet::new(),
+            commit_sent_succ: BTreeSet::new(),
+            commit_sent_inc: BTreeSet::new(),
+            outcomes: BTreeSet::new(),
+            duties: Vec::new(),
+            succ_pid: 0,
+            spawns: 0,
+            serving: INCUMBENT,
+            reached: Reached::default(),
+        }
+    }
+
+    /// A message that reached (or may have reached) the machine from `peer`.
+    fn note_received(&mut self, peer: Peer, msg: &Message) {
+        match (peer, msg) {
+            (Peer::Incumbent, Message::Sealed { handoff, report }) => self
+                .sealed_from_inc
+                .entry(*handoff)
+                .or_default()
+                .push(report.clone()),
+            (Peer::Successor, Message::CommitAck { handoff }) => {
+                self.succ_commit_ack.insert(*handoff);
+            }
+            (Peer::Incumbent, Message::Resumed { handoff, .. }) => {
+                self.resumed_from_inc.insert(*handoff);
+            }
+            (_, Message::HelloAck(ack)) => {
+                self.known_pids.insert(ack.pid);
+                if let Some(h) = self.current {
+                    if peer == Peer::Incumbent
+                        && ack.status == DaemonStatus::Serving
+                        && self.prepare_sent.contains(&h)
+                    {
+                        self.serving_after_prepare.insert((h, ack.pid));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn push_bytes(&mut self, peer: Peer, bytes: &[u8]) -> TestResult {
+        let now = self.clock.now();
+        for m in self.scans[peer_ix(peer)].push(bytes) {
+            self.note_received(peer, &m);
+        }
+        let _ = self.m.handle_bytes(now, peer, bytes);
+        Ok(())
+    }
+
+    fn apply(&mut self, op: SupOp) -> TestResult {
+        if trace() && !matches!(op, SupOp::Honest(_)) {
+            eprintln!("sup <- {op:?} [{}]", self.m.phase_name());
+        }
+        let now = self.clock.now();
+        let mut ctx = SupCtx::Other;
+        match op {
+            SupOp::Trigger(spec) => {
+                let idle = self.m.is_idle();
+                if idle {
+                    assert!(self.m.incumbent().is_some(), "idle without an incumbent");
+                }
+                let in_handoff = self.m.current_handoff();
+                match self.m.handle_trigger(now, spec) {
+                    Ok(id) => {
+                        assert!(idle, "trigger accepted while not idle");
+                        assert!(
+                            self.ids.iter().all(|old| *old < id),
+                            "handoff id {} reused",
+                            id
+                        );
+                        self.ids.insert(id);
+                        self.current = Some(id);
+                        self.killed.clear();
+                        if self.ids.len() >= 2 {
+                            self.reached.set(SUP_SECOND_HANDOFF);
+                        }
+                        ctx = SupCtx::TriggerOk(id);
+                    }
+                    Err(busy) => {
+                        assert!(!idle, "Busy while idle: {}", busy);
+                        assert_eq!(busy.handoff, in_handoff);
+                    }
+                }
+            }
+            SupOp::SpawnedFresh => {
+                let pid = self.fresh_pid();
+                return self.apply(SupOp::Spawned(pid));
+            }
+            SupOp::Spawned(pid) => {
+                self.known_pids.insert(pid);
+                self.succ_pid = pid;
+                let _ = self.m.handle_spawned(now, pid);
+            }
+            SupOp::SpawnFailed(reason) => {
+                let _ = self.m.handle_spawn_failed(now, reason);
+            }
+            SupOp::Connected => {
+                let _ = self.m.handle_connected(now);
+            }
+            SupOp::ConnectFailed(reason) => {
+                let _ = self.m.handle_connect_failed(now, reason);
+            }
+            SupOp::Msg { peer, msg, framed } => {
+                let ack_version = match &msg {
+                    Message::HelloAck(ack) => Some(ack.version),
+                    _ => None,
+                };
+                let r = if framed {
+                    let bytes = frame_as_peer(&msg, self.peer_version[peer_ix(peer)]);
+                    for m in self.scans[peer_ix(peer)].push(&bytes) {
+                        self.note_received(peer, &m);
+                    }
+                    self.m.handle_bytes(now, peer, &bytes)
+                } else {
+                    self.note_received(peer, &msg);
+                    self.m.handle_message(now, peer, msg)
+                };
+                if let (Some(v), Ok(())) = (ack_version, &r) {
+                    self.peer_version[peer_ix(peer)] = Some(v);
+                }
+            }
+            SupOp::Bytes(peer, bytes) => self.push_bytes(peer, &bytes)?,
+            SupOp::Closed(peer) => self.m.handle_closed(now, peer),
+            SupOp::Exited(pid) => self.m.handle_exited(now, pid),
+            SupOp::ExitedKnown(i) => {
+                let pids: Vec<Pid> = self.known_pids.iter().copied().collect();
+                let pid = pids[usize::from(i) % pids.len()];
+                return self.apply(SupOp::Exited(pid));
+            }
+            SupOp::JournalWritten => {
+                let pending = self.journal_pending.clone();
+                if self.m.handle_journal_written(now).is_ok() {
+                    if let Some(JournalRecord::Committing { handoff, .. }) = pending {
+                        self.commit_durable.insert(handoff);
+                    }
+                    self.journal_pending = None;
+                }
+            }
+            SupOp::JournalFailed(reason) => {
+                if self.m.handle_journal_failed(now, reason).is_ok() {
+                    self.journal_pending = None;
+                }
+            }
+            SupOp::ListenerError(reason) => self.m.handle_listener_error(now, reason),
+            SupOp::Advance(ms) => {
+                self.clock.advance(ms);
+                self.timeout()?;
+            }
+            SupOp::AdvanceToTimer => {
+                self.clock.advance_to(self.m.poll_timeout());
+                self.timeout()?;
+            }
+            SupOp::Honest(sel) => return self.honest(sel),
+        }
+        self.drain(ctx)
+    }
+
+    fn timeout(&mut self) -> TestResult {
+        let now = self.clock.now();
+        self.m.handle_timeout(now);
+        if let Some(t) = self.m.poll_timeout() {
+            assert!(
+                t > now,
+                "poll_timeout {:?} not after now",
+                t - self.clock.base
+            );
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self, ctx: SupCtx) -> TestResult {
+        while let Some(out) = self.m.poll_output() {
+            if trace() {
+                eprintln!("sup -> {out:?}");
+            }
+            match out {
+                SupervisorOutput::Send { to, frame } => {
+                    check_frame(&frame);
+                    self.on_send(to, &frame.message)?;
+                }
+                SupervisorOutput::Close { peer } => {
+                    self.peer_version[peer_ix(peer)] = None;
+                    self.duties.retain(|d| d.peer() != Some(peer));
+                }
+                SupervisorOutput::TakeListeners { batch } => {
+                    assert!(batch.len() <= self.n_listeners);
+                    // An honest driver: the descriptors arrived and are the configured ones.
+                    let now = self.clock.now();
+                    self.m.handle_listeners_taken(now, batch.len() as u32);
+                }
+                SupervisorOutput::SpawnSuccessor { handoff } => {
+                    assert_eq!(ctx, SupCtx::TriggerOk(handoff), "spawn without trigger");
+                    self.duties.push(SupDuty::Spawn);
+                }
+                SupervisorOutput::SpawnColdStart => self.duties.push(SupDuty::ColdSpawn),
+                SupervisorOutput::Connect => self.duties.push(SupDuty::Connect),
+                SupervisorOutput::Watch { pid } => {
+                    assert!(
+                        self.known_pids.contains(&pid),
+                        "watches unknown pid {}",
+                        pid
+                    );
+                }
+                SupervisorOutput::Kill { pid } => {
+                    assert!(self.known_pids.contains(&pid), "kills unknown pid {}", pid);
+                    if let Some(h) = self.m.current_handoff() {
+                        // During a handoff the incumbent is killed only once the successor
+                        // committed (it ignored Commit past deadline + slack).
+                        if self.in_flight_incumbent.get(&h) == Some(&pid) {
+                            assert!(
+                                self.succ_commit_ack.contains(&h),
+                                "kills the incumbent of {} before the successor committed",
+                                h
+                            );
+                        }
+                        self.killed.insert(pid);
+                    }
+                    self.duties.push(SupDuty::Exit(pid));
+                }
+                SupervisorOutput::WriteJournal(rec) => {
+                    assert!(
+                        rec.last_handoff() >= self.journal_max,
+                        "journal goes back from {} to {:?}",
+                        self.journal_max,
+                        rec
+                    );
+                    self.journal_max = rec.last_handoff();
+                    match &rec {
+                        JournalRecord::InFlight {
+                            handoff,
+                            incumbent,
+                            successor,
+                        } => {
+                            assert_eq!(Some(*handoff), self.current);
+                            assert!(self.known_pids.contains(incumbent));
+                            self.in_flight_successor.insert(*handoff, *successor);
+                            self.in_flight_incumbent.insert(*handoff, *incumbent);
+                        }
+                        JournalRecord::Committing {
+                            handoff, successor, ..
+                        } => {
+                            assert_eq!(Some(*handoff), self.current);
+                            assert_eq!(
+                                self.in_flight_successor.get(handoff),
+                                Some(successor),
+                                "committing another successor than journaled in flight"
+                            );
+                        }
+                        JournalRecord::Idle { last_handoff, .. } => {
+                            self.idle_journaled.insert(*last_handoff);
+                        }
+                    }
+                    self.journal_pending = Some(rec);
+                    self.duties.push(SupDuty::Journal);
+                }
+                SupervisorOutput::Outcome(o) => {
+                    let h = o.handoff;
+                    assert_eq!(Some(h), self.current);
+                    assert!(self.outcomes.insert(h), "second outcome for {}", h);
+                    assert!(self.idle_journaled.contains(&h), "outcome not journaled");
+                    match &o.verdict {
+                        Verdict::Committed { successor } => {
+                            assert!(
+                                self.succ_commit_ack.contains(&h),
+                                "Committed without the successor's CommitAck"
+                            );
+                            assert!(self.commit_sent_succ.contains(&h));
+                            assert_eq!(self.in_flight_successor.get(&h), Some(successor));
+                            assert!(
+                                !self.killed.contains(successor),
+                                "Committed, but the successor was killed"
+                            );
+                            self.serving = *successor;
+                            self.reached.set(SUP_COMMITTED);
+                        }
+                        Verdict::RolledBack {
+                            incumbent, drained, ..
+                        } => {
+                            assert!(
+                                !self.commit_sent_inc.contains(&h),
+                                "rolled back after the incumbent was told to commit"
+                            );
+                            assert!(self.known_pids.contains(incumbent));
+                            // "The incumbent serves" must rest on something it said.
+                            if *drained {
+                                assert!(
+                                    self.resumed_from_inc.contains(&h)
+                                        || self.serving_after_prepare.contains(&(h, *incumbent)),
+                                    "RolledBack(drained) without Resumed or a Serving HelloAck"
+                                );
+                                self.reached.set(SUP_ROLLED_BACK_DRAINED);
+                            } else {
+                                assert!(
+                                    !self.prepare_sent.contains(&h),
+                                    "RolledBack(drained: false) after Prepare"
+                                );
+                            }
+                        }
+                        Verdict::IncumbentLost { .. } => {
+                            assert!(!self.commit_sent_inc.contains(&h));
+                            self.reached.set(SUP_LOST);
+                        }
+                    }
+                }
+                SupervisorOutput::Recovered { serving, .. } => {
+                    assert!(self.known_pids.contains(&serving));
+                    self.serving = serving;
+                    self.reached.set(SUP_RECOVERED);
+                }
+            }
+        }
+        if let Some(h) = self.m.current_handoff() {
+            assert_eq!(Some(h), self.current);
+        }
+        assert!(!self.m.is_idle() || self.m.current_handoff().is_none());
+        Ok(())
+    }
+
+    fn on_send(&mut self, to: Peer, msg: &Message) -> TestResult {
+        if let Some(h) = msg.handoff() {
+            assert_eq!(
+                Some(h),
+                self.current,
+                "{} about another handoff",
+                msg.kind()
+            );
+        }
+        match (to, msg) {
+            (_, Message::Hello(_)) => {
+                // A fresh channel: its bytes start anew.
+                self.scans[peer_ix(to)] = Scan::default();
+                self.peer_version[peer_ix(to)] = None;
+                self.duties.push(match to {
+                    Peer::Incumbent => SupDuty::IncHelloAck,
+                    Peer::Successor => SupDuty::SuccHelloAck,
+                });
+            }
+            (Peer::Successor, Message::Welcome { listeners, .. }) => {
+                assert_eq!(*listeners as usize, self.n_listeners);
+                self.duties.push(SupDuty::SuccListenersAck(*listeners));
+            }
+            (Peer::Successor, Message::Listeners { batch }) => {
+                assert!(batch.len() <= MAX_FDS_PER_MESSAGE);
+            }
+            (Peer::Incumbent, Message::Prepare { handoff, .. }) => {
+                self.prepare_sent.insert(*handoff);
+                self.duties.push(SupDuty::Drained(*handoff))
+            }
+            (Peer::Incumbent, Message::Seal { handoff }) => {
+                self.duties.push(SupDuty::Sealed(*handoff))
+            }
+            (Peer::Successor, Message::Begin { handoff, seal }) => {
+                // The successor may take the lock only after the incumbent sealed (and
+                // released it) in this very handoff, and it opens what was sealed.
+                let sealed = self.sealed_from_inc.get(handoff);
+                assert!(
+                    sealed.is_some_and(|s| s.contains(seal)),
+                    "Begin for {} without a Sealed from the incumbent",
+                    handoff
+                );
+                assert!(self.begin_sent.insert(*handoff), "Begin twice");
+                self.reached.set(SUP_BEGIN);
+                self.duties.push(SupDuty::Ready(*handoff, seal.clone()));
+            }
+            (_, Message::Commit { handoff }) => {
+                assert!(
+                    self.commit_durable.contains(handoff),
+                    "Commit for {} before the Committing record was durable",
+                    handoff
+                );
+                self.reached.set(SUP_COMMIT);
+                match to {
+                    Peer::Successor => {
+                        assert!(self.commit_sent_succ.insert(*handoff), "Commit twice");
+                        self.duties.push(SupDuty::SuccCommitAck(*handoff));
+                    }
+                    Peer::Incumbent => {
+                        assert!(
+                            self.succ_commit_ack.contains(handoff),
+                            "incumbent told to commit before the successor acknowledged"
+                        );
+                        assert!(self.commit_sent_inc.insert(*handoff), "Commit twice");
+                        self.duties.push(SupDuty::IncCommitAck(*handoff));
+                    }
+                }
+            }
+            (Peer::Incumbent, Message::Abort { handoff, .. }) => {
+                assert!(
+                    !self.commit_sent_inc.contains(handoff),
+                    "Abort after Commit to the incumbent"
+                );
+                self.duties.push(SupDuty::Resumed(*handoff));
+            }
+            (Peer::Incumbent, Message::ReturnListeners) => {
+                self.duties.push(SupDuty::ReturnListeners)
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Pids are never reused while a test runs: a spawn names a new process, never one of
+    /// the pids random messages name (`INCUMBENT`, `SUCCESSORS`, 300).
+    fn fresh_pid(&mut self) -> Pid {
+        self.spawns += 1;
+        1000 + self.spawns
+    }
+
+    fn send(&mut self, peer: Peer, msg: Message) -> TestResult {
+        self.apply(SupOp::Msg {
+            peer,
+            msg,
+            framed: true,
+        })
+    }
+
+    fn honest(&mut self, sel: u8) -> TestResult {
+        if self.duties.is_empty() {
+            return self.apply(SupOp::Trigger(HandoffSpec {
+                drain_grace: Duration::from_secs(1),
+                deadline: Duration::from_secs(20),
+            }));
+        }
+        let duty = self.duties.remove(sel as usize % self.duties.len());
+        let variant = sel / 16;
+        let fail = variant == 0;
+        match duty {
+            SupDuty::Spawn => {
+                if fail {
+                    self.apply(SupOp::SpawnFailed("no such binary".into()))
+                } else {
+                    let pid = self.fresh_pid();
+                    self.apply(SupOp::Spawned(pid))
+                }
+            }
+            SupDuty::ColdSpawn => {
+                let pid = self.fresh_pid();
+                self.serving = pid;
+                self.apply(SupOp::Spawned(pid))
+            }
+            SupDuty::Journal => self.apply(if fail {
+                SupOp::JournalFailed("disk full".into())
+            } else {
+                SupOp::JournalWritten
+            }),
+            SupDuty::SuccHelloAck => self.send(
+                Peer::Successor,
+                Message::HelloAck(HelloAck {
+                    role: PeerRole::Successor,
+                    version: 1,
+                    pid: self.succ_pid,
+                    build_id: "new".into(),
+                    status: DaemonStatus::Successor,
+                }),
+            ),
+            SupDuty::SuccListenersAck(count) => {
+                self.send(Peer::Successor, Message::ListenersAck { count })
+            }
+            SupDuty::Connect => self.apply(if fail {
+                SupOp::ConnectFailed("refused".into())
+            } else {
+                SupOp::Connected
+            }),
+            SupDuty::IncHelloAck => {
+                let status = match (fail, self.current) {
+                    (true, Some(h)) => DaemonStatus::Reclaiming(h),
+                    _ => DaemonStatus::Serving,
+                };
+                self.send(
+                    Peer::Incumbent,
+                    Message::HelloAck(HelloAck {
+                        role: PeerRole::Incumbent,
+                        version: 1,
+                        pid: self.serving,
+                        build_id: "old".into(),
+                        status,
+                    }),
+                )
+            }
+            SupDuty::Drained(handoff) => self.send(
+                Peer::Incumbent,
+                if fail {
+                    Message::DrainFailed {
+                        handoff,
+                        reason: "busy".into(),
+                    }
+                } else {
+                    Message::Drained {
+                        handoff,
+                        report: DrainReport::default(),
+                    }
+                },
+            ),
+            SupDuty::Sealed(handoff) => self.send(
+                Peer::Incumbent,
+                if fail {
+                    Message::SealFailed {
+                        handoff,
+                        reason: "io".into(),
+                    }
+                } else {
+                    Message::Sealed {
+                        handoff,
+                        report: SealReport {
+                            last_revision_per_shard: vec![7, 8],
+                            data_dir_fingerprint: 1,
+                        },
+                    }
+                },
+            ),
+            SupDuty::Ready(handoff, seal) => self.send(
+                Peer::Successor,
+                Message::Ready {
+                    handoff,
+                    readiness: ReadinessSnapshot {
+                        listening_on: Vec::new(),
+                        healthz_ok: !fail,
+                        advertised_revision_per_shard: seal.last_revision_per_shard,
+                    },
+                },
+            ),
+            SupDuty::SuccCommitAck(handoff) => {
+                self.send(Peer::Successor, Message::CommitAck { handoff })
+            }
+            SupDuty::IncCommitAck(handoff) => {
+                self.send(Peer::Incumbent, Message::CommitAck { handoff })
+            }
+            SupDuty::Resumed(handoff) => self.send(
+                Peer::Incumbent,
+                if fail {
+                    Message::ResumeFailed {
+                        handoff,
+                        reason: "hook".into(),
+                    }
+                } else {
+                    Message::Resumed {
+                        handoff,
+                        snapshot: StateSnapshot::default(),
+                    }
+                },
+            ),
+            SupDuty::ReturnListeners => {
+                let all = listeners(self.n_listeners);
+                if all.is_empty() {
+                    return self.send(Peer::Incumbent, Message::Listeners { batch: all });
+                }
+                for batch in all.chunks(MAX_FDS_PER_MESSAGE) {
+                    self.send(
+                        Peer::Incumbent,
+                        Message::Listeners {
+                            batch: batch.to_vec(),
+                        },
+                    )?;
+                }
+                Ok(())
+            }
+            SupDuty::Exit(pid) => self.apply(SupOp::Exited(pid)),
+        }
+    }
+}
