@@ -21,10 +21,11 @@
 //! pause of [`POLL_PAUSE`] between two polls; processes are waited for on pidfds.
 
 mod common;
+mod kvd_load;
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -36,14 +37,10 @@ use std::time::{Duration, Instant};
 use handoff_io_std::sys::lock::{holders, lock_file_path};
 use handoff_io_std::sys::spawn::{wait_any, Watched};
 use handoff_supervisor::server::{IDLE_TIMEOUT, MAX_CLIENTS};
+use kvd_load::{
+    cmdline, field, free_port, kvd, pid_of, processes_naming, BOUND, CTL, POLL_PAUSE, SUP,
+};
 
-const CTL: &str = env!("CARGO_BIN_EXE_handoffctl");
-const SUP: &str = env!("CARGO_BIN_EXE_handoff-supervisor");
-
-/// The bound on every single wait.
-const BOUND: Duration = Duration::from_secs(30);
-/// The pause between two polls of a bounded poll.
-const POLL_PAUSE: Duration = Duration::from_millis(20);
 /// `ENOSPC`.
 const ENOSPC: i32 = 28;
 const NO_SPACE: &str = "No space left on device";
@@ -443,10 +440,6 @@ fn a_journal_truncated_mid_record_is_refused_naming_the_file() {
 
 // ---------------------------------------------------------------------------------------
 // The environment.
-
-fn kvd() -> PathBuf {
-    common::workspace_bin("handoff-demo", "kvd")
-}
 
 static N: AtomicU32 = AtomicU32::new(0);
 
@@ -878,20 +871,6 @@ fn ask_all(conns: Vec<UnixStream>) -> FloodCounts {
 // ---------------------------------------------------------------------------------------
 // Processes and descriptors.
 
-fn field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
-    status
-        .split(' ')
-        .filter_map(|w| w.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.trim_end())
-}
-
-fn pid_of(status: &str) -> u32 {
-    field(status, "serving_pid")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no serving pid in {status}"))
-}
-
 fn fd_count(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
@@ -959,40 +938,4 @@ fn raise_own_nofile(need: u64) {
         l.current = Some(hard);
         setrlimit(Resource::Nofile, l).unwrap();
     }
-}
-
-fn cmdline(pid: u32) -> String {
-    String::from_utf8_lossy(&fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
-        .into_owned()
-}
-
-fn processes_naming(dir: &Path) -> Vec<u32> {
-    let dir = dir.to_string_lossy();
-    fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .filter(|&p| cmdline(p).contains(&*dir))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// A port outside the ephemeral range (which the load's own connections use), free now.
-fn free_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let low: u32 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    let base = 10_000.min(low / 2);
-    let span = low.saturating_sub(base).max(1);
-    let start = u64::from(std::process::id()) * 7919 + 13;
-    for _ in 0..span {
-        let n = u64::from(NEXT.fetch_add(1, Ordering::SeqCst));
-        let port = base + ((start + n * 101) % u64::from(span)) as u32;
-        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
-            return l.local_addr().unwrap().port();
-        }
-    }
-    panic!("no free port in {base}..{low}");
 }
