@@ -1,0 +1,112 @@
+//! Shared pieces of the benchmark programs in `src/bin` (see `BENCHMARKS.md` at the root).
+//!
+//! - [`mono_ns`]: `CLOCK_MONOTONIC` in nanoseconds. It is one clock for every process on the
+//!   machine, so a supervisor and the daemons it spawns can compare their timestamps.
+//! - [`Stats`]: percentiles of a sample of durations.
+//! - [`proc_rss_kib`], [`proc_fd_count`]: what a process holds, from `/proc`.
+
+use std::time::Duration;
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds (the clock `std::time::Instant` reads on Linux).
+pub fn mono_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// A sample of durations, sorted on creation.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    sorted: Vec<Duration>,
+}
+
+impl Stats {
+    /// The sample `v`, in any order.
+    pub fn new(mut v: Vec<Duration>) -> Stats {
+        v.sort_unstable();
+        Stats { sorted: v }
+    }
+
+    /// How many values.
+    pub fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.sorted.is_empty()
+    }
+
+    /// The `p`-quantile (`0.0..=1.0`) by the nearest-rank method; zero for an empty sample.
+    pub fn pct(&self, p: f64) -> Duration {
+        if self.sorted.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = (p * self.sorted.len() as f64).ceil() as usize;
+        self.sorted[rank.clamp(1, self.sorted.len()) - 1]
+    }
+
+    /// The median.
+    pub fn p50(&self) -> Duration {
+        self.pct(0.5)
+    }
+
+    /// The 99th percentile.
+    pub fn p99(&self) -> Duration {
+        self.pct(0.99)
+    }
+
+    /// The largest value (zero for an empty sample).
+    pub fn max(&self) -> Duration {
+        self.sorted.last().copied().unwrap_or_default()
+    }
+
+    /// The arithmetic mean (zero for an empty sample).
+    pub fn mean(&self) -> Duration {
+        if self.sorted.is_empty() {
+            return Duration::ZERO;
+        }
+        self.sorted.iter().sum::<Duration>() / self.sorted.len() as u32
+    }
+}
+
+/// Milliseconds with three decimals, for tables.
+pub fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+/// The resident set of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`).
+pub fn proc_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// How many descriptors process `pid` holds (entries of `/proc/<pid>/fd`).
+pub fn proc_fd_count(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s = Stats::new((1..=100).rev().map(Duration::from_millis).collect());
+        assert_eq!(s.p50(), Duration::from_millis(50));
+        assert_eq!(s.p99(), Duration::from_millis(99));
+        assert_eq!(s.max(), Duration::from_millis(100));
+        assert_eq!(s.pct(0.0), Duration::from_millis(1));
+        assert_eq!(Stats::default().p99(), Duration::ZERO);
+    }
+
+    #[test]
+    fn our_own_process_is_visible_in_proc() {
+        let pid = std::process::id();
+        assert!(proc_rss_kib(pid).unwrap() > 0);
+        assert!(proc_fd_count(pid).unwrap() >= 3);
+        let (a, b) = (mono_ns(), mono_ns());
+        assert!(b >= a);
+    }
+}
