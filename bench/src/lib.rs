@@ -4,6 +4,7 @@
 //!   machine, so a supervisor and the daemons it spawns can compare their timestamps.
 //! - [`Stats`]: percentiles of a sample of durations.
 //! - [`proc_rss_kib`], [`proc_fd_count`]: what a process holds, from `/proc`.
+//! - [`free_port`]: a free TCP port on 127.0.0.1 for a server under test.
 
 use std::time::Duration;
 
@@ -85,6 +86,32 @@ pub fn proc_rss_kib(pid: u32) -> Option<u64> {
 /// How many descriptors process `pid` holds (entries of `/proc/<pid>/fd`).
 pub fn proc_fd_count(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// A TCP port on 127.0.0.1 that nobody uses now, below the ephemeral range: no client's
+/// `connect` takes it as its source port before the server binds it (which would make that
+/// bind fail, with thousands of connections a second).
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let base = 10_000.min(low / 2);
+    let span = low.saturating_sub(base).max(1);
+    // Spread over the range by pid and time, so that concurrent callers rarely collide.
+    let start = u64::from(std::process::id()) * 7919 + mono_ns() / 1000;
+    for _ in 0..span {
+        let n = u64::from(NEXT.fetch_add(1, Ordering::SeqCst));
+        let port = base + ((start + n * 101) % u64::from(span)) as u32;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            if let Ok(a) = l.local_addr() {
+                return a.port();
+            }
+        }
+    }
+    panic!("no free port in {base}..{low}");
 }
 
 #[cfg(test)]
