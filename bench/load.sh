@@ -372,7 +372,8 @@ EOF
     stop_tree "$g"
 }
 
-echo "== $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); $NGINX_V; $HAPROXY_V"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "== $(nproc) cores, load average $LOAD_START; $NGINX_V; $HAPROXY_V"
 for t in $TARGETS; do
     rm -f "$OUT/load-$t.json" "$OUT/load-$t.txt"
     case $t in
@@ -404,29 +405,43 @@ val() {
     fi
 }
 
+# f1 X: X with one decimal ("?" stays).
+f1() {
+    if [[ $1 =~ ^[0-9.]+$ ]]; then printf '%.1f' "$1"; else echo "$1"; fi
+}
+
 {
     echo "# Client impact of swaps under load"
     echo
-    echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
-    echo "Load per target: $OPEN_RATE new connections/s (one request each) + $CLOSED keep-alive"
-    echo "clients; $SWAPS swaps, one every $INTERVAL_MS ms; $NGINX_V; $HAPROXY_V."
-    echo "Latency in ms; \"swaps\" = requests overlapping a swap window (trigger → old process gone);"
-    echo "errors per 1,000 swaps count every error of the run; o = open-loop, c = closed-loop."
+    echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, load average at the start $LOAD_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo "Load on each target: $OPEN_RATE new connections/s with one request each (open-loop, o) and"
+    echo "$CLOSED keep-alive clients (closed-loop, c); $SWAPS swaps, one every $INTERVAL_MS ms. $NGINX_V;"
+    echo "$HAPROXY_V. A swap window runs from the trigger to the exit of the old process."
+    echo "Latencies in ms, of answered requests: \"in swaps\" = requests overlapping a swap window,"
+    echo "\"steady\" = the others. Errors per 1,000 swaps count every error of the run (the raw"
+    echo "counts by kind in brackets)."
+    echo "Resent: kvd's \"not executed, send it again\" (an end of stream before the answer, ERR"
+    echo "retry), by protocol not an error. Stall: the longest time in which no request of that"
+    echo "kind of client completed. Raw output: target/bench/load-<target>.txt and .json."
     echo
-    echo "| target | swaps done (failed) | swap p50 / max | errors / 1k swaps o | c | error kinds o | c | resent o / c | p99 in swaps o / c | max in swaps o / c | steady p99 o / c | longest stall o / c |"
-    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    echo "| target | swaps (failed) | swap p50 / max | open-loop errors / 1k swaps | closed-loop errors / 1k swaps | resent o / c | p99 in swaps o / c | max in swaps o / c | steady p99 o / c | longest stall o / c |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     for t in $TARGETS; do
         f=$OUT/load-$t.json
-        [[ -s $f ]] || { echo "| $t | not run | | | | | | | | | | |"; continue; }
+        [[ -s $f ]] || {
+            echo "| $t | not run | | | | | | | | |"
+            continue
+        }
         v() { val "$f" "$1"; }
-        echo "| $t | $(v swaps) ($(v swaps_failed)) | $(v swap_p50_ms) / $(v swap_max_ms) |" \
-            "$(v open_loop_errors_per_1k_swaps) | $(v closed_loop_errors_per_1k_swaps) |" \
-            "$(v open_loop_error_kinds) | $(v closed_loop_error_kinds) |" \
+        kinds() { [[ $(v "$1") == - ]] || echo " ($(v "$1"))"; }
+        echo "| $t | $(v swaps) ($(v swaps_failed)) | $(f1 "$(v swap_p50_ms)") / $(f1 "$(v swap_max_ms)") |" \
+            "$(v open_loop_errors_per_1k_swaps)$(kinds open_loop_error_kinds) |" \
+            "$(v closed_loop_errors_per_1k_swaps)$(kinds closed_loop_error_kinds) |" \
             "$(v open_loop_resent) / $(v closed_loop_resent) |" \
-            "$(v open_loop_window_p99_ms) / $(v closed_loop_window_p99_ms) |" \
-            "$(v open_loop_window_max_ms) / $(v closed_loop_window_max_ms) |" \
-            "$(v open_loop_steady_p99_ms) / $(v closed_loop_steady_p99_ms) |" \
-            "$(v open_loop_stall_ms) / $(v closed_loop_stall_ms) |"
+            "$(f1 "$(v open_loop_window_p99_ms)") / $(f1 "$(v closed_loop_window_p99_ms)") |" \
+            "$(f1 "$(v open_loop_window_max_ms)") / $(f1 "$(v closed_loop_window_max_ms)") |" \
+            "$(f1 "$(v open_loop_steady_p99_ms)") / $(f1 "$(v closed_loop_steady_p99_ms)") |" \
+            "$(f1 "$(v open_loop_stall_ms)") / $(f1 "$(v closed_loop_stall_ms)") |"
     done
 } > "$OUT/load.md"
 echo

@@ -1,0 +1,226 @@
+//! `loadgen` against the reference supervisor with kvd: a few handoffs under open- and
+//! closed-loop load, with `bench/load.sh`'s own swap commands, cost the clients no error, and
+//! requests are answered inside the swap windows.
+//!
+//! Every wait is bounded: the supervisor's readiness is a bounded poll of its status, loadgen
+//! stops by itself (each request is bounded by its answer timeout), and the processes are
+//! stopped through pidfds with a bound.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use handoff::sys::spawn::{wait_any, Watched};
+
+const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
+const BOUND: Duration = Duration::from_secs(30);
+/// The pause between two status polls of a bounded poll.
+const POLL_PAUSE: Duration = Duration::from_millis(20);
+
+/// `target/<profile>/<bin>` of workspace package `package`, built (or found up to date) by
+/// cargo, in the profile this test was built in.
+fn workspace_bins(package: &str, bins: &[&str]) -> Vec<PathBuf> {
+    let dir = Path::new(LOADGEN).parent().unwrap().to_path_buf();
+    let profile = dir.file_name().unwrap().to_str().unwrap().to_string();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "-q", "-p", package])
+        .env("CARGO_TARGET_DIR", dir.parent().unwrap())
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    for b in bins {
+        cmd.args(["--bin", b]);
+    }
+    if profile == "release" {
+        cmd.arg("--release");
+    }
+    assert!(
+        cmd.status().expect("cargo build").success(),
+        "cannot build {bins:?}"
+    );
+    bins.iter().map(|b| dir.join(b)).collect()
+}
+
+/// The test directory and the supervisor: stopped at the end, even on a panic, with every
+/// process whose command line names the directory (a retired daemon, an orphan).
+struct Env {
+    dir: PathBuf,
+    sup: Option<Child>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut sup) = self.sup.take() {
+            if let Ok(w) = Watched::open(sup.id()) {
+                let _ = w.signal(rustix::process::Signal::TERM);
+                if wait_any(&[&w], BOUND).unwrap_or_default().is_empty() {
+                    let _ = w.kill();
+                }
+            }
+            let _ = sup.wait();
+        }
+        let dir = self.dir.to_string_lossy().into_owned();
+        for pid in pids_naming(&dir) {
+            if let Ok(w) = Watched::open(pid) {
+                // Only ours: its command line still names our directory (not a reused pid).
+                if cmdline(pid).contains(&dir) {
+                    let _ = w.kill();
+                    let _ = wait_any(&[&w], BOUND);
+                }
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("kept {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn cmdline(pid: u32) -> String {
+    String::from_utf8_lossy(&fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+        .into_owned()
+}
+
+fn pids_naming(dir: &str) -> Vec<u32> {
+    let Ok(d) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&p: &u32| p != std::process::id() && cmdline(p).contains(dir))
+        .collect()
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split(' ')
+        .filter_map(|w| w.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.trim_end())
+}
+
+#[test]
+fn kvd_handoffs_under_load_cost_clients_nothing() {
+    let sup_bins = workspace_bins("handoff-supervisor", &["handoff-supervisor", "handoffctl"]);
+    let kvd = workspace_bins("handoff-demo", &["kvd"]).remove(0);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("load.sh");
+    // Short: the control socket's path must fit in 108 bytes.
+    let dir = PathBuf::from(format!("/tmp/hlt-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("data")).unwrap();
+    fs::create_dir_all(dir.join("bins")).unwrap();
+    let mut env = Env {
+        dir: dir.clone(),
+        sup: None,
+    };
+    // The layout load.sh's `ours-prepare` and `ours-swap` expect.
+    for (from, to) in [
+        (&sup_bins[1], dir.join("handoffctl")),
+        (&kvd, dir.join("bins/kvd-v0")),
+    ] {
+        assert!(Command::new("cp")
+            .arg(from)
+            .arg(&to)
+            .status()
+            .unwrap()
+            .success());
+    }
+    fs::write(dir.join("n"), "0\n").unwrap();
+    let port = handoff_bench::free_port();
+    let d = dir.display();
+    let config = dir.join("handoff.toml");
+    fs::write(
+        &config,
+        format!(
+            "control_socket = \"{d}/ctl.sock\"\ntrigger_socket = \"{d}/trig.sock\"\n\
+             binary = \"{d}/bins/kvd-v0\"\n\
+             args = [\"--data\", \"{d}/data\", \"--socket\", \"{d}/ctl.sock\"]\n\
+             binary_dir = \"{d}/bins\"\ndrain_grace_secs = 5\ndeadline_secs = 20\n\n\
+             [[listeners]]\nname = \"kv\"\naddr = \"127.0.0.1:{port}\"\n"
+        ),
+    )
+    .unwrap();
+    let log = fs::File::create(dir.join("sup.log")).unwrap();
+    env.sup = Some(
+        Command::new(&sup_bins[0])
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // Serving: a bounded poll of the supervisor's status.
+    let end = Instant::now() + BOUND;
+    loop {
+        let out = Command::new(dir.join("handoffctl"))
+            .arg("--socket")
+            .arg(dir.join("trig.sock"))
+            .arg("status")
+            .output()
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout);
+        if s.starts_with("state=idle ") && field(&s, "serving_pid").is_some_and(|p| p != "-") {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "kvd not serving within {BOUND:?}: {s}; log:\n{}",
+            fs::read_to_string(dir.join("sup.log")).unwrap_or_default()
+        );
+        std::thread::sleep(POLL_PAUSE);
+    }
+
+    let s = script.display();
+    let out = Command::new(LOADGEN)
+        .args(["--proto", "kvd", "--addr", &format!("127.0.0.1:{port}")])
+        .args(["--open-rate", "200", "--closed", "4", "--open-workers", "8"])
+        .args(["--warmup", "0.5", "--swaps", "5", "--interval", "200"])
+        .args([
+            "--cooldown",
+            "0.3",
+            "--swap-timeout",
+            "20",
+            "--max-secs",
+            "25",
+        ])
+        .args(["--label", "kvd-test"])
+        .arg("--pre-swap-cmd")
+        .arg(format!("'{s}' ours-prepare '{d}' '{}' kvd", kvd.display()))
+        .arg("--swap-cmd")
+        .arg(format!("'{s}' ours-swap '{d}' kvd"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report = format!(
+        "{text}{}\nsupervisor log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fs::read_to_string(dir.join("sup.log")).unwrap_or_default()
+    );
+    assert!(out.status.success(), "loadgen failed:\n{report}");
+    let result = text
+        .lines()
+        .find(|l| l.starts_with("RESULT "))
+        .unwrap_or_else(|| panic!("no RESULT line:\n{report}"));
+    let num = |k: &str| -> u64 {
+        field(result, k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {result}"))
+    };
+    assert_eq!(num("swaps"), 5, "{report}");
+    assert_eq!(num("swaps_failed"), 0, "{report}");
+    for kind in ["open_loop", "closed_loop"] {
+        assert_eq!(
+            num(&format!("{kind}_errors")),
+            0,
+            "{kind} errors:\n{report}"
+        );
+        assert!(
+            num(&format!("{kind}_window_ok")) > 0,
+            "{kind}: nothing answered inside the swap windows:\n{report}"
+        );
+        assert!(num(&format!("{kind}_steady_requests")) > 0, "{report}");
+    }
+    eprintln!("{text}");
+    drop(env);
+}
