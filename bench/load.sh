@@ -113,13 +113,16 @@ ours_swap() {
 
 # nginx-swap DIR WORKERS: a binary upgrade, the documented way.
 nginx_swap() {
-    local d=$1 workers=$2 old new
-    old=$(< "$d/nginx.pid")
+    local d=$1 workers=$2 old new=
+    read -r old < "$d/nginx.pid"
+    [[ ! -e $d/nginx.pid.oldbin ]] || die "nginx.pid.oldbin exists: a previous upgrade is unfinished"
     kill -USR2 "$old"
+    # The old master renames nginx.pid to nginx.pid.oldbin, then the new one writes nginx.pid:
+    # either file may be missing or empty when read.
     new_master_up() {
-        [[ -s $d/nginx.pid && -s $d/nginx.pid.oldbin ]] || return 1
-        new=$(< "$d/nginx.pid")
-        [[ $new != "$old" ]] && alive "$new"
+        [[ -s $d/nginx.pid.oldbin ]] || return 1
+        { read -r new < "$d/nginx.pid"; } 2> /dev/null || return 1
+        [[ -n $new && $new != "$old" ]] && alive "$new"
     }
     wait_for 10 "the new nginx master" new_master_up
     workers_up() {
@@ -185,6 +188,7 @@ mkdir -p "$OUT"
 # Short: the supervisor's control socket path must fit in 108 bytes.
 WORK=$(mktemp -d /tmp/hload.XXXXXX)
 REAPERS=()
+LOADGEN_PID=
 
 # stop_tree PID: TERM every descendant of the reaper PID (a child subreaper: every process it
 # started, daemonised or orphaned, stays below it), wait (bounded) for the reaper to exit (it does
@@ -210,7 +214,13 @@ stop_tree() {
 }
 
 cleanup() {
-    local g
+    local g p
+    if [[ -n ${LOADGEN_PID:-} ]] && alive "$LOADGEN_PID"; then
+        # loadgen and the swap command it runs.
+        descendants "$LOADGEN_PID"
+        kill -TERM "$LOADGEN_PID" "${TREE[@]}" 2> /dev/null || true
+        wait "$LOADGEN_PID" 2> /dev/null || true
+    fi
     for g in "${REAPERS[@]}"; do stop_tree "$g"; done
     rm -rf "$WORK"
 }
@@ -235,8 +245,11 @@ if [[ ! -x $NGINX || ! -x $HAPROXY ]]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx haproxy
 fi
-NGINX_V=$("$NGINX" -v 2>&1 | head -1)
-HAPROXY_V=$("$HAPROXY" -v | head -1)
+NGINX_V=$("$NGINX" -v 2>&1)
+NGINX_V=${NGINX_V%%$'\n'*}
+HAPROXY_V=$("$HAPROXY" -v)
+HAPROXY_V=${HAPROXY_V%%$'\n'*}
+HAPROXY_V=${HAPROXY_V% - https*}
 [[ $HAPROXY_V == *"version 2.6"* ]] || echo "load.sh: warning: expected HAProxy 2.6, have: $HAPROXY_V" >&2
 
 LOADGEN=(
@@ -249,10 +262,13 @@ run_loadgen() {
     local t=$1 proto=$2 port=$3
     shift 3
     echo "== $t: $SWAPS swaps under load (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+    # In the background, so that a signal to this script runs its trap at once.
     "${LOADGEN[@]}" --label "$t" --proto "$proto" --addr "127.0.0.1:$port" \
-        --json "$OUT/load-$t.json" "$@" > "$OUT/load-$t.txt" 2>&1 ||
-        echo "load.sh: loadgen failed for $t (see $OUT/load-$t.txt)" >&2
-    grep -v '^RESULT ' "$OUT/load-$t.txt" | head -20
+        --json "$OUT/load-$t.json" "$@" > "$OUT/load-$t.txt" 2>&1 &
+    LOADGEN_PID=$!
+    wait "$LOADGEN_PID" || echo "load.sh: loadgen failed for $t (see $OUT/load-$t.txt)" >&2
+    LOADGEN_PID=
+    sed -n '/^RESULT /!p' "$OUT/load-$t.txt"
 }
 
 # ours TARGET BIN LISTENER PROTO: the reference supervisor with BIN (kvd or handoff-httpd).

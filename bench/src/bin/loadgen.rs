@@ -61,6 +61,7 @@ usage: loadgen --addr 127.0.0.1:PORT --proto http|kvd [options]
   --swap-cmd CMD       run by `sh -c`; returns when the swap is complete
   --pre-swap-cmd CMD   run by `sh -c` before each swap, outside its window (a copy of a binary)
   --swap-timeout SECS  a swap command still running then is killed, and failed (60)
+  --max-failures N     stop swapping after N failed swaps in a row (3)
   --duration SECS      with no swaps: how long to measure after the warmup (5)
   --cooldown SECS      load after the last swap (1)
   --max-secs SECS      no swap starts later than this after the start (3600)
@@ -102,6 +103,7 @@ struct Opts {
     swap_cmd: Option<String>,
     pre_swap_cmd: Option<String>,
     swap_timeout: Duration,
+    max_failures: usize,
     duration: Duration,
     cooldown: Duration,
     max_secs: Duration,
@@ -144,6 +146,7 @@ fn parse_args(argv: &[String]) -> Result<Opts, String> {
         swap_cmd: None,
         pre_swap_cmd: None,
         swap_timeout: Duration::from_secs(60),
+        max_failures: 3,
         duration: Duration::from_secs(5),
         cooldown: Duration::from_secs(1),
         max_secs: Duration::from_secs(3600),
@@ -181,6 +184,7 @@ fn parse_args(argv: &[String]) -> Result<Opts, String> {
             "--swap-cmd" => o.swap_cmd = Some(v.clone()),
             "--pre-swap-cmd" => o.pre_swap_cmd = Some(v.clone()),
             "--swap-timeout" => o.swap_timeout = secs(v)?,
+            "--max-failures" => o.max_failures = num::<usize>(v)?.max(1),
             "--duration" => o.duration = secs(v)?,
             "--cooldown" => o.cooldown = secs(v)?,
             "--max-secs" => o.max_secs = secs(v)?,
@@ -761,8 +765,8 @@ struct Swaps {
     failed: usize,
     /// The first failures' exit status and output.
     failures: Vec<String>,
-    /// No more swaps started: `--max-secs` passed.
-    cut_short: bool,
+    /// No more swaps started: `--max-secs` passed, or `--max-failures` failed in a row.
+    cut_short: Option<&'static str>,
 }
 
 fn run_swaps(o: &Opts, sh: &Shared) -> Swaps {
@@ -778,24 +782,36 @@ fn run_swaps(o: &Opts, sh: &Shared) -> Swaps {
             sw.failures.push(f);
         }
     };
+    let mut in_a_row = 0;
     for i in 1..=o.swaps {
+        // A swap that failed may leave the target in a state no later swap can leave (nginx
+        // with two masters): going on would only add failures, and time.
+        if in_a_row >= o.max_failures {
+            sw.cut_short = Some("--max-failures failed in a row");
+            break;
+        }
         if let Some(pre) = &o.pre_swap_cmd {
             if let Err(e) = run_bounded(pre, o.swap_timeout) {
                 fail(&mut sw, format!("before swap {i}: {e}"));
+                in_a_row += 1;
                 continue;
             }
         }
         wait_until(next);
         let start = Instant::now();
         if start >= limit {
-            sw.cut_short = true;
+            sw.cut_short = Some("--max-secs passed");
             break;
         }
         let out = run_bounded(cmd, o.swap_timeout);
         let end = Instant::now();
         sw.windows.push((sh.ns(start), sh.ns(end)));
-        if let Err(e) = out {
-            fail(&mut sw, format!("swap {i} ({} ms): {e}", ms(end - start)));
+        match out {
+            Ok(()) => in_a_row = 0,
+            Err(e) => {
+                fail(&mut sw, format!("swap {i} ({} ms): {e}", ms(end - start)));
+                in_a_row += 1;
+            }
         }
         next = (start + o.interval).max(end + o.min_gap);
     }
@@ -1080,11 +1096,9 @@ fn print_report(o: &Opts, sw: &Swaps, kinds: &[Kind], elapsed: Duration) {
         sw.windows.len(),
         o.swaps,
         sw.failed,
-        if sw.cut_short {
-            ", cut short by --max-secs"
-        } else {
-            ""
-        },
+        sw.cut_short
+            .map(|why| format!(", stopped: {why}"))
+            .unwrap_or_default(),
         ms(durations.p50()),
         ms(durations.p99()),
         ms(durations.max())
