@@ -137,3 +137,99 @@ mod tests {
         assert!(b >= a);
     }
 }
+
+/// Hook times of a daemon under a benchmark.
+///
+/// When `HANDOFF_BENCH_TIMINGS` names a directory, [`record`](timings::record) appends
+/// `<name> <start_ns> <end_ns>` (CLOCK_MONOTONIC, see [`mono_ns`]) to `<dir>/<pid>`. A thread
+/// of its own writes the lines, so a hook waits for no write; [`flush`](timings::flush) waits
+/// until everything recorded is written (call it before `exit`). Unset, recording costs one
+/// check of a `OnceLock`.
+pub mod timings {
+    use std::io::Write;
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::{Mutex, OnceLock};
+
+    /// The environment variable naming the directory.
+    pub const ENV: &str = "HANDOFF_BENCH_TIMINGS";
+
+    enum Msg {
+        Line(String),
+        Flush(Sender<()>),
+    }
+
+    fn sender() -> Option<&'static Mutex<Sender<Msg>>> {
+        static TX: OnceLock<Option<Mutex<Sender<Msg>>>> = OnceLock::new();
+        TX.get_or_init(|| {
+            let dir = std::env::var_os(ENV)?;
+            let path = std::path::Path::new(&dir).join(std::process::id().to_string());
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .ok()?;
+            let (tx, rx) = channel::<Msg>();
+            std::thread::Builder::new()
+                .name("bench-timings".into())
+                .spawn(move || {
+                    for msg in rx {
+                        match msg {
+                            Msg::Line(l) => {
+                                let _ = file.write_all(l.as_bytes());
+                            }
+                            Msg::Flush(done) => {
+                                let _ = done.send(());
+                            }
+                        }
+                    }
+                })
+                .ok()?;
+            Some(Mutex::new(tx))
+        })
+        .as_ref()
+    }
+
+    /// Whether timings are recorded (the variable is set and the file could be opened).
+    pub fn enabled() -> bool {
+        sender().is_some()
+    }
+
+    /// Record the span `name` from `start_ns` to `end_ns` (a point: the same value twice).
+    pub fn record(name: &str, start_ns: u64, end_ns: u64) {
+        if let Some(tx) = sender() {
+            let line = format!("{name} {start_ns} {end_ns}\n");
+            let _ = tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(Msg::Line(line));
+        }
+    }
+
+    /// Wait (at most a second) until every recorded line is written.
+    pub fn flush() {
+        if let Some(tx) = sender() {
+            let (done_tx, done_rx) = channel();
+            let sent = tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(Msg::Flush(done_tx));
+            if sent.is_ok() {
+                let _ = done_rx.recv_timeout(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+
+    /// The spans recorded by process `pid` under `dir`: `(name, start_ns, end_ns)`.
+    pub fn read(dir: &std::path::Path, pid: u32) -> Vec<(String, u64, u64)> {
+        let text = std::fs::read_to_string(dir.join(pid.to_string())).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut w = l.split(' ');
+                let name = w.next()?.to_string();
+                let a = w.next()?.parse().ok()?;
+                let b = w.next()?.parse().ok()?;
+                Some((name, a, b))
+            })
+            .collect()
+    }
+}

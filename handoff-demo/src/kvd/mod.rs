@@ -58,6 +58,8 @@ use handoff::{
     detect_role, DataDirLock, DrainReport, Drainable, Incumbent, Role, SealReport, StateSnapshot,
 };
 
+use handoff_bench::{mono_ns, timings};
+
 use crate::kvd::log::Wal;
 use crate::kvd::server::Server;
 
@@ -146,6 +148,8 @@ pub fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn Error>> {
+    let started = mono_ns();
+    timings::record("main", started, started);
     let args = parse_args()?;
     let build = build_name();
     std::fs::create_dir_all(&args.data)?;
@@ -180,7 +184,9 @@ fn run() -> Result<(), Box<dyn Error>> {
                 )
                 .into());
             }
+            let t = mono_ns();
             let wal = Wal::open(&args.data)?;
+            timings::record("open", t, mono_ns());
             // What we opened must be what the incumbent sealed; an error here exits before
             // `Ready`, and the handoff rolls back.
             let sealed = s.seal_report();
@@ -242,6 +248,7 @@ fn run_incumbent(
                             " (some clients kept their connection)"
                         }
                     ));
+                    timings::flush();
                     std::process::exit(0);
                 }
                 // The daemon serves on, but cannot be handed off any more.
@@ -259,7 +266,9 @@ struct Hooks {
 
 impl Drainable for Hooks {
     fn drain(&self, deadline: Instant) -> handoff::error::Result<DrainReport> {
+        let t = mono_ns();
         let report = self.server.drain(deadline);
+        timings::record("drain", t, mono_ns());
         say(&format!(
             "drained ({} connections still busy)",
             report.open_conns_remaining
@@ -269,7 +278,9 @@ impl Drainable for Hooks {
 
     fn seal(&self) -> handoff::error::Result<SealReport> {
         let wal = self.server.wal();
+        let t = mono_ns();
         let sealed = wal.seal()?;
+        timings::record("seal", t, mono_ns());
         let stats = wal.stats();
         say(&format!(
             "sealed at revision {} (group commit: {} writes in {} fsyncs)",

@@ -4,7 +4,7 @@
 //! # The lock record
 //!
 //! One text line, space-padded to a fixed [`RECORD_LEN`] bytes so that every rewrite is a
-//! single same-length `pwrite` at offset 0 (no truncation window), followed by `fsync`:
+//! single same-length `pwrite` at offset 0 (no truncation window):
 //!
 //! ```text
 //! owner=1234 committed=-                         \n
@@ -20,6 +20,14 @@
 //! (Linux does not make `read` atomic against a concurrent `write`); the window is the length
 //! of a 48-byte copy, and the protocol treats an unknown owner as "superseded", not as a
 //! target to kill.
+//!
+//! The record is not fsynced. Its readers are the processes that take the lock after its
+//! writer (a successor, an incumbent taking it back, a cold start), and the record matters only
+//! while a process it names may be alive: on the same running kernel, where the page cache
+//! serves every read. After a machine crash nobody it names is alive, `flock`s are gone, and a
+//! torn or stale record reads as "no record" or names a dead process, both harmless. This
+//! keeps two fsyncs off a handoff's critical path (the successor's acquire and its commit
+//! mark; see `BENCHMARKS.md`).
 //!
 //! `flock` locks belong to the open file description, not to the process: two opens of the
 //! lock file in one process conflict like two processes do, and a descriptor inherited over
@@ -130,7 +138,7 @@ impl LockError {
 
 /// Try once, without blocking, to take the exclusive lock on `<dir>/handoff.lock` (created
 /// with mode 0600, opened `O_CLOEXEC | O_NOFOLLOW`). On success, read the previous record, then
-/// write and fsync `owner=<our pid> committed=-`.
+/// write `owner=<our pid> committed=-`.
 pub fn try_acquire(dir: &Path) -> Result<Acquired, LockError> {
     let path = lock_file_path(dir);
     let io_err = |source: io::Error| LockError::Io {
@@ -232,7 +240,8 @@ impl DataDirLock {
     }
 
     /// Record that this holder committed `handoff` (the successor does this before it
-    /// acknowledges `Commit`); written in place and fsynced before returning.
+    /// acknowledges `Commit`); written in place before returning (see the module's
+    /// documentation for why no fsync).
     pub fn mark_committed(&mut self, handoff: HandoffId) -> io::Result<()> {
         let record = LockRecord {
             owner: self.record.owner,
@@ -317,7 +326,7 @@ fn write_record(file: &File, rec: &LockRecord) -> io::Result<()> {
     if file.metadata()?.len() != RECORD_LEN as u64 {
         file.set_len(RECORD_LEN as u64)?;
     }
-    file.sync_all()
+    Ok(())
 }
 
 /// Whether process `pid` holds a `flock` on the file at `path`, according to `/proc/locks`.
