@@ -1,6 +1,6 @@
-//! `loadgen` against the reference supervisor with kvd: a few handoffs under open- and
-//! closed-loop load, with `bench/load.sh`'s own swap commands, cost the clients no error, and
-//! requests are answered inside the swap windows.
+//! `loadgen` against the reference supervisor with kvd, and with handoff-httpd: a few handoffs
+//! under open- and closed-loop load, with `bench/load.sh`'s own swap commands, cost the clients
+//! no error, and requests are answered inside the swap windows.
 //!
 //! Every wait is bounded: the supervisor's readiness is a bounded poll of its status, loadgen
 //! stops by itself (each request is bounded by its answer timeout), and the processes are
@@ -99,11 +99,26 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn kvd_handoffs_under_load_cost_clients_nothing() {
-    let sup_bins = workspace_bins("handoff-supervisor", &["handoff-supervisor", "handoffctl"]);
     let kvd = workspace_bins("handoff-demo", &["kvd"]).remove(0);
+    swaps_under_load(&kvd, "kvd", "kv", "kvd");
+}
+
+#[test]
+fn httpd_handoffs_under_load_cost_clients_nothing() {
+    let httpd = PathBuf::from(env!("CARGO_BIN_EXE_handoff-httpd"));
+    swaps_under_load(&httpd, "httpd", "http", "http");
+}
+
+/// Five handoffs of `daemon` (copied as `<name>-v<n>`, its listener `listener`) under
+/// loadgen's `proto` load.
+fn swaps_under_load(daemon: &Path, name: &str, listener: &str, proto: &str) {
+    // One at a time: each is the only load on the machine it adds.
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+    let sup_bins = workspace_bins("handoff-supervisor", &["handoff-supervisor", "handoffctl"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("load.sh");
     // Short: the control socket's path must fit in 108 bytes.
-    let dir = PathBuf::from(format!("/tmp/hlt-{}", std::process::id()));
+    let dir = PathBuf::from(format!("/tmp/hlt-{}-{name}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(dir.join("data")).unwrap();
     fs::create_dir_all(dir.join("bins")).unwrap();
@@ -112,9 +127,10 @@ fn kvd_handoffs_under_load_cost_clients_nothing() {
         sup: None,
     };
     // The layout load.sh's `ours-prepare` and `ours-swap` expect.
+    let v0 = dir.join(format!("bins/{name}-v0"));
     for (from, to) in [
-        (&sup_bins[1], dir.join("handoffctl")),
-        (&kvd, dir.join("bins/kvd-v0")),
+        (sup_bins[1].as_path(), dir.join("handoffctl")),
+        (daemon, v0.clone()),
     ] {
         assert!(Command::new("cp")
             .arg(from)
@@ -131,10 +147,11 @@ fn kvd_handoffs_under_load_cost_clients_nothing() {
         &config,
         format!(
             "control_socket = \"{d}/ctl.sock\"\ntrigger_socket = \"{d}/trig.sock\"\n\
-             binary = \"{d}/bins/kvd-v0\"\n\
+             binary = \"{v0}\"\n\
              args = [\"--data\", \"{d}/data\", \"--socket\", \"{d}/ctl.sock\"]\n\
              binary_dir = \"{d}/bins\"\ndrain_grace_secs = 5\ndeadline_secs = 20\n\n\
-             [[listeners]]\nname = \"kv\"\naddr = \"127.0.0.1:{port}\"\n"
+             [[listeners]]\nname = \"{listener}\"\naddr = \"127.0.0.1:{port}\"\n",
+            v0 = v0.display(),
         ),
     )
     .unwrap();
@@ -164,7 +181,7 @@ fn kvd_handoffs_under_load_cost_clients_nothing() {
         }
         assert!(
             Instant::now() < end,
-            "kvd not serving within {BOUND:?}: {s}; log:\n{}",
+            "{name} not serving within {BOUND:?}: {s}; log:\n{}",
             fs::read_to_string(dir.join("sup.log")).unwrap_or_default()
         );
         std::thread::sleep(POLL_PAUSE);
@@ -172,7 +189,7 @@ fn kvd_handoffs_under_load_cost_clients_nothing() {
 
     let s = script.display();
     let out = Command::new(LOADGEN)
-        .args(["--proto", "kvd", "--addr", &format!("127.0.0.1:{port}")])
+        .args(["--proto", proto, "--addr", &format!("127.0.0.1:{port}")])
         .args(["--open-rate", "200", "--closed", "4", "--open-workers", "8"])
         .args(["--warmup", "0.5", "--swaps", "5", "--interval", "200"])
         .args([
@@ -183,11 +200,14 @@ fn kvd_handoffs_under_load_cost_clients_nothing() {
             "--max-secs",
             "25",
         ])
-        .args(["--label", "kvd-test"])
+        .args(["--label", name])
         .arg("--pre-swap-cmd")
-        .arg(format!("'{s}' ours-prepare '{d}' '{}' kvd", kvd.display()))
+        .arg(format!(
+            "'{s}' ours-prepare '{d}' '{}' {name}",
+            daemon.display()
+        ))
         .arg("--swap-cmd")
-        .arg(format!("'{s}' ours-swap '{d}' kvd"))
+        .arg(format!("'{s}' ours-swap '{d}' {name}"))
         .stdin(Stdio::null())
         .output()
         .unwrap();
