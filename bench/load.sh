@@ -135,10 +135,13 @@ nginx_swap() {
     wait_for 60 "the old nginx master $old to exit" gone "$old"
 }
 
-# haproxy-swap DIR: USR2 to the master; the new worker up; the old workers gone.
+# haproxy-swap DIR LOG: USR2 to the master; the new worker up and the master done reloading (its
+# "Loading success." in LOG: a USR2 that comes before it enters its loop again is lost); the old
+# workers gone.
 haproxy_swap() {
-    local d=$1 master old p
+    local d=$1 log=$2 master old p loaded
     master=$(< "$d/master.pid")
+    loaded=$(grep -c "Loading success" "$log" || true)
     children "$master"
     old=("${KIDS[@]}")
     ((${#old[@]})) || die "the HAProxy master $master has no worker"
@@ -152,6 +155,8 @@ haproxy_swap() {
         return 1
     }
     wait_for 10 "a new HAProxy worker" new_worker_up
+    master_loaded() { (($(grep -c "Loading success" "$log") > loaded)); }
+    wait_for 10 "the HAProxy master's \"Loading success.\"" master_loaded
     for p in "${old[@]}"; do
         wait_for 60 "the old HAProxy worker $p to exit" gone "$p"
     done
@@ -384,7 +389,7 @@ EOF
         ((${#KIDS[@]}))
     }
     wait_for 30 "the HAProxy master and its worker" master_up
-    run_loadgen haproxy http "$port" --swap-cmd "'$SELF' haproxy-swap '$d'"
+    run_loadgen haproxy http "$port" --swap-cmd "'$SELF' haproxy-swap '$d' '$log'"
     stop_tree "$g"
 }
 
