@@ -24,7 +24,8 @@
 # exit, the descendants of each recorded reaper pid are stopped, never anything by name.
 #
 # Environment (defaults): SWAPS (200), INTERVAL_MS (150), OPEN_RATE (500), CLOSED (8),
-# WARMUP (2), COOLDOWN (2), TARGETS ("kvd httpd nginx haproxy"), NGINX_WORKERS (2).
+# WARMUP (2), COOLDOWN (2), TARGETS ("kvd httpd nginx haproxy"), NGINX_WORKERS (2); DUMP=1 also
+# keeps every request in target/bench/load-<target>.dump (loadgen --dump).
 set -euo pipefail
 
 # ------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ run_loadgen() {
     echo "== $t: $SWAPS swaps under load (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
     # In the background, so that a signal to this script runs its trap at once.
     "${LOADGEN[@]}" --label "$t" --proto "$proto" --addr "127.0.0.1:$port" \
-        --json "$OUT/load-$t.json" "$@" > "$OUT/load-$t.txt" 2>&1 &
+        --json "$OUT/load-$t.json" ${DUMP:+--dump "$OUT/load-$t.dump"} "$@" > "$OUT/load-$t.txt" 2>&1 &
     LOADGEN_PID=$!
     wait "$LOADGEN_PID" || echo "load.sh: loadgen failed for $t (see $OUT/load-$t.txt)" >&2
     LOADGEN_PID=

@@ -72,6 +72,7 @@ usage: loadgen --addr 127.0.0.1:PORT --proto http|kvd [options]
   --label NAME         the target's name in the report (target)
   --json FILE          also write the results as one JSON object
   --wait-ready SECS    first wait (bounded) until the target accepts a connection (0: no)
+  --dump FILE          every request and swap window, one a line (times in ms since the start)
 loadgen --print-free-port   prints a free 127.0.0.1 port below the ephemeral range";
 
 // ---------------------------------------------------------------------------------------
@@ -114,6 +115,7 @@ struct Opts {
     label: String,
     json: Option<PathBuf>,
     wait_ready: Duration,
+    dump: Option<PathBuf>,
 }
 
 fn secs(v: &str) -> Result<Duration, String> {
@@ -157,6 +159,7 @@ fn parse_args(argv: &[String]) -> Result<Opts, String> {
         label: "target".into(),
         json: None,
         wait_ready: Duration::ZERO,
+        dump: None,
     };
     let (mut addr, mut proto) = (None, None);
     let mut it = argv.iter();
@@ -201,6 +204,7 @@ fn parse_args(argv: &[String]) -> Result<Opts, String> {
             "--label" => o.label = v.clone(),
             "--json" => o.json = Some(PathBuf::from(v)),
             "--wait-ready" => o.wait_ready = secs(v)?,
+            "--dump" => o.dump = Some(PathBuf::from(v)),
             _ => return Err(format!("unknown option {a}")),
         }
     }
@@ -1141,6 +1145,35 @@ fn print_report(o: &Opts, sw: &Swaps, kinds: &[Kind], elapsed: Duration) {
     }
 }
 
+/// `swap <start> <end>` per window, then `<kind> <start> <end> <outcome> <resent>` per request,
+/// sorted by start; times in milliseconds since the start of the run.
+fn dump(path: &std::path::Path, sw: &Swaps, logs: &[(&str, &Vec<Log>)]) -> io::Result<()> {
+    let msn = |ns: u64| ns as f64 / 1e6;
+    let mut out = io::BufWriter::new(std::fs::File::create(path)?);
+    for w in &sw.windows {
+        writeln!(out, "swap {:.3} {:.3}", msn(w.0), msn(w.1))?;
+    }
+    let mut all: Vec<(&str, &Rec)> = logs
+        .iter()
+        .flat_map(|(k, v)| {
+            v.iter()
+                .flat_map(move |l| l.recs.iter().map(move |r| (*k, r)))
+        })
+        .collect();
+    all.sort_by_key(|(_, r)| r.start);
+    for (k, r) in all {
+        writeln!(
+            out,
+            "{k} {:.3} {:.3} {} {}",
+            msn(r.start),
+            msn(r.end),
+            r.err.map_or("ok", ErrKind::name),
+            r.resent
+        )?;
+    }
+    out.flush()
+}
+
 /// Whether `addr` accepts a connection within `bound` (tries every 10 ms: a bounded poll).
 fn wait_ready(addr: SocketAddr, bound: Duration) -> bool {
     let end = Instant::now() + bound;
@@ -1230,6 +1263,11 @@ fn main() -> ExitCode {
     };
     let (open_logs, closed_logs) = (join(open), join(closed));
     let elapsed = sh.t0.elapsed();
+    if let Some(path) = &o.dump {
+        if let Err(e) = dump(path, &sw, &[("open", &open_logs), ("closed", &closed_logs)]) {
+            eprintln!("loadgen: cannot write {}: {e}", path.display());
+        }
+    }
     let from = o.warmup.as_nanos() as u64;
     let mut kinds = Vec::new();
     if o.open_rate > 0 {
