@@ -322,6 +322,9 @@ impl Failure {
 #[derive(Clone, Copy, Debug)]
 struct Rec {
     start: u64,
+    /// When the client began it (later than `start` for an open-loop request whose worker was
+    /// late: the schedule's lag, which its latency includes).
+    began: u64,
     end: u64,
     /// `None`: answered as expected.
     err: Option<ErrKind>,
@@ -692,6 +695,7 @@ fn closed_loop(o: &Opts, sh: &Shared, id: u64) -> Log {
         }
         log.recs.push(Rec {
             start: sh.ns(start),
+            began: sh.ns(start),
             end: sh.ns(end),
             err,
             resent,
@@ -726,6 +730,7 @@ fn open_loop_worker(o: &Opts, sh: &Shared, next: &AtomicU64, id: u64) -> Log {
             thread::sleep(Duration::from_nanos(sched_ns - now).min(Duration::from_millis(20)));
         }
         let sched = sh.t0 + Duration::from_nanos(sched_ns);
+        let began = sh.ns(Instant::now());
         let req = request(o, false, i, &mut rng);
         let deadline = Instant::now().max(sched) + o.answer_timeout;
         let mut resent = 0u32;
@@ -752,6 +757,7 @@ fn open_loop_worker(o: &Opts, sh: &Shared, next: &AtomicU64, id: u64) -> Log {
         }
         log.recs.push(Rec {
             start: sched_ns,
+            began,
             end: sh.ns(Instant::now()),
             err,
             resent,
@@ -1145,8 +1151,8 @@ fn print_report(o: &Opts, sw: &Swaps, kinds: &[Kind], elapsed: Duration) {
     }
 }
 
-/// `swap <start> <end>` per window, then `<kind> <start> <end> <outcome> <resent>` per request,
-/// sorted by start; times in milliseconds since the start of the run.
+/// `swap <start> <end>` per window, then `<kind> <start> <began> <end> <outcome> <resent>` per
+/// request, sorted by start; times in milliseconds since the start of the run.
 fn dump(path: &std::path::Path, sw: &Swaps, logs: &[(&str, &Vec<Log>)]) -> io::Result<()> {
     let msn = |ns: u64| ns as f64 / 1e6;
     let mut out = io::BufWriter::new(std::fs::File::create(path)?);
@@ -1164,8 +1170,9 @@ fn dump(path: &std::path::Path, sw: &Swaps, logs: &[(&str, &Vec<Log>)]) -> io::R
     for (k, r) in all {
         writeln!(
             out,
-            "{k} {:.3} {:.3} {} {}",
+            "{k} {:.3} {:.3} {:.3} {} {}",
             msn(r.start),
+            msn(r.began),
             msn(r.end),
             r.err.map_or("ok", ErrKind::name),
             r.resent
@@ -1336,18 +1343,21 @@ mod tests {
             recs: vec![
                 Rec {
                     start: 100,
+                    began: 100,
                     end: 110,
                     err: None,
                     resent: 0,
                 },
                 Rec {
                     start: 120,
+                    began: 120,
                     end: 300,
                     err: Some(ErrKind::Reset),
                     resent: 0,
                 },
                 Rec {
                     start: 150,
+                    began: 150,
                     end: 200,
                     err: None,
                     resent: 1,
