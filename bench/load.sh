@@ -108,7 +108,9 @@ ours_swap() {
     local d=$1 name=$2 n old
     n=$(< "$d/n")
     old=$(< "$d/old.pid")
-    "$d/handoffctl" --socket "$d/trig.sock" --timeout 30 handoff "$d/bins/$name-v$n" > /dev/null
+    local out
+    out=$("$d/handoffctl" --socket "$d/trig.sock" --timeout 30 handoff "$d/bins/$name-v$n") ||
+        die "handoff to $name-v$n: $out"
     wait_for 30 "the old daemon $old to exit" gone "$old"
 }
 
@@ -155,7 +157,11 @@ haproxy_swap() {
         done
         return 1
     }
-    wait_for 10 "a new HAProxy worker" new_worker_up
+    if ! (wait_for 10 "a new HAProxy worker" new_worker_up); then
+        # Why: the master's signal state (a USR2 pending and blocked, or gone).
+        grep -E '^(State|SigPnd|ShdPnd|SigBlk|SigIgn|SigCgt)' "/proc/$master/status" | tr '\n' ' ' >&2
+        die "no new HAProxy worker within 10 s of USR2"
+    fi
     master_loaded() { (($(grep -c "Loading success" "$log") > loaded)); }
     wait_for 10 "the HAProxy master's \"Loading success.\"" master_loaded
     for p in "${old[@]}"; do
