@@ -2,6 +2,12 @@
 //! under open- and closed-loop load, with `bench/load.sh`'s own swap commands, cost the clients
 //! no error, and requests are answered inside the swap windows.
 //!
+//! The data directory and the supervisor's journal are on a tmpfs (`/dev/shm`) when there is
+//! one: this test is about what clients see, and on a machine whose disk is busy with other work
+//! an `fsync` has been seen to take 20 s, long enough for a successor to give up on a supervisor
+//! blocked in its journal's `fsync` (the handoff then rolls back; `bench/load.sh` keeps the
+//! disk and reports such a rollback as a failed swap).
+//!
 //! Every wait is bounded: the supervisor's readiness is a bounded poll of its status, loadgen
 //! stops by itself (each request is bounded by its answer timeout), and the processes are
 //! stopped through pidfds with a bound.
@@ -44,6 +50,8 @@ fn workspace_bins(package: &str, bins: &[&str]) -> Vec<PathBuf> {
 /// process whose command line names the directory (a retired daemon, an orphan).
 struct Env {
     dir: PathBuf,
+    /// The data directory and the journal (on a tmpfs).
+    shm: PathBuf,
     sup: Option<Child>,
 }
 
@@ -69,9 +77,10 @@ impl Drop for Env {
             }
         }
         if std::thread::panicking() {
-            eprintln!("kept {}", self.dir.display());
+            eprintln!("kept {} and {}", self.dir.display(), self.shm.display());
         } else {
             let _ = fs::remove_dir_all(&self.dir);
+            let _ = fs::remove_dir_all(&self.shm);
         }
     }
 }
@@ -120,10 +129,17 @@ fn swaps_under_load(daemon: &Path, name: &str, listener: &str, proto: &str) {
     // Short: the control socket's path must fit in 108 bytes.
     let dir = PathBuf::from(format!("/tmp/hlt-{}-{name}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(dir.join("data")).unwrap();
+    let shm = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from(format!("/dev/shm/hlt-{}-{name}", std::process::id()))
+    } else {
+        dir.join("shm")
+    };
+    let _ = fs::remove_dir_all(&shm);
+    fs::create_dir_all(shm.join("data")).unwrap();
     fs::create_dir_all(dir.join("bins")).unwrap();
     let mut env = Env {
         dir: dir.clone(),
+        shm: shm.clone(),
         sup: None,
     };
     // The layout load.sh's `ours-prepare` and `ours-swap` expect.
@@ -148,10 +164,12 @@ fn swaps_under_load(daemon: &Path, name: &str, listener: &str, proto: &str) {
         format!(
             "control_socket = \"{d}/ctl.sock\"\ntrigger_socket = \"{d}/trig.sock\"\n\
              binary = \"{v0}\"\n\
-             args = [\"--data\", \"{d}/data\", \"--socket\", \"{d}/ctl.sock\"]\n\
+             args = [\"--data\", \"{s}/data\", \"--socket\", \"{d}/ctl.sock\"]\n\
+             journal = \"{s}/journal\"\n\
              binary_dir = \"{d}/bins\"\ndrain_grace_secs = 5\ndeadline_secs = 20\n\n\
              [[listeners]]\nname = \"{listener}\"\naddr = \"127.0.0.1:{port}\"\n",
             v0 = v0.display(),
+            s = shm.display(),
         ),
     )
     .unwrap();
