@@ -244,7 +244,9 @@ trap 'exit 130' INT TERM
 start() {
     local log=$2
     shift 2
-    setsid "$REL/reaper" "$@" >> "$log" 2>&1 < /dev/null &
+    # --wait: should setsid have to fork (were we a group leader), it waits for the reaper, so
+    # that the recorded pid stays an ancestor of everything started.
+    setsid --wait "$REL/reaper" "$@" >> "$log" 2>&1 < /dev/null &
     GROUP=$!
     REAPERS+=("$GROUP")
 }
@@ -267,6 +269,8 @@ HAPROXY_V=${HAPROXY_V% - https*}
 LOADGEN=(
     "$REL/loadgen" --open-rate "$OPEN_RATE" --closed "$CLOSED" --warmup "$WARMUP"
     --swaps "$SWAPS" --interval "$INTERVAL_MS" --cooldown "$COOLDOWN" --wait-ready 30
+    # A bound on the whole run: no swap starts later than this.
+    --max-secs $((WARMUP + SWAPS * 2 + 120))
 )
 
 # run_loadgen TARGET PROTO PORT EXTRA…
