@@ -407,7 +407,7 @@ EOF
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== $(nproc) cores, load average $LOAD_START; $NGINX_V; $HAPROXY_V"
 for t in $TARGETS; do
-    rm -f "$OUT/load-$t.json" "$OUT/load-$t.txt"
+    rm -f "$OUT/load-$t".*
     case $t in
         kvd) ours kvd "$REL/kvd" kv kvd ;;
         httpd)
