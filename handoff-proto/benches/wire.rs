@@ -13,6 +13,11 @@
 //! messages out after every push, as a driver reading a slow socket does. The decoder lives
 //! across iterations, like a connection's, so its buffer is reused.
 //!
+//! `wire_burst/heartbeats/{1000,10000}` decodes many small frames that arrive in one read
+//! (7 KiB and 68 KiB; the std driver reads up to 4 MiB before it hands bytes over). Each
+//! decoded frame is drained from the front of the decoder's buffer, which moves the rest of
+//! the buffer, so the time per frame grows with the burst: the two sizes show by how much.
+//!
 //! Run: `cargo bench -p handoff-proto --bench wire`.
 
 // `criterion_group!` defines a public function without documentation.
@@ -131,9 +136,29 @@ fn wire(c: &mut Criterion) {
     g.finish();
 }
 
+fn wire_burst(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wire_burst");
+    // The larger burst takes milliseconds: 10 samples keep it within the time budget.
+    g.sample_size(10);
+    let frame = encode(V, &Message::Heartbeat).expect("encodes");
+    for n in [1000, 10_000] {
+        let bytes = frame.repeat(n);
+        assert_eq!(decode(&mut decoder(), &bytes, bytes.len()), n);
+        g.throughput(Throughput::Elements(n as u64));
+        let mut d = decoder();
+        g.bench_with_input(BenchmarkId::new("heartbeats", n), &bytes, |b, bytes| {
+            b.iter(|| {
+                let got = decode(&mut d, black_box(bytes), bytes.len());
+                debug_assert_eq!(got, n);
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = support::criterion();
-    targets = wire
+    targets = wire, wire_burst
 }
 criterion_main!(benches);
