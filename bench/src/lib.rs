@@ -140,81 +140,65 @@ mod tests {
 
 /// Hook times of a daemon under a benchmark.
 ///
-/// When `HANDOFF_BENCH_TIMINGS` names a directory, [`record`](timings::record) appends
-/// `<name> <start_ns> <end_ns>` (CLOCK_MONOTONIC, see [`mono_ns`]) to `<dir>/<pid>`. A thread
-/// of its own writes the lines, so a hook waits for no write; [`flush`](timings::flush) waits
-/// until everything recorded is written (call it before `exit`). Unset, recording costs one
-/// check of a `OnceLock`.
+/// When `HANDOFF_BENCH_TIMINGS` names a directory, [`record`](timings::record) keeps
+/// `<name> <start_ns> <end_ns>` (CLOCK_MONOTONIC, see [`mono_ns`]) in memory and
+/// [`flush`](timings::flush) appends what was kept to `<dir>/<pid>`. Daemons flush where no
+/// handoff waits for them: a successor once its commit is acknowledged, an incumbent when it
+/// retires. So the measured path pays for a `Vec` push, not for a write or a thread. Unset,
+/// recording costs one check of a `OnceLock`.
 pub mod timings {
     use std::io::Write;
-    use std::sync::mpsc::{channel, Sender};
+    use std::path::PathBuf;
     use std::sync::{Mutex, OnceLock};
 
     /// The environment variable naming the directory.
     pub const ENV: &str = "HANDOFF_BENCH_TIMINGS";
 
-    enum Msg {
-        Line(String),
-        Flush(Sender<()>),
+    struct Sink {
+        path: PathBuf,
+        lines: Mutex<String>,
     }
 
-    fn sender() -> Option<&'static Mutex<Sender<Msg>>> {
-        static TX: OnceLock<Option<Mutex<Sender<Msg>>>> = OnceLock::new();
-        TX.get_or_init(|| {
+    fn sink() -> Option<&'static Sink> {
+        static SINK: OnceLock<Option<Sink>> = OnceLock::new();
+        SINK.get_or_init(|| {
             let dir = std::env::var_os(ENV)?;
-            let path = std::path::Path::new(&dir).join(std::process::id().to_string());
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .ok()?;
-            let (tx, rx) = channel::<Msg>();
-            std::thread::Builder::new()
-                .name("bench-timings".into())
-                .spawn(move || {
-                    for msg in rx {
-                        match msg {
-                            Msg::Line(l) => {
-                                let _ = file.write_all(l.as_bytes());
-                            }
-                            Msg::Flush(done) => {
-                                let _ = done.send(());
-                            }
-                        }
-                    }
-                })
-                .ok()?;
-            Some(Mutex::new(tx))
+            Some(Sink {
+                path: std::path::Path::new(&dir).join(std::process::id().to_string()),
+                lines: Mutex::new(String::with_capacity(4096)),
+            })
         })
         .as_ref()
     }
 
-    /// Whether timings are recorded (the variable is set and the file could be opened).
+    /// Whether timings are recorded (the variable is set).
     pub fn enabled() -> bool {
-        sender().is_some()
+        sink().is_some()
     }
 
     /// Record the span `name` from `start_ns` to `end_ns` (a point: the same value twice).
     pub fn record(name: &str, start_ns: u64, end_ns: u64) {
-        if let Some(tx) = sender() {
-            let line = format!("{name} {start_ns} {end_ns}\n");
-            let _ = tx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(Msg::Line(line));
+        if let Some(s) = sink() {
+            use std::fmt::Write as _;
+            let mut l = s.lines.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(l, "{name} {start_ns} {end_ns}");
         }
     }
 
-    /// Wait (at most a second) until every recorded line is written.
+    /// Append what was recorded since the last flush to the file (errors are ignored: the
+    /// benchmark then reports the handoff as without timings).
     pub fn flush() {
-        if let Some(tx) = sender() {
-            let (done_tx, done_rx) = channel();
-            let sent = tx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(Msg::Flush(done_tx));
-            if sent.is_ok() {
-                let _ = done_rx.recv_timeout(std::time::Duration::from_secs(1));
+        if let Some(s) = sink() {
+            let text = std::mem::take(&mut *s.lines.lock().unwrap_or_else(|p| p.into_inner()));
+            if text.is_empty() {
+                return;
+            }
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&s.path)
+            {
+                let _ = f.write_all(text.as_bytes());
             }
         }
     }

@@ -606,11 +606,13 @@ fn main() -> std::process::ExitCode {
     for (name, key) in [
         ("spawn → hello", "spawn_to_hello"),
         ("listeners passed", "listeners"),
+        ("greet the incumbent", "greet_incumbent"),
         ("drain", "drain"),
         ("seal", "seal"),
         ("begin → ready", "begin_to_ready"),
         ("commit", "commit"),
-        ("total", "total"),
+        ("trigger → commit acknowledged", "to_commit"),
+        ("total (to the outcome)", "total"),
     ] {
         let (p50, p99) = phase(key);
         println!("  {name:<38}  {:>10}  {:>10}", ms(p50), ms(p99));

@@ -85,6 +85,9 @@ pub struct PhaseTimes {
     pub spawn_to_hello: Option<Duration>,
     /// `Welcome` to `ListenersAck`.
     pub listeners: Option<Duration>,
+    /// `ListenersAck` to the incumbent's `HelloAck`: connecting to its control socket and
+    /// greeting it, up to `Prepare`.
+    pub greet_incumbent: Option<Duration>,
     /// `Prepare` to `Drained`.
     pub drain: Option<Duration>,
     /// `Seal` to `Sealed`.
@@ -93,7 +96,11 @@ pub struct PhaseTimes {
     pub begin_to_ready: Option<Duration>,
     /// `Ready` to the successor's `CommitAck` (journal write included).
     pub commit: Option<Duration>,
-    /// Trigger to outcome.
+    /// Trigger to the successor's `CommitAck`: the handoff committed, the successor serves.
+    /// The phases above add up to it.
+    pub to_commit: Option<Duration>,
+    /// Trigger to outcome: after a commit, also `Commit` to the retiring incumbent and the
+    /// journal's idle record.
     pub total: Duration,
 }
 
@@ -1410,10 +1417,12 @@ impl Supervisor {
         let times = PhaseTimes {
             spawn_to_hello: span(Some(h.started), m(Mark::Hello)),
             listeners: span(m(Mark::Hello), m(Mark::Listeners)),
+            greet_incumbent: span(m(Mark::Listeners), m(Mark::Prepare)),
             drain: span(m(Mark::Prepare), m(Mark::Drained)),
             seal: span(m(Mark::Drained), m(Mark::Sealed)),
             begin_to_ready: span(m(Mark::Sealed), m(Mark::Ready)),
             commit: span(m(Mark::Ready), m(Mark::Committed)),
+            to_commit: span(Some(h.started), m(Mark::Committed)),
             total: now.saturating_duration_since(h.started),
         };
         let (id, successor_alive, incumbent_alive) = (h.id, h.successor_alive, h.incumbent_alive);

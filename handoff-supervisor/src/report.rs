@@ -15,7 +15,7 @@
 //! | `last` | how the last handoff ended: `none`, `committed`, `rolled_back`, `lost` |
 //! | `handoff_id` | the last handoff's id (16 hex digits), or `-` |
 //! | `abort_reason` | why it did not commit (`Debug` of the reason), or `-` |
-//! | `phases` | its phases, `name:<ms>ms` joined by `,` (`name:-` when not reached): `spawn_to_hello`, `listeners`, `drain`, `seal`, `begin_to_ready`, `commit`, `total`; or `-` |
+//! | `phases` | its phases, `name:<ms>ms` joined by `,` (`name:-` when not reached): `spawn_to_hello`, `listeners`, `greet_incumbent`, `drain`, `seal`, `begin_to_ready`, `commit`, `to_commit` (trigger to the successor's commit acknowledgement), `total` (trigger to outcome); or `-` |
 //! | `handoffs` | handoffs started since the supervisor started |
 //! | `recoveries` | recoveries completed (the first one included) |
 //! | `error` | the last recovery error, cleared by a successful recovery, or `-` |
@@ -63,24 +63,28 @@ pub struct Last {
     pub times: PhaseTimes,
 }
 
-const PHASES: [&str; 7] = [
+const PHASES: [&str; 9] = [
     "spawn_to_hello",
     "listeners",
+    "greet_incumbent",
     "drain",
     "seal",
     "begin_to_ready",
     "commit",
+    "to_commit",
     "total",
 ];
 
-fn phases(t: &PhaseTimes) -> [Option<Duration>; 7] {
+fn phases(t: &PhaseTimes) -> [Option<Duration>; 9] {
     [
         t.spawn_to_hello,
         t.listeners,
+        t.greet_incumbent,
         t.drain,
         t.seal,
         t.begin_to_ready,
         t.commit,
+        t.to_commit,
         Some(t.total),
     ]
 }
@@ -103,7 +107,7 @@ pub struct Stats {
     /// The last handoff.
     pub last: Option<Last>,
     /// Per phase: total seconds and count, over every ended handoff.
-    sums: [(f64, u64); 7],
+    sums: [(f64, u64); 9],
 }
 
 impl Stats {
@@ -318,10 +322,12 @@ mod tests {
         PhaseTimes {
             spawn_to_hello: Some(Duration::from_micros(2100)),
             listeners: Some(Duration::from_micros(300)),
+            greet_incumbent: None,
             drain: None,
             seal: None,
             begin_to_ready: None,
             commit: None,
+            to_commit: None,
             total: Duration::from_millis(5),
         }
     }
@@ -371,8 +377,8 @@ mod tests {
             line,
             "state=idle serving_pid=42 binary=/opt/my%20d current=- last=rolled_back \
              handoff_id=00000000000000ab abort_reason=SpawnFailed(\"no%20such%20file\") \
-             phases=spawn_to_hello:2.100ms,listeners:0.300ms,drain:-,seal:-,begin_to_ready:-,\
-             commit:-,total:5.000ms handoffs=1 recoveries=0 error=cold%20start%20failed \
+             phases=spawn_to_hello:2.100ms,listeners:0.300ms,greet_incumbent:-,drain:-,seal:-,\
+             begin_to_ready:-,commit:-,to_commit:-,total:5.000ms handoffs=1 recoveries=0 error=cold%20start%20failed \
              build=my-daemon%202.1"
         );
         for word in line.split(' ') {

@@ -485,6 +485,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 lock,
             )?;
             timings::record("begin_to_ready", begun, mono_ns());
+            timings::flush();
             run_incumbent(incumbent, listeners, "successor")
         }
     }

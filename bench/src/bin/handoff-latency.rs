@@ -382,14 +382,17 @@ fn analyse(args: &Args, tdir: &Path, rows: &[Row], wall: Duration) -> String {
     let names = [
         "spawn → hello",
         "listeners passed",
+        "greet the incumbent",
         "drain",
         "seal",
         "begin → ready",
         "commit acknowledged",
-        "total (trigger → commit)",
+        "**trigger → commit** (the phases above)",
+        "after the commit: retire the incumbent, journal idle",
+        "trigger → outcome returned",
         "process start (trigger → successor main)",
         "hooks (drain + seal + open)",
-        "protocol overhead (total − start − hooks)",
+        "**protocol overhead** (trigger → commit − start − hooks)",
     ];
     let mut cols: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
     let mut missing = 0;
@@ -397,25 +400,29 @@ fn analyse(args: &Args, tdir: &Path, rows: &[Row], wall: Duration) -> String {
         let succ = timings::read(tdir, r.successor);
         let inc = timings::read(tdir, r.incumbent);
         let t = r.times;
-        let (Some(main), Some(drain), Some(seal), Some(open)) = (
+        let (Some(main), Some(drain), Some(seal), Some(open), Some(to_commit)) = (
             span(&succ, "main"),
             span_after(&inc, "drain", r.trigger_ns),
             span_after(&inc, "seal", r.trigger_ns),
             span(&succ, "open"),
+            t.to_commit,
         ) else {
             missing += 1;
             continue;
         };
         let start = Duration::from_nanos(main.0.saturating_sub(r.trigger_ns));
         let hooks = drain + seal + Duration::from_nanos(open.1 - open.0);
-        let overhead = t.total.saturating_sub(start + hooks);
+        let overhead = to_commit.saturating_sub(start + hooks);
         let vals = [
             t.spawn_to_hello,
             t.listeners,
+            t.greet_incumbent,
             t.drain,
             t.seal,
             t.begin_to_ready,
             t.commit,
+            Some(to_commit),
+            Some(t.total.saturating_sub(to_commit)),
             Some(t.total),
             Some(start),
             Some(hooks),
@@ -446,8 +453,10 @@ fn analyse(args: &Args, tdir: &Path, rows: &[Row], wall: Duration) -> String {
         wall.as_secs_f64(),
         missing
     );
+    let mut summary = Vec::new();
     for (name, c) in names.iter().zip(cols) {
         let s = Stats::new(c);
+        summary.push(s.clone());
         out += &format!(
             "| {name} | {} | {} | {} | {} |\n",
             ms(s.p50()),
@@ -456,6 +465,18 @@ fn analyse(args: &Args, tdir: &Path, rows: &[Row], wall: Duration) -> String {
             ms(s.mean())
         );
     }
+    out += &format!(
+        "\nLATENCY daemon={} listeners={} to_commit_p50_ms={} to_commit_p99_ms={} start_p50_ms={} \
+         hooks_p50_ms={} overhead_p50_ms={} overhead_p99_ms={}\n",
+        args.daemon,
+        args.listeners,
+        ms(summary[7].p50()),
+        ms(summary[7].p99()),
+        ms(summary[10].p50()),
+        ms(summary[11].p50()),
+        ms(summary[12].p50()),
+        ms(summary[12].p99())
+    );
     out
 }
 

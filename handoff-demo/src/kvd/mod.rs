@@ -212,6 +212,7 @@ fn run() -> Result<(), Box<dyn Error>> {
                 &args.socket,
                 lock,
             )?;
+            timings::flush();
             run_incumbent(incumbent, Server::new(wal, build), listener, "successor")
         }
     }

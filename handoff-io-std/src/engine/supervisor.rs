@@ -40,6 +40,9 @@ pub enum SupervisorKey {
 }
 
 /// What a supervisor's engine reports.
+// One event per handoff or recovery: the outcome's size (its phase times) costs nothing worth
+// a box, and boxing would change the public type.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum SupervisorEvent {
     /// The recovery started by [`SupervisorEngine::start_recovery`] found whoever serves.
