@@ -3,7 +3,7 @@
 #
 #   bench/run.sh floor     fork + exec of a trivial binary, an fsync'd small file      (~10 s)
 #   bench/run.sh latency   200 handoffs of handoff-httpd and of kvd, phase by phase    (~30 s)
-#   bench/run.sh scale     1, 10, 100, 1,000, 10,000 listeners                          (~3 min)
+#   bench/run.sh scale     1, 10, 100, 1,000, 5,000, 9,000 listeners                        (~3 min)
 #   bench/run.sh micro     criterion: frames, one machine step, a simulated handoff    (~3 min)
 #   bench/run.sh load      client impact under load: ours, nginx, HAProxy (bench/load.sh)
 #   bench/run.sh all       all of the above, in this order
@@ -34,7 +34,7 @@ latency)
     ;;
 scale)
     build
-    target/release/handoff-scale --counts "${SCALE_COUNTS:-1,10,100,1000,10000}" \
+    target/release/handoff-scale --counts "${SCALE_COUNTS:-1,10,100,1000,5000,9000}" \
         --handoffs "${SCALE_HANDOFFS:-20}" --markdown "$out/scale.md"
     ;;
 micro)

@@ -131,6 +131,8 @@ fn main() {
         }
     };
     raise_nofile();
+    // The library's own log lines (this process is the supervisor); the daemons get it too.
+    std::env::set_var("HANDOFF_LOG", "off");
     let report = if args.floor {
         floor(&args)
     } else {
@@ -191,6 +193,37 @@ fn floor(args: &Args) -> String {
         f.write_all(&[b'x'; 64]).expect("write");
         f.sync_all().expect("fsync");
     });
+    // A round trip: one byte each way over a Unix socket, between two threads (each message
+    // of the protocol wakes the peer up like this).
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let echo = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut byte = [0u8; 1];
+        while b.read_exact(&mut byte).is_ok() && byte[0] != 0 {
+            b.write_all(&byte).expect("echo");
+        }
+    });
+    let rtt = timed(&mut |_| {
+        use std::io::Read;
+        let mut byte = [1u8; 1];
+        a.write_all(&byte).expect("ping");
+        a.read_exact(&mut byte).expect("pong");
+    });
+    // The same after 1 ms of idleness (as between a handoff's messages, when both sides
+    // wait): an idle vCPU sleeps, and waking it costs more than the message.
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        use std::io::Read;
+        std::thread::sleep(Duration::from_millis(1));
+        let mut byte = [1u8; 1];
+        let t = Instant::now();
+        a.write_all(&byte).expect("ping");
+        a.read_exact(&mut byte).expect("pong");
+        v.push(t.elapsed());
+    }
+    let rtt_idle = Stats::new(v);
+    a.write_all(&[0]).expect("stop");
+    echo.join().expect("echo thread");
     let journal = work.0.join("journal");
     let record = [7u8; 21];
     let journal_write = timed(&mut |_| {
@@ -232,12 +265,14 @@ fn floor(args: &Args) -> String {
         ms(fork_true.p50() + fsync.p50())
     );
     out += &format!(
-        "FLOOR floor_ms={} fork_rust_p50_ms={} fork_true_p50_ms={} fsync_p50_ms={} journal_p50_ms={}\n",
+        "FLOOR floor_ms={} fork_rust_p50_ms={} fork_true_p50_ms={} fsync_p50_ms={} journal_p50_ms={} rtt_p50_ms={} rtt_idle_p50_ms={}\n",
         ms(fork_rust.p50() + fsync.p50()),
         ms(fork_rust.p50()),
         ms(fork_true.p50()),
         ms(fsync.p50()),
-        ms(journal_write.p50())
+        ms(journal_write.p50()),
+        ms(rtt.p50()),
+        ms(rtt_idle.p50())
     );
     out
 }
@@ -247,6 +282,9 @@ struct Row {
     successor: u32,
     incumbent: u32,
     trigger_ns: u64,
+    /// When `perform_handoff` returned (the engine's `total` stops at the step's start, before
+    /// the journal's idle record written in that step).
+    done_ns: u64,
     times: handoff::proto::supervisor::PhaseTimes,
 }
 
@@ -312,6 +350,7 @@ fn handoffs(args: &Args) -> String {
         }
         let trigger_ns = mono_ns();
         let o = sup.perform_handoff(spec.clone()).expect("handoff");
+        let done_ns = mono_ns();
         assert!(
             o.committed,
             "handoff {i} did not commit: {:?}",
@@ -322,6 +361,7 @@ fn handoffs(args: &Args) -> String {
             successor,
             incumbent: serving,
             trigger_ns,
+            done_ns,
             times: o.times,
         });
         serving = successor;
@@ -411,6 +451,7 @@ fn analyse(args: &Args, tdir: &Path, rows: &[Row], wall: Duration) -> String {
             continue;
         };
         let start = Duration::from_nanos(main.0.saturating_sub(r.trigger_ns));
+        let returned = Duration::from_nanos(r.done_ns - r.trigger_ns);
         let hooks = drain + seal + Duration::from_nanos(open.1 - open.0);
         let overhead = to_commit.saturating_sub(start + hooks);
         let vals = [
@@ -422,8 +463,8 @@ fn analyse(args: &Args, tdir: &Path, rows: &[Row], wall: Duration) -> String {
             t.begin_to_ready,
             t.commit,
             Some(to_commit),
-            Some(t.total.saturating_sub(to_commit)),
-            Some(t.total),
+            Some(returned.saturating_sub(to_commit)),
+            Some(returned),
             Some(start),
             Some(hooks),
             Some(overhead),

@@ -145,8 +145,11 @@ fn measure(args: &Args, count: usize) -> Point {
     let mut config = format!(
         "control_socket = {sock:?}\ntrigger_socket = {trigger:?}\nbinary = {httpd:?}\n\
          args = [\"--data\", {data:?}, \"--socket\", {sock:?}]\n\
-         env = {{ HTTPD_LOG = \"off\", HANDOFF_LOG = \"off\" }}\n\
-         drain_grace_secs = 10\ndeadline_secs = 100\n"
+         env = {{ HTTPD_LOG = \"off\", HANDOFF_LOG = \"off\"{timings} }}\n\
+         drain_grace_secs = 10\ndeadline_secs = 100\n",
+        timings = std::env::var("HANDOFF_BENCH_TIMINGS")
+            .map(|d| format!(", HANDOFF_BENCH_TIMINGS = {d:?}"))
+            .unwrap_or_default()
     );
     for i in 0..count {
         config += &format!("\n[[listeners]]\nname = \"l{i}\"\naddr = \"127.0.0.1:0\"\n");
@@ -236,8 +239,22 @@ fn main() {
         }
     };
     {
+        // The supervisor holds every listener and, while spawning, a duplicate of each: 10,000
+        // listeners need 20,000 descriptors and more. Raise the hard limit where we may (root:
+        // this machine's default hard limit is 20,000), the soft one to it; the supervisor and
+        // the daemons inherit both.
         use rustix::process::{getrlimit, setrlimit, Resource};
         let mut l = getrlimit(Resource::Nofile);
+        let want = Some(65_536);
+        if l.maximum < want {
+            let raised = rustix::process::Rlimit {
+                current: want,
+                maximum: want,
+            };
+            if setrlimit(Resource::Nofile, raised).is_ok() {
+                l = raised;
+            }
+        }
         l.current = l.maximum;
         let _ = setrlimit(Resource::Nofile, l);
     }
