@@ -812,4 +812,3 @@ fn sent_point(to: Peer, message: &Message) -> Option<&'static str> {
         _ => return None,
     })
 }
-
