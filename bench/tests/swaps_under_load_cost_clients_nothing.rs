@@ -25,8 +25,13 @@ const BOUND: Duration = Duration::from_secs(30);
 const POLL_PAUSE: Duration = Duration::from_millis(20);
 
 /// `target/<profile>/<bin>` of workspace package `package`, built (or found up to date) by
-/// cargo, in the profile this test was built in.
-fn workspace_bins(package: &str, bins: &[&str]) -> Vec<PathBuf> {
+/// cargo, in the profile this test was built in, with `features`.
+///
+/// The binaries land where the other packages' tests find theirs: build them as those tests
+/// do. `handoff-supervisor`'s crash matrix needs its binary with the crash points (inert unless
+/// `HANDOFF_CRASH_AT` is set); an ordinary build here replaced it, and the matrix, run after
+/// this test by `cargo test --workspace`, failed.
+fn workspace_bins(package: &str, bins: &[&str], features: &[&str]) -> Vec<PathBuf> {
     let dir = Path::new(LOADGEN).parent().unwrap().to_path_buf();
     let profile = dir.file_name().unwrap().to_str().unwrap().to_string();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -38,6 +43,9 @@ fn workspace_bins(package: &str, bins: &[&str]) -> Vec<PathBuf> {
     }
     if profile == "release" {
         cmd.arg("--release");
+    }
+    if !features.is_empty() {
+        cmd.arg("--features").arg(features.join(","));
     }
     assert!(
         cmd.status().expect("cargo build").success(),
@@ -108,7 +116,7 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn kvd_handoffs_under_load_cost_clients_nothing() {
-    let kvd = workspace_bins("handoff-demo", &["kvd"]).remove(0);
+    let kvd = workspace_bins("handoff-demo", &["kvd"], &["crash-points"]).remove(0);
     swaps_under_load(&kvd, "kvd", "kv", "kvd");
 }
 
@@ -124,7 +132,11 @@ fn swaps_under_load(daemon: &Path, name: &str, listener: &str, proto: &str) {
     // One at a time: each is the only load on the machine it adds.
     static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
-    let sup_bins = workspace_bins("handoff-supervisor", &["handoff-supervisor", "handoffctl"]);
+    let sup_bins = workspace_bins(
+        "handoff-supervisor",
+        &["handoff-supervisor", "handoffctl"],
+        &["crash-points"],
+    );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("load.sh");
     // Short: the control socket's path must fit in 108 bytes.
     let dir = PathBuf::from(format!("/tmp/hlt-{}-{name}", std::process::id()));
