@@ -70,6 +70,34 @@ impl Stats {
     }
 }
 
+/// The executable `name` next to this one (`target/<profile>/`); exits with a message naming
+/// what to build if it is missing.
+pub fn sibling(name: &str) -> std::path::PathBuf {
+    let p = std::env::current_exe()
+        .expect("current_exe")
+        .with_file_name(name);
+    if !p.exists() {
+        eprintln!(
+            "{} not found next to this executable: build it first \
+             (cargo build --release -p handoff-bench -p handoff-demo -p handoff-supervisor)",
+            p.display()
+        );
+        std::process::exit(2);
+    }
+    p
+}
+
+/// Raise the soft descriptor limit to the hard one (the scale runs pass thousands of
+/// listeners).
+pub fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
 /// Milliseconds with three decimals, for tables.
 pub fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)

@@ -40,7 +40,7 @@ use handoff::drainable::ReadinessSnapshot;
 use handoff::{
     detect_role, DataDirLock, DrainReport, Drainable, Incumbent, Role, SealReport, StateSnapshot,
 };
-use handoff_bench::{mono_ns, timings};
+use handoff_bench::{mono_ns, raise_nofile, timings};
 use rustix::event::{poll, PollFd, PollFlags};
 
 const USAGE: &str = "usage: handoff-httpd --data <dir> --socket <control socket> [--listen <addr>]";
@@ -417,16 +417,6 @@ fn parse_args() -> Result<Args, String> {
             None => "127.0.0.1:8080".into(),
         },
     })
-}
-
-/// Raise the soft descriptor limit to the hard one (the scale benchmark passes 10,000).
-fn raise_nofile() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut l = getrlimit(Resource::Nofile);
-    if l.current < l.maximum {
-        l.current = l.maximum;
-        let _ = setrlimit(Resource::Nofile, l);
-    }
 }
 
 fn main() -> ExitCode {

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use handoff::engine::SupervisorEngine;
 use handoff::supervisor::{SpawnSpec, Supervisor};
-use handoff_bench::{mono_ns, ms, timings, Stats};
+use handoff_bench::{mono_ns, ms, raise_nofile, sibling, timings, Stats};
 
 struct Args {
     daemon: String,
@@ -83,13 +83,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-fn raise_nofile() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut l = getrlimit(Resource::Nofile);
-    l.current = l.maximum;
-    let _ = setrlimit(Resource::Nofile, l);
-}
-
 /// A fresh directory, removed on drop.
 struct Work(PathBuf);
 
@@ -106,20 +99,6 @@ impl Drop for Work {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn sibling(name: &str) -> PathBuf {
-    let me = std::env::current_exe().expect("current_exe");
-    let p = me.with_file_name(name);
-    if !p.exists() {
-        eprintln!(
-            "{} not found next to this executable: build it first \
-             (cargo build --release -p handoff-bench -p handoff-demo)",
-            p.display()
-        );
-        std::process::exit(2);
-    }
-    p
 }
 
 fn main() {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff_bench::{ms, proc_fd_count, proc_rss_kib, Stats};
+use handoff_bench::{ms, proc_fd_count, proc_rss_kib, sibling, Stats};
 
 const BOUND: Duration = Duration::from_secs(120);
 
@@ -54,21 +54,6 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(a)
-}
-
-fn sibling(name: &str) -> PathBuf {
-    let p = std::env::current_exe()
-        .expect("current_exe")
-        .with_file_name(name);
-    if !p.exists() {
-        eprintln!(
-            "{} not found next to this executable: build it first \
-             (cargo build --release -p handoff-bench -p handoff-supervisor)",
-            p.display()
-        );
-        std::process::exit(2);
-    }
-    p
 }
 
 /// One line asked of the trigger socket, one line answered.
