@@ -6,8 +6,9 @@ use std::os::unix::net::UnixStream;
 use crate::error::{Error, Result};
 use crate::held;
 use crate::inherit::InheritedListeners;
+use crate::inherit::MAX_INHERITED_FDS;
 use crate::successor::Successor;
-use crate::sys::spawn::{ENV_CHANNEL_FD, ENV_ROLE, ROLE_SUCCESSOR};
+use crate::sys::spawn::{ENV_CHANNEL_FD, ENV_LISTENER_COUNT, ENV_ROLE, ROLE_SUCCESSOR};
 
 /// How this process was started.
 #[derive(Debug)]
@@ -34,13 +35,35 @@ pub enum Role {
 /// can take them back from this daemon (see [`Incumbent`](crate::Incumbent)).
 pub fn detect_role() -> Result<Role> {
     if std::env::var_os(ENV_ROLE).is_some_and(|v| v == ROLE_SUCCESSOR) {
-        return Ok(Role::Successor(Successor::new(take_channel()?)));
+        let channel = take_channel()?;
+        presize_fd_table(&channel);
+        return Ok(Role::Successor(Successor::new(channel)));
     }
     let inherited = InheritedListeners::from_env()?;
     for (name, kind, fd) in inherited.borrow_all() {
         held::keep(name, kind, fd)?;
     }
     Ok(Role::ColdStart { inherited })
+}
+
+/// Grow the descriptor table to fit what a successor is about to hold: each listener it
+/// receives and the duplicate it keeps ([`ENV_LISTENER_COUNT`] says how many), before the
+/// successor starts its thread. Growing the table of a multi-threaded process waits for an RCU
+/// grace period (the kernel's `expand_fdtable`); the scale benchmark measured 9–20 ms of that
+/// per handoff at 1,000 listeners, while the retiring incumbent's descriptors were being freed
+/// (`BENCHMARKS.md`). Best effort: a table that cannot grow (the descriptor limit) grows later.
+fn presize_fd_table(channel: &UnixStream) {
+    let Some(n) = std::env::var(ENV_LISTENER_COUNT)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    else {
+        return;
+    };
+    // n <= MAX_INHERITED_FDS, so the number fits in a RawFd.
+    let highest = (2 * n.min(MAX_INHERITED_FDS) + 64) as RawFd;
+    if let Ok(probe) = rustix::io::fcntl_dupfd_cloexec(channel, highest) {
+        drop(probe);
+    }
 }
 
 /// Own the successor channel named by `HANDOFF_CHANNEL_FD`, once per process.

@@ -672,7 +672,11 @@ impl SupervisorEngine {
     fn spawn_successor(&mut self, now: Instant, handoff: HandoffId) {
         let spawned = (|| -> io::Result<(Child, UnixStream)> {
             let (ours, theirs) = crate::sys::fdpass::socketpair_cloexec()?;
-            let child = spawn::spawn_successor(&self.spec.command(), theirs.as_fd())?;
+            let cmd = self
+                .spec
+                .command()
+                .env(spawn::ENV_LISTENER_COUNT, self.listeners.len().to_string());
+            let child = spawn::spawn_successor(&cmd, theirs.as_fd())?;
             Ok((child, ours))
         })();
         match spawned {

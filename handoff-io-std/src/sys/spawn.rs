@@ -50,6 +50,11 @@ pub const ENV_ROLE: &str = "HANDOFF_ROLE";
 /// inherited descriptor. [`spawn_with_listeners`] removes it.
 pub const ENV_CHANNEL_FD: &str = "HANDOFF_CHANNEL_FD";
 
+/// The environment variable telling a successor how many listeners it will receive, so that
+/// [`detect_role`](crate::detect_role) can size its descriptor table while the process is still
+/// single-threaded. [`spawn_with_listeners`] removes it.
+pub const ENV_LISTENER_COUNT: &str = "HANDOFF_LISTENER_COUNT";
+
 /// The value of [`ENV_ROLE`] for a successor.
 pub const ROLE_SUCCESSOR: &str = "successor";
 
@@ -273,7 +278,7 @@ pub fn spawn_with_listeners(
         .arg(LISTEN_PID_SCRIPT)
         .arg(&binary)
         .args(&cmd.args);
-    for key in [LISTEN_PID, ENV_ROLE, ENV_CHANNEL_FD] {
+    for key in [LISTEN_PID, ENV_ROLE, ENV_CHANNEL_FD, ENV_LISTENER_COUNT] {
         c.env_remove(key);
     }
     c.env(LISTEN_FDS, n.to_string()).env(LISTEN_FDNAMES, names);
