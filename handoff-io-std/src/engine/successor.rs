@@ -59,7 +59,7 @@ pub struct SuccessorEngine {
     conn: Option<Conn>,
     received: Vec<Held>,
     /// Where each name is in `received` (`take_fd` is called once per listener: a linear
-    /// search made taking N listeners O(N²), 30 ms at 1,000 listeners).
+    /// search made taking N listeners O(N²)).
     by_name: HashMap<String, usize>,
     lock: Option<DataDirLock>,
     events: VecDeque<SuccessorEvent>,
