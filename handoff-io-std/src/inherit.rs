@@ -41,9 +41,9 @@ pub const SD_LISTEN_FDS_START: RawFd = 3;
 
 /// Most descriptors accepted in `LISTEN_FDS`, and queued on a control connection: 64 full
 /// `SCM_RIGHTS` messages ([`MAX_FDS_PER_MESSAGE`] each), 16,192. That is above the 10,000
-/// listeners the scale benchmark asks for (this machine's descriptor limit stops it at
-/// 9,000) (`BENCHMARKS.md`; four messages, 1,012, was the
-/// limit before, and refused a 10,000-listener cold start); a larger count is a launcher bug,
+/// listeners the scale benchmark asks for (`BENCHMARKS.md`; this machine's descriptor limit
+/// stops it at 9,000). Four messages, 1,012, was the limit before, and refused such a cold
+/// start. A larger count is a launcher bug,
 /// not a configuration. The process's descriptor limit must allow twice the listeners.
 pub const MAX_INHERITED_FDS: usize = 64 * MAX_FDS_PER_MESSAGE;
 
