@@ -31,6 +31,33 @@ const MAX_READ_PER_CALL: usize = 4 << 20;
 /// Most bytes waiting in an outbox before the peer is cut off (four full frames).
 pub const MAX_OUTBOX: usize = 4 << 20;
 
+/// Connect to the Unix stream socket at `path` without ever blocking.
+///
+/// A blocking `connect(2)` on a Unix socket waits while the listener's accept queue is full:
+/// a stopped daemon with a full backlog would freeze the caller's loop. Here the socket is
+/// non-blocking from its creation, so a full queue is an immediate failure (`EAGAIN`), reported
+/// as [`io::ErrorKind::WouldBlock`] with a message that says so. A Unix stream connect never
+/// completes later (no `EINPROGRESS`), so success means connected. The stream returned is
+/// non-blocking and close-on-exec.
+pub fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let addr = SocketAddrUnix::new(path)?;
+    match rustix::net::connect(&sock, &addr) {
+        Ok(()) => Ok(UnixStream::from(sock)),
+        Err(Errno::AGAIN) => Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "its accept queue is full (the process behind it is not accepting)",
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// What [`Conn::read_available`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStatus {
@@ -271,6 +298,27 @@ impl Waker {
 mod tests {
     use super::*;
     use crate::sys::fdpass::socketpair_cloexec;
+
+    #[test]
+    fn connecting_to_a_full_accept_queue_fails_at_once() {
+        let dir = crate::sys::testutil::TempDir::new("fullq");
+        let path = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        // Never accepted: fill the queue until the kernel refuses, with a bound.
+        let mut held = Vec::new();
+        let err = loop {
+            assert!(held.len() < 100_000, "the accept queue never filled");
+            match connect_nonblocking(&path) {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        assert!(err.to_string().contains("accept queue is full"), "{err}");
+        // A free slot connects again.
+        let _ = listener.accept().expect("accept one");
+        connect_nonblocking(&path).expect("connect after a slot freed");
+    }
 
     #[test]
     fn a_full_socket_queues_in_the_outbox_and_flushes_in_order_with_descriptors() {
