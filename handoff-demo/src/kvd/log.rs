@@ -23,10 +23,14 @@
 //! [`recover`] replays every segment in order and rebuilds the map. Every segment but the last
 //! must be sealed and verify completely (frame checksums, revision chain, header, footer);
 //! anything else is an error that names the file and offset, and nothing is changed. The last
-//! segment may be unsealed (the process writing it died): from the first record that is cut
-//! short or fails its checksum, the tail is a write that was never acknowledged (the batch was
-//! not fsynced), and is truncated away. Recovery then seals that segment (or removes it if it
-//! holds no `SET`), so that every segment on disk is sealed and the writer opens a new one.
+//! segment may be unsealed (the process writing it died), and end with a torn write: from the
+//! first record that is cut short, zeroed or fails its checksum, with no valid record after it
+//! (every byte offset is tried), the tail is a batch that was never acknowledged (it was not
+//! fsynced), and is truncated away. A bad record that a valid one follows is corruption (the
+//! bad one was fsynced before the valid one was written): an error naming the file and the
+//! offset, and nothing is changed. Recovery then seals that segment, even with no `SET` in it,
+//! so that every segment on disk is sealed and the writer opens a new one. It never deletes a
+//! segment: only a file without even a valid header (its creation failed) is removed.
 //!
 //! # Group commit
 //!
@@ -286,6 +290,22 @@ fn corrupt(path: &Path, offset: usize, why: impl fmt::Display) -> io::Error {
     )
 }
 
+/// The offset of the first valid record at or after `from` that may follow others in a
+/// segment (a `SET` or a footer), if any: every byte offset is tried.
+fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len()).find(|&at| {
+        let rest = &bytes[at..];
+        // Cheap tests first: a plausible length that fits, and a kind.
+        let plausible = rest.len() > FRAME && {
+            let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+            (1..=MAX_BODY).contains(&len)
+                && len <= rest.len() - FRAME
+                && matches!(rest[FRAME], KIND_SET | KIND_FOOTER)
+        };
+        plausible && decode(rest).is_ok()
+    })
+}
+
 /// What [`recover`] found.
 #[derive(Debug)]
 pub struct Recovered {
@@ -404,16 +424,32 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
         }
         let mut what = Vec::new();
         if let Some(bad) = &torn {
+            // A crash tears only the batch being written, the end of the file: a record cut
+            // short, zeros, garbage. A valid record after the bad one means the bad one was
+            // written, and fsynced, before it: corruption. Cutting there would lose every
+            // record after it, acknowledged writes among them.
+            if let Some(at) = next_valid_record(&bytes, offset + 1) {
+                return Err(corrupt(
+                    path,
+                    offset,
+                    format!(
+                        "{bad}, and a valid record follows at offset {at}: the segment is \
+                         corrupt, not torn by a crash; nothing was changed"
+                    ),
+                ));
+            }
             what.push(format!(
                 "dropped a torn tail of {} bytes at offset {offset} ({bad})",
                 bytes.len() - offset
             ));
         }
-        if sets == 0 {
+        if offset == 0 {
+            // Not even a header: creating the segment failed (on a full disk, say). It holds
+            // nothing, and its number is used again.
             fs::remove_file(path)?;
             sync_dir(dir)?;
             next_segment = *n;
-            what.push(format!("removed {name}, which held no SET"));
+            what.push(format!("removed {name}, which held no record"));
         } else {
             let file = OpenOptions::new().write(true).open(path)?;
             file.set_len(offset as u64)?;
@@ -1079,16 +1115,150 @@ mod tests {
         assert_eq!(wal.get("k1").as_deref(), Some("v1"));
     }
 
+    /// A segment holding a header and no `SET` is sealed (with no records), not removed; one
+    /// holding no valid record at all (its creation failed: empty, or a header cut short) is
+    /// removed, as it holds nothing.
     #[test]
-    fn an_unsealed_segment_without_writes_is_removed() {
+    fn an_unsealed_segment_without_writes_is_sealed_empty() {
         let dir = TempDir::new("empty");
         drop(Wal::open(dir.path()).unwrap()); // header only, never sealed
         append(&seg(&dir, 1), &[0, 0, 0]); // and a torn start of a record
         let r = recover(dir.path()).unwrap();
-        assert_eq!((r.revision, r.next_segment), (0, 1));
-        assert!(names(&dir).is_empty());
+        assert_eq!((r.revision, r.next_segment), (0, 2));
+        assert_eq!(names(&dir), ["seg-1.log"]);
+        assert_eq!(
+            fs::metadata(seg(&dir, 1)).unwrap().len(),
+            (2 * FRAME + 17 + 21) as u64,
+            "header and footer"
+        );
         let wal = Wal::open(dir.path()).unwrap();
         assert_eq!(wal.set("a", "b"), Ok(1));
+        wal.seal().unwrap();
+        drop(wal);
+        assert_eq!(names(&dir), ["seg-1.log", "seg-2.log"]);
+
+        // A segment whose creation failed: nothing valid in it.
+        fs::write(seg(&dir, 3), [0u8; 10]).unwrap();
+        let r = recover(dir.path()).unwrap();
+        assert_eq!((r.revision, r.next_segment), (1, 3));
+        assert_eq!(names(&dir), ["seg-1.log", "seg-2.log"]);
+    }
+
+    /// The offset of a segment's first `SET` record (after the header).
+    const FIRST_SET: usize = FRAME + 17;
+
+    /// One flipped byte in an acknowledged record followed by valid records is corruption,
+    /// not a torn tail: recovery refuses, naming the file and the offset of the bad record,
+    /// and changes nothing (it used to cut the segment there, and delete it if no `SET` was
+    /// left: every acknowledged write in it lost).
+    #[test]
+    fn a_bad_record_followed_by_valid_ones_is_corruption_and_nothing_is_changed() {
+        let dir = TempDir::new("corrupt");
+        {
+            let wal = Wal::open(dir.path()).unwrap();
+            for i in 1..=3 {
+                assert_eq!(wal.set(&format!("k{i}"), &format!("v{i}")), Ok(i));
+            }
+            // Dropped without a seal: a crash.
+        }
+        let second = FIRST_SET + set_record(1, "k1", "v1").len();
+        // In the first SET: its body (a checksum failure), its checksum, its length (which
+        // then runs past the end of the file: short, but valid records follow); in the
+        // second SET's body.
+        for (at, bad) in [
+            (FIRST_SET + FRAME + 3, FIRST_SET),
+            (FIRST_SET + 5, FIRST_SET),
+            (FIRST_SET + 2, FIRST_SET),
+            (second + FRAME + 14, second),
+        ] {
+            flip_byte(&seg(&dir, 1), at);
+            let before = fs::read(seg(&dir, 1)).unwrap();
+            let e = recover(dir.path()).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("seg-1.log at offset {bad}:")),
+                "byte {at}: {msg}"
+            );
+            assert!(msg.contains("valid record"), "byte {at}: {msg}");
+            let e = Wal::open(dir.path()).unwrap_err();
+            assert_eq!(e.to_string(), msg, "open refuses with the same error");
+            assert_eq!(names(&dir), ["seg-1.log"], "byte {at}: nothing removed");
+            assert_eq!(
+                fs::read(seg(&dir, 1)).unwrap(),
+                before,
+                "byte {at}: untouched"
+            );
+            flip_byte(&seg(&dir, 1), at);
+        }
+        // Restored: recovers everything.
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(r.revision, 3);
+
+        // The same in the last segment after its seal (what a successor opens): the bad
+        // record is not taken for the start of a torn tail that the footer follows.
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.set("k4", "v4"), Ok(4));
+        assert_eq!(wal.set("k5", "v5"), Ok(5));
+        wal.seal().unwrap();
+        drop(wal);
+        flip_byte(&seg(&dir, 2), FIRST_SET + FRAME + 3);
+        let before = fs::read(seg(&dir, 2)).unwrap();
+        let e = recover(dir.path()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("seg-2.log at offset {FIRST_SET}:")),
+            "{e}"
+        );
+        assert_eq!(fs::read(seg(&dir, 2)).unwrap(), before, "untouched");
+    }
+
+    /// A torn write: the last record cut short, or a tail of zero bytes (a file extended
+    /// whose data never reached the disk). It is cut, and every record before it kept.
+    #[test]
+    fn short_and_zero_filled_tails_are_cut_and_the_records_before_kept() {
+        for tail in ["short", "zeros", "short then zeros"] {
+            let dir = TempDir::new("tails");
+            {
+                let wal = Wal::open(dir.path()).unwrap();
+                for i in 1..=3 {
+                    assert_eq!(wal.set(&format!("k{i}"), &format!("v{i}")), Ok(i));
+                }
+            }
+            let size = fs::metadata(seg(&dir, 1)).unwrap().len();
+            let next = set_record(4, "k4", "v4");
+            match tail {
+                "short" => append(&seg(&dir, 1), &next[..next.len() - 3]),
+                "zeros" => append(&seg(&dir, 1), &[0; 4096]),
+                _ => {
+                    append(&seg(&dir, 1), &next[..10]);
+                    append(&seg(&dir, 1), &[0; 100]);
+                }
+            }
+            let r = recover(dir.path()).unwrap();
+            assert_eq!(r.revision, 3, "{tail}");
+            for i in 1..=3 {
+                assert_eq!(
+                    r.map.get(&format!("k{i}")).map(String::as_str),
+                    Some(format!("v{i}").as_str())
+                );
+            }
+            let cut = match tail {
+                "short" => next.len() - 3,
+                "zeros" => 4096,
+                _ => 110,
+            };
+            let repaired = r.repaired.unwrap();
+            assert!(
+                repaired.contains(&format!("torn tail of {cut} bytes at offset {size}")),
+                "{tail}: {repaired}"
+            );
+            assert_eq!(
+                fs::metadata(seg(&dir, 1)).unwrap().len(),
+                size + (FRAME + 21) as u64,
+                "{tail}: cut, and the footer appended"
+            );
+        }
     }
 
     #[test]
