@@ -289,6 +289,86 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `O_NOFOLLOW`: a segment is never a symbolic link (one planted in the data directory would
+/// have kvd, perhaps root, read or truncate whatever it points to).
+fn no_follow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
+/// Create the data directory `dir` (and its missing parents) with mode 0700. An existing one
+/// that others may read or write is tightened to 0700 if it is ours (kvd's effective user's),
+/// with a log line; one that is not ours is left as it is, with a warning. The directory
+/// itself may be a symbolic link: its path is the operator's.
+pub fn create_data_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let context =
+        |e: io::Error| io::Error::new(e.kind(), format!("data directory {}: {e}", dir.display()));
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(context)?;
+    let handle = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::DIRECTORY.bits() as i32)
+        .open(dir)
+        .map_err(context)?;
+    let meta = handle.metadata().map_err(context)?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        crate::kvd::say(&format!(
+            "warning: data directory {} has mode {mode:04o} and belongs to uid {}, not to \
+             kvd's: left as it is (the segments in it are 0600)",
+            dir.display(),
+            meta.uid()
+        ));
+        return Ok(());
+    }
+    handle
+        .set_permissions(fs::Permissions::from_mode(mode & !0o077))
+        .map_err(context)?;
+    crate::kvd::say(&format!(
+        "data directory {} had mode {mode:04o}: tightened to {:04o}",
+        dir.display(),
+        mode & !0o077
+    ));
+    Ok(())
+}
+
+/// Open segment `path` for reading (or writing), without following a symbolic link, and check
+/// it: a regular file of kvd's effective user, else an error. One that others may read or
+/// write (an older kvd created them 0644) is tightened to 0600; whether it was.
+fn open_segment(path: &Path, write: bool) -> io::Result<(File, bool)> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let file = OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(no_follow())
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+    let meta = file.metadata()?;
+    let euid = rustix::process::geteuid().as_raw();
+    if !meta.file_type().is_file() || meta.uid() != euid {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is not a regular file of uid {euid} (kvd's): a {:?} of uid {}",
+                path.display(),
+                meta.file_type(),
+                meta.uid()
+            ),
+        ));
+    }
+    let loose = meta.mode() & 0o077 != 0;
+    if loose {
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    Ok((file, loose))
+}
+
 fn corrupt(path: &Path, offset: usize, why: impl fmt::Display) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -336,10 +416,19 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
     let mut fingerprint = FNV_OFFSET;
     let mut repaired = None;
     let mut next_segment = 1;
+    let mut tightened = Vec::new();
     for (i, (n, path)) in segments.iter().enumerate() {
         next_segment = n + 1;
         let last = i + 1 == segments.len();
-        let bytes = fs::read(path)?;
+        let bytes = {
+            let (mut file, loose) = open_segment(path, false)?;
+            if loose {
+                tightened.push(segment_name(*n));
+            }
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(&mut file, &mut bytes)?;
+            bytes
+        };
         let mut offset = 0;
         let mut sets = 0u64;
         let mut crc = Crc32::new();
@@ -440,7 +529,7 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
                     offset,
                     format!(
                         "{bad}, and a valid record follows at offset {at}: the segment is \
-                         corrupt, not torn by a crash; nothing was changed"
+                         corrupt, not torn by a crash; it was left as it is"
                     ),
                 ));
             }
@@ -457,7 +546,7 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
             next_segment = *n;
             what.push(format!("removed {name}, which held no record"));
         } else {
-            let file = OpenOptions::new().write(true).open(path)?;
+            let (file, _) = open_segment(path, true)?;
             file.set_len(offset as u64)?;
             let mut record = Vec::new();
             encode(
@@ -476,6 +565,14 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
             ));
         }
         repaired = Some(what.join("; "));
+    }
+    if !tightened.is_empty() {
+        crate::kvd::say(&format!(
+            "tightened {} segment files that others could read or write to 0600 ({} to {})",
+            tightened.len(),
+            tightened[0],
+            tightened[tightened.len() - 1]
+        ));
     }
     Ok(Recovered {
         map,
@@ -540,6 +637,7 @@ fn create_segment(dir: &Path, n: u64, base: u64) -> io::Result<Active> {
     let mut file = OpenOptions::new()
         .append(true)
         .create_new(true)
+        .mode(0o600)
         .open(dir.join(&name))
         .map_err(creating)?;
     let mut header = Vec::new();
@@ -1666,6 +1764,25 @@ mod tests {
             "{name} in a private mount namespace: {status}\n{out}\n{err}"
         );
         None
+    }
+
+    /// A segment that is a symbolic link (planted in the data directory) is refused, not
+    /// followed: recovery would otherwise read, and cut or seal, whatever it points to.
+    #[test]
+    fn a_segment_that_is_a_symbolic_link_is_refused() {
+        let dir = TempDir::new("symlink");
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.set("a", "1"), Ok(1));
+        wal.seal().unwrap();
+        drop(wal);
+        let target = dir.path().join("precious");
+        fs::write(&target, b"not a segment").unwrap();
+        std::os::unix::fs::symlink(&target, seg(&dir, 2)).unwrap();
+        let e = recover(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("seg-2.log"), "{e}");
+        assert!(e.to_string().contains("symbolic links"), "{e}"); // ELOOP
+        assert!(fs::symlink_metadata(seg(&dir, 2)).unwrap().is_symlink());
+        assert_eq!(fs::read(&target).unwrap(), b"not a segment");
     }
 
     #[test]

@@ -152,7 +152,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     timings::record("main", started, started);
     let args = parse_args()?;
     let build = build_name();
-    std::fs::create_dir_all(&args.data)?;
+    crate::kvd::log::create_data_dir(&args.data)?;
     if let Some(dir) = args.socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
