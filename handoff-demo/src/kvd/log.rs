@@ -566,12 +566,14 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
         }
         repaired = Some(what.join("; "));
     }
-    if !tightened.is_empty() {
+    if let (Some(first), Some(last)) = (tightened.first(), tightened.last()) {
+        let which = if first == last {
+            first.clone()
+        } else {
+            format!("{} of them, {first} to {last}", tightened.len())
+        };
         crate::kvd::say(&format!(
-            "tightened {} segment files that others could read or write to 0600 ({} to {})",
-            tightened.len(),
-            tightened[0],
-            tightened[tightened.len() - 1]
+            "tightened segments that others could read or write to 0600 ({which})"
         ));
     }
     Ok(Recovered {
@@ -607,7 +609,7 @@ fn cut_to_durable(dir: &Path, name: &str, durable_len: u64) -> io::Result<()> {
     let cut = || -> io::Result<()> {
         let file = OpenOptions::new()
             .write(true)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .custom_flags(no_follow())
             .open(&path)?;
         let len = file.metadata()?.len();
         if len < durable_len {
