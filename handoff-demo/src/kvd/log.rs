@@ -23,10 +23,14 @@
 //! [`recover`] replays every segment in order and rebuilds the map. Every segment but the last
 //! must be sealed and verify completely (frame checksums, revision chain, header, footer);
 //! anything else is an error that names the file and offset, and nothing is changed. The last
-//! segment may be unsealed (the process writing it died): from the first record that is cut
-//! short or fails its checksum, the tail is a write that was never acknowledged (the batch was
-//! not fsynced), and is truncated away. Recovery then seals that segment (or removes it if it
-//! holds no `SET`), so that every segment on disk is sealed and the writer opens a new one.
+//! segment may be unsealed (the process writing it died), and end with a torn write: from the
+//! first record that is cut short, zeroed or fails its checksum, with no valid record after it
+//! (every byte offset is tried), the tail is a batch that was never acknowledged (it was not
+//! fsynced), and is truncated away. A bad record that a valid one follows is corruption (the
+//! bad one was fsynced before the valid one was written): an error naming the file and the
+//! offset, and nothing is changed. Recovery then seals that segment, even with no `SET` in it,
+//! so that every segment on disk is sealed and the writer opens a new one. It never deletes a
+//! segment: only a file without even a valid header (its creation failed) is removed.
 //!
 //! # Group commit
 //!
@@ -35,11 +39,17 @@
 //! `GET` never sees a value that is not durable) and wakes the writers whose records it
 //! covered. Many concurrent writers therefore share one fsync, and none is acknowledged before
 //! the fsync that covers its record returned.
+//!
+//! A failed write or fdatasync fails its batch and every write after it until the log is
+//! sealed or reopened. The segment is cut back at once (and again by the seal or reopen) to
+//! its length as of the last fdatasync that succeeded, before anything reads it again: the
+//! failed batch may be in the page cache and nowhere on the disk.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -279,11 +289,107 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `O_NOFOLLOW`: a segment is never a symbolic link (one planted in the data directory would
+/// have kvd, perhaps root, read or truncate whatever it points to).
+fn no_follow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
+/// Create the data directory `dir` (and its missing parents) with mode 0700. An existing one
+/// that others may read or write is tightened to 0700 if it is ours (kvd's effective user's),
+/// with a log line; one that is not ours is left as it is, with a warning. The directory
+/// itself may be a symbolic link: its path is the operator's.
+pub fn create_data_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let context =
+        |e: io::Error| io::Error::new(e.kind(), format!("data directory {}: {e}", dir.display()));
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(context)?;
+    let handle = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::DIRECTORY.bits() as i32)
+        .open(dir)
+        .map_err(context)?;
+    let meta = handle.metadata().map_err(context)?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        crate::kvd::say(&format!(
+            "warning: data directory {} has mode {mode:04o} and belongs to uid {}, not to \
+             kvd's: left as it is (the segments in it are 0600)",
+            dir.display(),
+            meta.uid()
+        ));
+        return Ok(());
+    }
+    handle
+        .set_permissions(fs::Permissions::from_mode(mode & !0o077))
+        .map_err(context)?;
+    crate::kvd::say(&format!(
+        "data directory {} had mode {mode:04o}: tightened to {:04o}",
+        dir.display(),
+        mode & !0o077
+    ));
+    Ok(())
+}
+
+/// Open segment `path` for reading (or writing), without following a symbolic link, and check
+/// it: a regular file of kvd's effective user, else an error. One that others may read or
+/// write (an older kvd created them 0644) is tightened to 0600; whether it was.
+fn open_segment(path: &Path, write: bool) -> io::Result<(File, bool)> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let file = OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(no_follow())
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+    let meta = file.metadata()?;
+    let euid = rustix::process::geteuid().as_raw();
+    if !meta.file_type().is_file() || meta.uid() != euid {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is not a regular file of uid {euid} (kvd's): a {:?} of uid {}",
+                path.display(),
+                meta.file_type(),
+                meta.uid()
+            ),
+        ));
+    }
+    let loose = meta.mode() & 0o077 != 0;
+    if loose {
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    Ok((file, loose))
+}
+
 fn corrupt(path: &Path, offset: usize, why: impl fmt::Display) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
         format!("{} at offset {offset}: {why}", path.display()),
     )
+}
+
+/// The offset of the first valid record at or after `from` that may follow others in a
+/// segment (a `SET` or a footer), if any: every byte offset is tried.
+fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len()).find(|&at| {
+        let rest = &bytes[at..];
+        // Cheap tests first: a plausible length that fits, and a kind.
+        let plausible = rest.len() > FRAME && {
+            let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+            (1..=MAX_BODY).contains(&len)
+                && len <= rest.len() - FRAME
+                && matches!(rest[FRAME], KIND_SET | KIND_FOOTER)
+        };
+        plausible && decode(rest).is_ok()
+    })
 }
 
 /// What [`recover`] found.
@@ -310,10 +416,19 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
     let mut fingerprint = FNV_OFFSET;
     let mut repaired = None;
     let mut next_segment = 1;
+    let mut tightened = Vec::new();
     for (i, (n, path)) in segments.iter().enumerate() {
         next_segment = n + 1;
         let last = i + 1 == segments.len();
-        let bytes = fs::read(path)?;
+        let bytes = {
+            let (mut file, loose) = open_segment(path, false)?;
+            if loose {
+                tightened.push(segment_name(*n));
+            }
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(&mut file, &mut bytes)?;
+            bytes
+        };
         let mut offset = 0;
         let mut sets = 0u64;
         let mut crc = Crc32::new();
@@ -404,18 +519,34 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
         }
         let mut what = Vec::new();
         if let Some(bad) = &torn {
+            // A crash tears only the batch being written, the end of the file: a record cut
+            // short, zeros, garbage. A valid record after the bad one means the bad one was
+            // written, and fsynced, before it: corruption. Cutting there would lose every
+            // record after it, acknowledged writes among them.
+            if let Some(at) = next_valid_record(&bytes, offset + 1) {
+                return Err(corrupt(
+                    path,
+                    offset,
+                    format!(
+                        "{bad}, and a valid record follows at offset {at}: the segment is \
+                         corrupt, not torn by a crash; it was left as it is"
+                    ),
+                ));
+            }
             what.push(format!(
                 "dropped a torn tail of {} bytes at offset {offset} ({bad})",
                 bytes.len() - offset
             ));
         }
-        if sets == 0 {
+        if offset == 0 {
+            // Not even a header: creating the segment failed (on a full disk, say). It holds
+            // nothing, and its number is used again.
             fs::remove_file(path)?;
             sync_dir(dir)?;
             next_segment = *n;
-            what.push(format!("removed {name}, which held no SET"));
+            what.push(format!("removed {name}, which held no record"));
         } else {
-            let file = OpenOptions::new().write(true).open(path)?;
+            let (file, _) = open_segment(path, true)?;
             file.set_len(offset as u64)?;
             let mut record = Vec::new();
             encode(
@@ -435,6 +566,16 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
         }
         repaired = Some(what.join("; "));
     }
+    if let (Some(first), Some(last)) = (tightened.first(), tightened.last()) {
+        let which = if first == last {
+            first.clone()
+        } else {
+            format!("{} of them, {first} to {last}", tightened.len())
+        };
+        crate::kvd::say(&format!(
+            "tightened segments that others could read or write to 0600 ({which})"
+        ));
+    }
     Ok(Recovered {
         map,
         revision,
@@ -453,6 +594,39 @@ struct Active {
     crc: Crc32,
     /// `SET` records in it.
     records: u64,
+    /// Its length as of the last fdatasync that succeeded: what is on the disk. A failed
+    /// write or fdatasync may leave more in the page cache (and perhaps nowhere else).
+    durable_len: u64,
+}
+
+/// Cut the segment of `active` back to its durable length, and fsync: after a failed write or
+/// fdatasync, the bytes after it were never acknowledged, and may be in the page cache and
+/// nowhere else (a failed writeback's pages can be clean in memory and absent on disk).
+/// Reading them back would take them for durable records. Opened by name, not through the
+/// descriptor that failed.
+fn cut_to_durable(dir: &Path, name: &str, durable_len: u64) -> io::Result<()> {
+    let path = dir.join(name);
+    let cut = || -> io::Result<()> {
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(no_follow())
+            .open(&path)?;
+        let len = file.metadata()?.len();
+        if len < durable_len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{len} bytes, fewer than the {durable_len} known durable"),
+            ));
+        }
+        file.set_len(durable_len)?;
+        file.sync_all()
+    };
+    cut().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cutting {name} back to its durable length ({durable_len} bytes): {e}"),
+        )
+    })
 }
 
 /// Create segment `n`, starting after revision `base`: its header written and fsynced, the
@@ -465,6 +639,7 @@ fn create_segment(dir: &Path, n: u64, base: u64) -> io::Result<Active> {
     let mut file = OpenOptions::new()
         .append(true)
         .create_new(true)
+        .mode(0o600)
         .open(dir.join(&name))
         .map_err(creating)?;
     let mut header = Vec::new();
@@ -486,6 +661,7 @@ fn create_segment(dir: &Path, n: u64, base: u64) -> io::Result<Active> {
         file: Arc::new(file),
         crc,
         records: 0,
+        durable_len: header.len() as u64,
     })
 }
 
@@ -552,6 +728,9 @@ struct Shared {
     /// Test hook: called by the committer before each fsync, with the batch's record count.
     #[cfg(test)]
     before_sync: Mutex<Option<SyncHook>>,
+    /// Test fault: the next fdatasync fails with this errno (after its batch was written).
+    #[cfg(test)]
+    sync_fault: Mutex<Option<i32>>,
 }
 
 impl fmt::Debug for Shared {
@@ -613,6 +792,8 @@ impl Wal {
             done: Condvar::new(),
             #[cfg(test)]
             before_sync: Mutex::new(None),
+            #[cfg(test)]
+            sync_fault: Mutex::new(None),
         });
         if let Some(what) = &recovered.repaired {
             crate::kvd::say(&format!("recovery: {what}"));
@@ -762,6 +943,8 @@ impl Wal {
         if let Err(e) = written {
             let why = format!("sealing {}: {e}", active.name);
             s.mode = Mode::Failed(why.clone());
+            // Kept, with its durable length: the footer may be in the page cache only.
+            s.active = Some(active);
             return Err(io::Error::new(e.kind(), why));
         }
         s.fingerprint = fingerprint_with(s.fingerprint, &active.name, &footer);
@@ -772,16 +955,17 @@ impl Wal {
         })
     }
 
-    /// Seal a log whose write failed (a full disk, say) the way a successor would open it:
-    /// recover from disk, which cuts the failed batch's torn tail and writes the footer. The
-    /// writes of that batch were not acknowledged; whole records of it that reached the disk
-    /// count, as after a crash. If recovery fails too (the disk is still full), the log stays
-    /// failed and the error says why.
+    /// Seal a log whose write failed (a full disk, say): cut the active segment back to its
+    /// durable length (see [`cut_to_durable`]), then recover from disk the way a successor
+    /// would open it, which writes the footer. The writes of the failed batch were not
+    /// acknowledged, and none of them is kept. If this fails too (the disk is still full), the
+    /// log stays failed and the error says why.
     fn seal_failed(&self) -> io::Result<Sealed> {
         let sh = &self.shared;
-        let mut s = sh.wait_quiet(sh.lock());
-        drop(s.active.take());
-        drop(s);
+        drop(sh.wait_quiet(sh.lock()));
+        sh.cut_active_to_durable()
+            .map_err(|e| io::Error::new(e.kind(), format!("sealing the failed log: {e}")))?;
+        drop(sh.lock().active.take());
         let recovered = recover(&sh.dir).map_err(|e| {
             io::Error::new(e.kind(), format!("sealing the failed log by recovery: {e}"))
         })?;
@@ -811,9 +995,18 @@ impl Wal {
             s.mode = Mode::Frozen;
         }
         s = sh.wait_quiet(s);
-        drop(s.active.take());
+        let failed = matches!(s.mode, Mode::Failed(_));
+        if !failed {
+            drop(s.active.take());
+        }
         drop(s);
-        let opened = recover(&sh.dir).and_then(|recovered| {
+        let cut = if failed {
+            sh.cut_active_to_durable()
+                .map(|_| drop(sh.lock().active.take()))
+        } else {
+            Ok(())
+        };
+        let opened = cut.and_then(|()| recover(&sh.dir)).and_then(|recovered| {
             let active = create_segment(&sh.dir, recovered.next_segment, recovered.revision)?;
             Ok((recovered, active))
         });
@@ -843,6 +1036,13 @@ impl Wal {
     pub(crate) fn set_before_sync(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
         *self.shared.before_sync.lock().unwrap() = Some(Arc::new(hook));
     }
+
+    /// Make the next fdatasync fail with `errno`, as a disk's error would: the batch is
+    /// written (to the page cache), the sync then fails.
+    #[cfg(test)]
+    pub(crate) fn fail_next_sync(&self, errno: i32) {
+        *self.shared.sync_fault.lock().unwrap() = Some(errno);
+    }
 }
 
 impl Drop for Wal {
@@ -865,6 +1065,23 @@ impl Shared {
             s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s
+    }
+
+    /// If there is an active segment, cut it back to its durable length (see
+    /// [`cut_to_durable`]); that length. The segment stays active, so that a cut that failed
+    /// is tried again; the seal or reopen that follows closes it. Called with no write in
+    /// flight: the log failed, so nothing is queued, and nothing is being committed.
+    fn cut_active_to_durable(&self) -> io::Result<u64> {
+        let Some((name, durable_len)) = self
+            .lock()
+            .active
+            .as_ref()
+            .map(|a| (a.name.clone(), a.durable_len))
+        else {
+            return Ok(0);
+        };
+        cut_to_durable(&self.dir, &name, durable_len)?;
+        Ok(durable_len)
     }
 
     /// The committer: take the whole batch, write it, fsync once, apply, wake its writers.
@@ -893,14 +1110,25 @@ impl Shared {
                     hook(sets.len());
                 }
             }
-            let written = (&*file).write_all(&batch).and_then(|()| file.sync_data());
+            let written = (&*file).write_all(&batch).and_then(|()| {
+                #[cfg(test)]
+                if let Some(errno) = self.sync_fault.lock().unwrap().take() {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                file.sync_data()
+            });
+            // A failed batch is cut off before anyone learns of the failure (still
+            // `committing`: a seal or reopen waits), so that no reader, and no recovery after
+            // a crash, finds it in the page cache.
+            let cut = written.is_err().then(|| self.cut_active_to_durable());
             s = self.lock();
             s.committing = false;
-            match written {
-                Ok(()) => {
+            match (written, cut) {
+                (Ok(()), _) => {
                     let active = s.active.as_mut().expect("not closed while committing");
                     active.crc.update(&batch);
                     active.records += sets.len() as u64;
+                    active.durable_len += batch.len() as u64;
                     s.stats.fsyncs += 1;
                     s.stats.records += sets.len() as u64;
                     for (revision, key, value) in sets {
@@ -908,11 +1136,15 @@ impl Shared {
                         s.durable = revision;
                     }
                 }
-                Err(e) => {
-                    // The segment may end with part of the batch: no more writes until it is
-                    // recovered. What was queued behind this batch fails too.
+                (Err(e), cut) => {
+                    // No more writes until the segment is sealed or reopened (which cut it
+                    // again, had this cut failed). What was queued behind this batch fails
+                    // too.
                     let name = s.active.as_ref().map_or("?", |a| &a.name).to_string();
-                    crate::kvd::say(&format!("writing {name} failed: {e}"));
+                    crate::kvd::say(&match cut {
+                        Some(Err(cut)) => format!("writing {name} failed: {e}; {cut}"),
+                        _ => format!("writing {name} failed: {e}; cut back to what is durable"),
+                    });
                     s.mode = Mode::Failed(format!("writing {name}: {e}"));
                     s.batch.clear();
                     s.batch_sets.clear();
@@ -1079,16 +1311,150 @@ mod tests {
         assert_eq!(wal.get("k1").as_deref(), Some("v1"));
     }
 
+    /// A segment holding a header and no `SET` is sealed (with no records), not removed; one
+    /// holding no valid record at all (its creation failed: empty, or a header cut short) is
+    /// removed, as it holds nothing.
     #[test]
-    fn an_unsealed_segment_without_writes_is_removed() {
+    fn an_unsealed_segment_without_writes_is_sealed_empty() {
         let dir = TempDir::new("empty");
         drop(Wal::open(dir.path()).unwrap()); // header only, never sealed
         append(&seg(&dir, 1), &[0, 0, 0]); // and a torn start of a record
         let r = recover(dir.path()).unwrap();
-        assert_eq!((r.revision, r.next_segment), (0, 1));
-        assert!(names(&dir).is_empty());
+        assert_eq!((r.revision, r.next_segment), (0, 2));
+        assert_eq!(names(&dir), ["seg-1.log"]);
+        assert_eq!(
+            fs::metadata(seg(&dir, 1)).unwrap().len(),
+            (2 * FRAME + 17 + 21) as u64,
+            "header and footer"
+        );
         let wal = Wal::open(dir.path()).unwrap();
         assert_eq!(wal.set("a", "b"), Ok(1));
+        wal.seal().unwrap();
+        drop(wal);
+        assert_eq!(names(&dir), ["seg-1.log", "seg-2.log"]);
+
+        // A segment whose creation failed: nothing valid in it.
+        fs::write(seg(&dir, 3), [0u8; 10]).unwrap();
+        let r = recover(dir.path()).unwrap();
+        assert_eq!((r.revision, r.next_segment), (1, 3));
+        assert_eq!(names(&dir), ["seg-1.log", "seg-2.log"]);
+    }
+
+    /// The offset of a segment's first `SET` record (after the header).
+    const FIRST_SET: usize = FRAME + 17;
+
+    /// One flipped byte in an acknowledged record followed by valid records is corruption,
+    /// not a torn tail: recovery refuses, naming the file and the offset of the bad record,
+    /// and changes nothing (it used to cut the segment there, and delete it if no `SET` was
+    /// left: every acknowledged write in it lost).
+    #[test]
+    fn a_bad_record_followed_by_valid_ones_is_corruption_and_nothing_is_changed() {
+        let dir = TempDir::new("corrupt");
+        {
+            let wal = Wal::open(dir.path()).unwrap();
+            for i in 1..=3 {
+                assert_eq!(wal.set(&format!("k{i}"), &format!("v{i}")), Ok(i));
+            }
+            // Dropped without a seal: a crash.
+        }
+        let second = FIRST_SET + set_record(1, "k1", "v1").len();
+        // In the first SET: its body (a checksum failure), its checksum, its length (which
+        // then runs past the end of the file: short, but valid records follow); in the
+        // second SET's body.
+        for (at, bad) in [
+            (FIRST_SET + FRAME + 3, FIRST_SET),
+            (FIRST_SET + 5, FIRST_SET),
+            (FIRST_SET + 2, FIRST_SET),
+            (second + FRAME + 14, second),
+        ] {
+            flip_byte(&seg(&dir, 1), at);
+            let before = fs::read(seg(&dir, 1)).unwrap();
+            let e = recover(dir.path()).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("seg-1.log at offset {bad}:")),
+                "byte {at}: {msg}"
+            );
+            assert!(msg.contains("valid record"), "byte {at}: {msg}");
+            let e = Wal::open(dir.path()).unwrap_err();
+            assert_eq!(e.to_string(), msg, "open refuses with the same error");
+            assert_eq!(names(&dir), ["seg-1.log"], "byte {at}: nothing removed");
+            assert_eq!(
+                fs::read(seg(&dir, 1)).unwrap(),
+                before,
+                "byte {at}: untouched"
+            );
+            flip_byte(&seg(&dir, 1), at);
+        }
+        // Restored: recovers everything.
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(r.revision, 3);
+
+        // The same in the last segment after its seal (what a successor opens): the bad
+        // record is not taken for the start of a torn tail that the footer follows.
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.set("k4", "v4"), Ok(4));
+        assert_eq!(wal.set("k5", "v5"), Ok(5));
+        wal.seal().unwrap();
+        drop(wal);
+        flip_byte(&seg(&dir, 2), FIRST_SET + FRAME + 3);
+        let before = fs::read(seg(&dir, 2)).unwrap();
+        let e = recover(dir.path()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("seg-2.log at offset {FIRST_SET}:")),
+            "{e}"
+        );
+        assert_eq!(fs::read(seg(&dir, 2)).unwrap(), before, "untouched");
+    }
+
+    /// A torn write: the last record cut short, or a tail of zero bytes (a file extended
+    /// whose data never reached the disk). It is cut, and every record before it kept.
+    #[test]
+    fn short_and_zero_filled_tails_are_cut_and_the_records_before_kept() {
+        for tail in ["short", "zeros", "short then zeros"] {
+            let dir = TempDir::new("tails");
+            {
+                let wal = Wal::open(dir.path()).unwrap();
+                for i in 1..=3 {
+                    assert_eq!(wal.set(&format!("k{i}"), &format!("v{i}")), Ok(i));
+                }
+            }
+            let size = fs::metadata(seg(&dir, 1)).unwrap().len();
+            let next = set_record(4, "k4", "v4");
+            match tail {
+                "short" => append(&seg(&dir, 1), &next[..next.len() - 3]),
+                "zeros" => append(&seg(&dir, 1), &[0; 4096]),
+                _ => {
+                    append(&seg(&dir, 1), &next[..10]);
+                    append(&seg(&dir, 1), &[0; 100]);
+                }
+            }
+            let r = recover(dir.path()).unwrap();
+            assert_eq!(r.revision, 3, "{tail}");
+            for i in 1..=3 {
+                assert_eq!(
+                    r.map.get(&format!("k{i}")).map(String::as_str),
+                    Some(format!("v{i}").as_str())
+                );
+            }
+            let cut = match tail {
+                "short" => next.len() - 3,
+                "zeros" => 4096,
+                _ => 110,
+            };
+            let repaired = r.repaired.unwrap();
+            assert!(
+                repaired.contains(&format!("torn tail of {cut} bytes at offset {size}")),
+                "{tail}: {repaired}"
+            );
+            assert_eq!(
+                fs::metadata(seg(&dir, 1)).unwrap().len(),
+                size + (FRAME + 21) as u64,
+                "{tail}: cut, and the footer appended"
+            );
+        }
     }
 
     #[test]
@@ -1203,6 +1569,222 @@ mod tests {
         assert_eq!(wal.seal().unwrap().revision, 1);
         wal.reopen().unwrap();
         assert_eq!(wal.set("b", "2"), Ok(2));
+    }
+
+    /// An fdatasync that fails (here injected; a disk's EIO) leaves the batch's records in
+    /// the page cache, perhaps never to reach the disk. They were not acknowledged, and a seal
+    /// or a reopen must not build on them: the segment is cut back to what the last good
+    /// fdatasync covered before it is read again.
+    #[test]
+    fn a_failed_fdatasync_cuts_the_segment_to_its_durable_length_before_sealing() {
+        const EIO: i32 = 5;
+        for then in ["seal", "reopen"] {
+            let dir = TempDir::new("eio");
+            let wal = Wal::open(dir.path()).unwrap();
+            assert_eq!(wal.set("a", "1"), Ok(1));
+            assert_eq!(wal.set("b", "2"), Ok(2));
+            let durable = fs::metadata(seg(&dir, 1)).unwrap().len();
+            wal.fail_next_sync(EIO);
+            let Err(SetError::Failed(e)) = wal.set("c", "3") else {
+                panic!("a write whose fdatasync failed was acknowledged")
+            };
+            assert!(e.contains("Input/output error"), "{e}");
+            assert_eq!(
+                fs::metadata(seg(&dir, 1)).unwrap().len(),
+                durable,
+                "the failed batch is cut off at once"
+            );
+            if then == "seal" {
+                let sealed = wal.seal().unwrap();
+                assert_eq!(sealed.revision, 2, "sealed a write whose fdatasync failed");
+                assert_eq!(
+                    fs::metadata(seg(&dir, 1)).unwrap().len(),
+                    durable + (FRAME + 21) as u64,
+                    "cut to the durable length, then the footer"
+                );
+                let successor = Wal::open(dir.path()).unwrap();
+                assert_eq!(successor.revision(), 2);
+                assert_eq!(successor.fingerprint(), sealed.fingerprint);
+                assert_eq!(successor.get("c"), None);
+            } else {
+                wal.reopen().unwrap();
+                assert_eq!(
+                    wal.revision(),
+                    2,
+                    "reopened on a write whose fdatasync failed"
+                );
+                assert_eq!(wal.get("c"), None);
+                assert_eq!(wal.set("c", "again"), Ok(3));
+                drop(wal);
+                let r = recover(dir.path()).unwrap();
+                assert_eq!(r.revision, 3);
+                assert_eq!(r.map.get("c").map(String::as_str), Some("again"));
+                assert_eq!(
+                    fs::metadata(seg(&dir, 1)).unwrap().len(),
+                    durable + (FRAME + 21) as u64,
+                    "cut to the durable length, then the footer"
+                );
+            }
+        }
+    }
+
+    /// A real failure: a batch of two writes on a full disk (a tmpfs in a private mount
+    /// namespace), the first fitting whole, the second not. Neither is acknowledged; once
+    /// space is freed the seal keeps exactly the acknowledged writes (it used to seal the
+    /// first of the failed batch too, from the page cache).
+    #[test]
+    fn a_batch_cut_by_a_full_disk_is_not_sealed() {
+        let Some(dir) = on_private_tmpfs(
+            "kvd::log::tests::a_batch_cut_by_a_full_disk_is_not_sealed",
+            "8k",
+        ) else {
+            return;
+        };
+        let page = rustix::fs::statvfs(&dir).unwrap().f_bsize as usize;
+        // Two pages: one for this, one for the segment.
+        fs::write(dir.join("ballast"), vec![0xa5u8; page]).unwrap();
+        let wal = Arc::new(Wal::open(&dir).unwrap());
+        let (entered_tx, entered) = mpsc::channel::<usize>();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let (entered_tx, release_rx) = (Mutex::new(entered_tx), Mutex::new(release_rx));
+        wal.set_before_sync(move |n| {
+            let _ = entered_tx.lock().unwrap().send(n);
+            if n == 1 {
+                let _ = release_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+            }
+        });
+        let set = |key: &'static str, value: String| {
+            let wal = Arc::clone(&wal);
+            thread::spawn(move || wal.set(key, &value))
+        };
+        let queued = |n: usize| {
+            let until = Instant::now() + Duration::from_secs(30);
+            while wal.shared.lock().batch_sets.len() < n {
+                assert!(Instant::now() < until, "writers did not queue");
+                thread::yield_now();
+            }
+        };
+        let a = set("a", "1".into());
+        assert_eq!(entered.recv_timeout(Duration::from_secs(30)).unwrap(), 1);
+        // The next batch: `b` fills the segment's page to its last byte, `c` needs another.
+        let used = FIRST_SET + set_record(1, "a", "1").len();
+        let b_len = page - used - set_record(2, "b", "").len();
+        let b = set("b", "x".repeat(b_len));
+        queued(1);
+        let c = set("c", "3".into());
+        queued(2);
+        release.send(()).unwrap();
+        assert_eq!(a.join().unwrap(), Ok(1));
+        for w in [b, c] {
+            let Err(SetError::Failed(e)) = w.join().unwrap() else {
+                panic!("a write that did not fit was acknowledged")
+            };
+            assert!(e.contains("No space left on device"), "{e}");
+        }
+        assert_eq!(
+            fs::metadata(dir.join(segment_name(1))).unwrap().len() as usize,
+            used,
+            "the failed batch is cut off at once (b had reached the file whole)"
+        );
+        // Space again.
+        fs::remove_file(dir.join("ballast")).unwrap();
+        let sealed = wal.seal().unwrap();
+        assert_eq!(
+            sealed.revision, 1,
+            "sealed a write that was not acknowledged"
+        );
+        let successor = Wal::open(&dir).unwrap();
+        assert_eq!(successor.revision(), 1);
+        assert_eq!(successor.get("a").as_deref(), Some("1"));
+        assert_eq!(successor.get("b"), None);
+    }
+
+    /// Run the test `name` again in a private mount namespace, with a tmpfs of `size` mounted
+    /// at a fresh directory: there, the tmpfs's path; here, `None` once that run passed.
+    /// Mounting needs root: without it the test is skipped with one line, or fails if
+    /// `HANDOFF_REQUIRE_ROOT_TESTS=1`. The namespace, and the mount, end with that run.
+    fn on_private_tmpfs(name: &str, size: &str) -> Option<PathBuf> {
+        const INNER: &str = "KVD_TEST_PRIVATE_TMPFS";
+        if let Some(dir) = std::env::var_os(INNER) {
+            return Some(dir.into());
+        }
+        if !rustix::process::geteuid().is_root() {
+            assert!(
+                std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_none_or(|v| v != "1"),
+                "{name} needs root (a tmpfs mounted in a private mount namespace)"
+            );
+            eprintln!("SKIPPED {name}: needs root (a tmpfs mounted in a private mount namespace)");
+            return None;
+        }
+        let at = TempDir::new("tmpfs");
+        let mut child = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(
+                r#"mount -t tmpfs -o "size=$1,mode=0700" tmpfs "$2" && exec "$3" --exact "$4" --nocapture --test-threads=1"#,
+            )
+            .arg("sh")
+            .arg(size)
+            .arg(at.path())
+            .arg(std::env::current_exe().unwrap())
+            .arg(name)
+            .env(INNER, at.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run unshare");
+        // Our child, not waited for yet: the pidfd refers to it.
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_child(&child),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let read = |mut r: Box<dyn std::io::Read + Send>| {
+            thread::spawn(move || {
+                let mut s = String::new();
+                let _ = r.read_to_string(&mut s);
+                s
+            })
+        };
+        let (out, err) = (read(Box::new(out)), read(Box::new(err)));
+        let mut fds = [rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        let bound = rustix::event::Timespec::try_from(Duration::from_secs(60)).unwrap();
+        if rustix::event::poll(&mut fds, Some(&bound)).unwrap() == 0 {
+            let _ = child.kill();
+        }
+        let status = child.wait().unwrap();
+        let (out, err) = (out.join().unwrap(), err.join().unwrap());
+        assert!(
+            status.success() && out.contains("1 passed"),
+            "{name} in a private mount namespace: {status}\n{out}\n{err}"
+        );
+        None
+    }
+
+    /// A segment that is a symbolic link (planted in the data directory) is refused, not
+    /// followed: recovery would otherwise read, and cut or seal, whatever it points to.
+    #[test]
+    fn a_segment_that_is_a_symbolic_link_is_refused() {
+        let dir = TempDir::new("symlink");
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.set("a", "1"), Ok(1));
+        wal.seal().unwrap();
+        drop(wal);
+        let target = dir.path().join("precious");
+        fs::write(&target, b"not a segment").unwrap();
+        std::os::unix::fs::symlink(&target, seg(&dir, 2)).unwrap();
+        let e = recover(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("seg-2.log"), "{e}");
+        assert!(e.to_string().contains("symbolic links"), "{e}"); // ELOOP
+        assert!(fs::symlink_metadata(seg(&dir, 2)).unwrap().is_symlink());
+        assert_eq!(fs::read(&target).unwrap(), b"not a segment");
     }
 
     #[test]

@@ -4,10 +4,14 @@
 //!
 //! ```text
 //! kvd --data <dir> --socket <control socket> [--listen 127.0.0.1:7878]
+//!     [--max-conns 1024] [--idle-timeout 60]
 //! ```
 //!
 //! The listen address is used only on a cold start without an inherited TCP listener named
-//! `kv` (a supervisor passes one).
+//! `kv` (a supervisor passes one). At most `--max-conns` connections are served at once: one
+//! more is answered `ERR busy` and closed. A connection that does not send a whole request
+//! line within `--idle-timeout` seconds of the previous answer (or of its accept) is closed,
+//! a clean end of stream (see [`server::Limits`]).
 //!
 //! # Protocol
 //!
@@ -31,7 +35,8 @@
 //! # Data
 //!
 //! An append-only log in segments `seg-<n>.log`, records checksummed, written with group
-//! commit (see [`log`]). A handoff seals the active segment; the successor replays and verifies
+//! commit (see [`log`]). The data directory is created 0700 (an existing one of kvd's user
+//! that others may read is tightened to 0700), the segments 0600. A handoff seals the active segment; the successor replays and verifies
 //! the log, checks that it found what was sealed, advertises the same revision, and writes a
 //! new segment. A rolled-back incumbent does the same.
 //!
@@ -61,9 +66,10 @@ use handoff::{
 use handoff_bench::{mono_ns, timings};
 
 use crate::kvd::log::Wal;
-use crate::kvd::server::Server;
+use crate::kvd::server::{Limits, Server};
 
-const USAGE: &str = "usage: kvd --data <dir> --socket <control socket> [--listen <addr>]";
+const USAGE: &str = "usage: kvd --data <dir> --socket <control socket> [--listen <addr>] \
+                     [--max-conns <n> (1024)] [--idle-timeout <seconds> (60)]";
 
 /// How long a retired process waits for its clients to close the connections it half-closed.
 const RETIRE_WAIT: Duration = Duration::from_secs(2);
@@ -82,10 +88,12 @@ struct Args {
     data: PathBuf,
     socket: PathBuf,
     listen: String,
+    limits: Limits,
 }
 
 fn parse_args() -> Result<Args, String> {
     let (mut data, mut socket, mut listen) = (None, None, None);
+    let (mut max_conns, mut idle_timeout) = (None, None);
     let mut args = std::env::args_os().skip(1).peekable();
     // Started through the demo binary as `handoff-demo kvd …` (or a copy named `kvd-…`).
     if args.peek().is_some_and(|a| a == "kvd") {
@@ -96,6 +104,8 @@ fn parse_args() -> Result<Args, String> {
             Some("--data") => &mut data,
             Some("--socket") => &mut socket,
             Some("--listen") => &mut listen,
+            Some("--max-conns") => &mut max_conns,
+            Some("--idle-timeout") => &mut idle_timeout,
             Some("-h" | "--help") => return Err(USAGE.into()),
             _ => return Err(format!("unexpected argument {arg:?}\n{USAGE}")),
         };
@@ -110,7 +120,24 @@ fn parse_args() -> Result<Args, String> {
             .map_err(|l| format!("--listen {l:?} is not UTF-8"))?,
         None => "127.0.0.1:7878".into(),
     };
+    let mut limits = Limits::DEFAULT;
+    if let Some(n) = max_conns {
+        limits.max_conns = n
+            .to_str()
+            .and_then(|n| n.parse().ok())
+            .filter(|&n: &usize| n >= 1)
+            .ok_or_else(|| format!("--max-conns {n:?}: not a whole number of at least 1"))?;
+    }
+    if let Some(secs) = idle_timeout {
+        limits.idle_timeout = secs
+            .to_str()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|&s| s > 0.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .ok_or_else(|| format!("--idle-timeout {secs:?}: not a number of seconds above 0"))?;
+    }
     Ok(Args {
+        limits,
         data: data
             .ok_or_else(|| format!("--data is required\n{USAGE}"))?
             .into(),
@@ -152,7 +179,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     timings::record("main", started, started);
     let args = parse_args()?;
     let build = build_name();
-    std::fs::create_dir_all(&args.data)?;
+    crate::kvd::log::create_data_dir(&args.data)?;
     if let Some(dir) = args.socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -169,7 +196,12 @@ fn run() -> Result<(), Box<dyn Error>> {
                 // A supervisor started later takes it back from us (`expect_listener`).
                 incumbent = incumbent.with_listener("kv", &listener)?;
             }
-            run_incumbent(incumbent, Server::new(wal, build), listener, "cold start")
+            run_incumbent(
+                incumbent,
+                Server::new(wal, build, args.limits),
+                listener,
+                "cold start",
+            )
         }
         Role::Successor(s) => {
             let s = s.handshake(format!("{build} {}", env!("CARGO_PKG_VERSION")))?;
@@ -213,7 +245,12 @@ fn run() -> Result<(), Box<dyn Error>> {
                 lock,
             )?;
             timings::flush();
-            run_incumbent(incumbent, Server::new(wal, build), listener, "successor")
+            run_incumbent(
+                incumbent,
+                Server::new(wal, build, args.limits),
+                listener,
+                "successor",
+            )
         }
     }
 }

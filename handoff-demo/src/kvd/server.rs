@@ -4,6 +4,13 @@
 //! one request per line and writes each answer with one `write` (TCP_NODELAY is set too: an
 //! answer split over two segments meets Nagle and delayed ACKs, 40 ms stalls).
 //!
+//! [`Limits`] bound what clients can hold: at most `max_conns` connections (a connection
+//! beyond them is accepted, answered `ERR busy` and closed), and each request line must
+//! arrive whole within `idle_timeout` of the previous answer (or of the accept), else the
+//! connection is closed (a clean end of stream: the client sent no whole request, so nothing
+//! was executed). A write that cannot proceed for `idle_timeout` (a client that does not read
+//! its answers) ends the connection too.
+//!
 //! The drain (see [`Server::drain`]) closes the gate (the accept loop takes no connection from
 //! then on: new ones wait in the kernel's queue, which the successor shares), refuses writes,
 //! waits for the request each connection is executing (a `SET` until its group commit), and
@@ -27,11 +34,36 @@ use crate::kvd::say;
 /// A request line longer than this is refused, and the connection closed.
 const MAX_LINE: usize = 64 * 1024;
 
+/// What clients may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; one more is answered `ERR busy` and closed.
+    pub max_conns: usize,
+    /// How long a connection may take to send a whole request line after the previous
+    /// answer (or the accept), and how long a write may block.
+    pub idle_timeout: Duration,
+}
+
+impl Limits {
+    /// 1,024 connections; 60 s.
+    pub const DEFAULT: Limits = Limits {
+        max_conns: 1024,
+        idle_timeout: Duration::from_secs(60),
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::DEFAULT
+    }
+}
+
 /// The server: the log, the gate of the accept loop, the connections.
 #[derive(Debug)]
 pub struct Server {
     pid: u32,
     build: String,
+    limits: Limits,
     wal: Wal,
     gate: Mutex<Gate>,
     /// The gate opened or closed, or a connection ended.
@@ -44,6 +76,8 @@ struct Gate {
     stopped: bool,
     conns: HashMap<u64, Arc<Conn>>,
     next_id: u64,
+    /// Connections are being refused (at `max_conns`); said once per run of refusals.
+    refusing: bool,
 }
 
 #[derive(Debug)]
@@ -79,12 +113,41 @@ impl Conn {
     }
 }
 
+/// Answer a connection beyond the limit `ERR busy` and close it. The accept loop must not
+/// wait for it: one write that fits in the empty send buffer (non-blocking), and what the
+/// client already sent is read first, so that the close is a clean end of stream if it sent no
+/// more.
+fn refuse(stream: TcpStream) {
+    let _ = stream.set_nonblocking(true);
+    let _ = (&stream).read(&mut [0; 4096]);
+    let _ = (&stream).write(b"ERR busy\n");
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// A connection's reads, each bounded by what remains until `until`.
+struct Timed<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&*self.stream).read(buf)
+    }
+}
+
 impl Server {
-    /// A server of `wal`; `build` is what `PING` reports.
-    pub fn new(wal: Wal, build: String) -> Arc<Server> {
+    /// A server of `wal`, its clients bound by `limits`; `build` is what `PING` reports.
+    pub fn new(wal: Wal, build: String, limits: Limits) -> Arc<Server> {
         Arc::new(Server {
             pid: std::process::id(),
             build,
+            limits,
             wal,
             gate: Mutex::new(Gate::default()),
             changed: Condvar::new(),
@@ -142,7 +205,24 @@ impl Server {
                     continue;
                 }
             };
+            if gate.conns.len() >= self.limits.max_conns {
+                let first = !gate.refusing;
+                gate.refusing = true;
+                drop(gate);
+                if first {
+                    say(&format!(
+                        "{} connections open, the limit: refusing new ones (ERR busy) until \
+                         one ends",
+                        self.limits.max_conns
+                    ));
+                }
+                refuse(stream);
+                continue;
+            }
+            gate.refusing = false;
             let _ = stream.set_nodelay(true);
+            // Bounds each write; reads are bounded per request line (see `Timed`).
+            let _ = stream.set_write_timeout(Some(self.limits.idle_timeout));
             let conn = Arc::new(Conn {
                 stream,
                 state: Mutex::new(ConnState::default()),
@@ -176,15 +256,22 @@ impl Server {
     }
 
     fn serve_conn(&self, id: u64, conn: Arc<Conn>) {
-        let mut reader = BufReader::new(&conn.stream);
+        let mut reader = BufReader::new(Timed {
+            stream: &conn.stream,
+            until: Instant::now(),
+        });
         let mut line = Vec::new();
         loop {
             line.clear();
+            // The whole next line must arrive within the idle timeout; if not, the read fails
+            // and the connection ends.
+            reader.get_mut().until = Instant::now() + self.limits.idle_timeout;
             match (&mut reader)
                 .take(MAX_LINE as u64 + 1)
                 .read_until(b'\n', &mut line)
             {
-                Ok(0) | Err(_) => break, // the client closed, or the connection broke
+                // The client closed, the connection broke, or the idle timeout passed.
+                Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
             let complete = line.last() == Some(&b'\n');
@@ -339,7 +426,11 @@ mod tests {
     /// A server on a fresh data directory and an ephemeral port, accepting on a thread.
     fn start(tag: &str) -> (TempDir, Arc<Server>, SocketAddr) {
         let dir = TempDir::new(tag);
-        let server = Server::new(Wal::open(dir.path()).unwrap(), "kvd-test".into());
+        let server = Server::new(
+            Wal::open(dir.path()).unwrap(),
+            "kvd-test".into(),
+            Limits::DEFAULT,
+        );
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let accepting = Arc::clone(&server);
