@@ -38,13 +38,39 @@ use crate::sys::peercred::PeerPolicy;
 use crate::sys::spawn;
 
 /// How to start a daemon binary, and the handoff's time limits.
+///
+/// **The binary** is opened once and checked, and the child executes that very file: a
+/// regular file with an execute bit, it and its directory owned by root or by the supervisor's
+/// effective user and writable by neither group nor others (after symlinks are resolved).
+/// Anything else is refused before a process is started; the handoff then rolls back. A
+/// script (`#!`) runs, with `$0` the `/dev/fd/N` its interpreter reads it through (that one
+/// descriptor of the script is inherited).
+///
+/// **The environment** of a successor and of a daemon started cold is built, not inherited
+/// whole. It holds exactly:
+/// - from the supervisor's own environment, only [`PATH`, `LANG`, `LC_*`, `TZ` and
+///   `HANDOFF_*`](spawn::DAEMON_ENV) (`HANDOFF_LOG`, and the crash points' variables);
+/// - then [`env`](Self::env), in order: what the daemon needs besides (to pass on one of the
+///   supervisor's own variables, copy it here from `std::env::var_os`);
+/// - then the variables the spawn manages, which override both: for a successor
+///   `HANDOFF_ROLE=successor`, `HANDOFF_CHANNEL_FD` and `HANDOFF_LISTENER_COUNT`, and no
+///   `LISTEN_*`; for a cold start `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` (the
+///   daemon's pid; removed when there are no listeners), and no `HANDOFF_ROLE`,
+///   `HANDOFF_CHANNEL_FD` or `HANDOFF_LISTENER_COUNT`.
+///
+/// Nothing else of the supervisor's environment reaches the daemon: not `HOME` or `USER`, not
+/// a secret the supervisor was started with, not systemd's `NOTIFY_SOCKET` (the supervisor
+/// speaks `sd_notify` itself). Descriptors: stdin, stdout and stderr are the supervisor's; a
+/// successor gets its channel, a cold start its listeners at 3, 4, …; nothing else the library
+/// opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpawnSpec {
     /// The executable. Empty (the default) is refused when spawning.
     pub binary: PathBuf,
     /// Its arguments (not including the program name).
     pub args: Vec<OsString>,
-    /// Extra environment variables, on top of the supervisor's own.
+    /// Environment variables for the daemon, on top of the few it inherits from the
+    /// supervisor (see above).
     pub env: Vec<(OsString, OsString)>,
     /// How long the incumbent's drain may take. Default 25 s.
     pub drain_grace: Duration,
@@ -70,6 +96,7 @@ impl SpawnSpec {
             binary: self.binary.clone(),
             args: self.args.clone(),
             env: self.env.clone(),
+            inherit_env: spawn::InheritEnv::Daemon,
             inherit_stdio: true,
         }
     }
