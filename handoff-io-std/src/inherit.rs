@@ -22,11 +22,13 @@
 //!   descriptor is an open socket, so a wrong `LISTEN_FDS` can never make it close a file the
 //!   program opened itself. When one fails its check, none of the others is left inheritable.
 //!
-//! The same care for the other descriptor number that comes from outside: the successor's
+//! The same care for the other descriptor numbers that come from outside: the successor's
 //! channel named by `HANDOFF_CHANNEL_FD` ([`detect_role`](crate::detect_role)), owned only once
-//! it has been seen to be a connected `AF_UNIX` stream socket and otherwise left open. Turning
-//! a raw descriptor number into an `OwnedFd` or a `BorrowedFd` has no safe API: this module
-//! holds that `unsafe` code, each use with a SAFETY comment.
+//! it has been seen to be a connected `AF_UNIX` stream socket and otherwise left open, and a
+//! listener given to [`Supervisor::with_listener`](crate::supervisor::Supervisor::with_listener)
+//! as a raw number, only duplicated. Turning a raw descriptor number into an `OwnedFd` or a
+//! `BorrowedFd` has no safe API: this module and `sys::spawn` hold the crate's `unsafe` code,
+//! each use with a SAFETY comment.
 //!
 //! The `LISTEN_*` variables are left in the environment (removing them is not thread-safe).
 //! Children the daemon spawns inherit the variables but not the descriptors, which are
@@ -482,6 +484,23 @@ pub(crate) fn successor_channel_from_env() -> Result<std::os::unix::net::UnixStr
     rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)
         .map_err(|e| format!("cannot set close-on-exec on {fd}: {e}"))?;
     Ok(owned.into())
+}
+
+/// A close-on-exec duplicate of descriptor number `fd`, which this process does not own and
+/// whose caller only vouches that it is open now (a listener given by number). `/proc/self/fd`
+/// must show an open socket first; only then is the number borrowed, for the one
+/// `fcntl(F_DUPFD_CLOEXEC)`. The descriptor, its flags and its open file description are left
+/// as they are. The error says what the number is instead.
+#[allow(unsafe_code)]
+pub(crate) fn dup_raw_socket(fd: RawFd) -> Result<OwnedFd, String> {
+    proc_socket(fd).map_err(|found| format!("descriptor {fd} is {found}, not a socket"))?;
+    // SAFETY: `fd` is open (just checked through /proc/self/fd) and is borrowed for one
+    // fcntl(F_DUPFD_CLOEXEC). Were it closed by another thread meanwhile, the call fails with
+    // EBADF; were the number reused meanwhile, the duplicate is of the new descriptor, which
+    // the caller's check of the listener kind then judges. Nothing is closed or changed.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_dupfd_cloexec(borrowed, SD_LISTEN_FDS_START)
+        .map_err(|e| format!("descriptor {fd}: cannot duplicate: {e}"))
 }
 
 #[cfg(test)]
