@@ -343,7 +343,8 @@ fn main() -> std::process::ExitCode {
         return handoff_supervisor::cli::cli(std::env::args().skip(2));
     }
     let o = opts();
-    // Quiet daemons (they inherit our environment), unless asked otherwise.
+    // Quiet daemons, unless asked otherwise: the supervisor inherits our environment and
+    // passes `HANDOFF_LOG` on to kvd; `KVD_LOG` goes through the configuration's `env`.
     for var in ["HANDOFF_LOG", "KVD_LOG"] {
         if std::env::var_os(var).is_none() {
             std::env::set_var(var, "off");
@@ -367,11 +368,13 @@ fn main() -> std::process::ExitCode {
              trigger_socket = {trigger:?}\n\
              binary = {v1:?}\n\
              args = [\"--data\", {data:?}, \"--socket\", {sock:?}]\n\
+             env = {{ KVD_LOG = {kvd_log:?} }}\n\
              binary_dir = {dir:?}\n\
              drain_grace_secs = 5\n\
              deadline_secs = 20\n\n\
              [[listeners]]\nname = \"kv\"\naddr = \"{addr}\"\n",
             dir = work.0,
+            kvd_log = std::env::var("KVD_LOG").unwrap_or_default(),
         ),
     )
     .expect("write the configuration");

@@ -18,10 +18,17 @@
 //!   an application uses (`inherited.take("http")`).
 //!
 //! - [`InheritedListeners::from_env`]: takes ownership of the descriptors [`parse`] names, once
-//!   per process. This is the crate's only `unsafe`: turning a raw descriptor number into an
-//!   `OwnedFd` has no safe API. Before it owns anything it checks through `/proc/self/fd` that
-//!   every named descriptor is an open socket, so a wrong `LISTEN_FDS` can never make it close
-//!   a file the program opened itself.
+//!   per process. Before it owns anything it checks through `/proc/self/fd` that every named
+//!   descriptor is an open socket, so a wrong `LISTEN_FDS` can never make it close a file the
+//!   program opened itself. When one fails its check, none of the others is left inheritable.
+//!
+//! The same care for the other descriptor numbers that come from outside: the successor's
+//! channel named by `HANDOFF_CHANNEL_FD` ([`detect_role`](crate::detect_role)), owned only once
+//! it has been seen to be a connected `AF_UNIX` stream socket and otherwise left open, and a
+//! listener given to [`Supervisor::with_listener`](crate::supervisor::Supervisor::with_listener)
+//! as a raw number, only duplicated. Turning a raw descriptor number into an `OwnedFd` or a
+//! `BorrowedFd` has no safe API: this module and `sys::spawn` hold the crate's `unsafe` code,
+//! each use with a SAFETY comment.
 //!
 //! The `LISTEN_*` variables are left in the environment (removing them is not thread-safe).
 //! Children the daemon spawns inherit the variables but not the descriptors, which are
@@ -208,6 +215,11 @@ impl InheritedListeners {
     /// and blocking. Empty if none were meant for this process. Call it early, before the
     /// program opens descriptors of its own; a second call returns an empty set (the
     /// descriptors are taken once per process).
+    ///
+    /// On an error about a descriptor, none of the descriptors `LISTEN_FDS` names is left for a
+    /// child to inherit: the sockets among them that came through `exec` (not close-on-exec)
+    /// are owned and closed, as they would have been owned on success; a descriptor that is not
+    /// a socket is not this code's to close, and is only made close-on-exec.
     #[allow(unsafe_code)]
     pub fn from_env() -> Result<InheritedListeners, InheritError> {
         static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -224,29 +236,30 @@ impl InheritedListeners {
         // Check every descriptor before owning any, without borrowing a number that may not
         // be open: `/proc/self/fd/N` names the open file, `socket:[inode]` for a socket.
         for (fd, name) in &list {
-            let target = std::fs::read_link(format!("/proc/self/fd/{fd}"));
-            let is_socket = target
-                .as_ref()
-                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:["));
-            if !is_socket {
-                return Err(InheritError::NotASocket {
+            if let Err(found) = proc_socket(*fd) {
+                let err = InheritError::NotASocket {
                     fd: *fd,
                     name: name.clone(),
-                    found: match target {
-                        Ok(t) => t.to_string_lossy().into_owned(),
-                        Err(e) => e.to_string(),
-                    },
-                });
+                    found,
+                };
+                disarm(list.iter().map(|(fd, _)| *fd));
+                return Err(err);
             }
         }
-        let owned = list.into_iter().map(|(fd, name)| {
-            // SAFETY: by sd_listen_fds(3), the launcher that set LISTEN_PID to this process's
-            // pid passed these descriptors to it at exec; each is open and a socket (checked
-            // just above); nothing else in this process owns them (the launcher's protocol
-            // reserves 3.. for them, and `TAKEN` makes sure this code takes them only once).
-            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            (name, fd)
-        });
+        // Every one is owned before any is checked further, so that on an error in
+        // `from_owned` all of them are closed.
+        let owned: Vec<(String, OwnedFd)> = list
+            .into_iter()
+            .map(|(fd, name)| {
+                // SAFETY: by sd_listen_fds(3), the launcher that set LISTEN_PID to this
+                // process's pid passed these descriptors to it at exec; each is open and a
+                // socket (checked just above); nothing else in this process owns them (the
+                // launcher's protocol reserves 3.. for them, and `TAKEN` makes sure this code
+                // takes them only once).
+                let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                (name, fd)
+            })
+            .collect();
         InheritedListeners::from_owned(owned)
     }
 
@@ -257,14 +270,17 @@ impl InheritedListeners {
 
     /// Check and set up descriptors this process owns: each must be a listener (see
     /// [`sockcheck::inspect`]); each is made close-on-exec and blocking
-    /// ([`sockcheck::normalise`]). On error every descriptor given is closed and the error
-    /// names the first bad one (its number and name).
+    /// ([`sockcheck::normalise`]). On error every descriptor given is closed (the whole of
+    /// `fds` is taken first) and the error names the first bad one (its number and name).
     ///
     /// Blocking mode lives on the open file description, shared with the launcher's copy;
     /// see [`sockcheck::normalise`].
     pub fn from_owned(
         fds: impl IntoIterator<Item = (String, OwnedFd)>,
     ) -> Result<InheritedListeners, InheritError> {
+        // All of them, before the first check can return: the rest are then dropped (closed)
+        // with it rather than left where a lazy iterator had them.
+        let fds: Vec<(String, OwnedFd)> = fds.into_iter().collect();
         let mut entries = Vec::new();
         for (name, fd) in fds {
             let raw = fd.as_raw_fd();
@@ -356,6 +372,135 @@ impl InheritedListeners {
     pub fn into_parts(self) -> Vec<(String, ListenerKind, OwnedFd)> {
         self.entries
     }
+}
+
+// ---- Descriptor numbers named by someone else ----
+//
+// A number read from the environment or given by a caller as a `RawFd` identifies nothing this
+// process owns until shown otherwise. `/proc/self/fd` and `/proc/self/fdinfo` describe a
+// number without touching it; only then is it borrowed (`BorrowedFd::borrow_raw`) for a check
+// or a duplicate, and owned only when the protocol that named it gives it to this process.
+
+/// What `/proc/self/fd/<fd>` names (`socket:[inode]` for a socket), read without touching the
+/// descriptor; an error if it is not open.
+fn proc_target(fd: RawFd) -> io::Result<String> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).map(|t| t.to_string_lossy().into_owned())
+}
+
+/// `Ok` if descriptor `fd` is open and a socket (by `/proc/self/fd`); else what it is, or why
+/// it cannot be read.
+fn proc_socket(fd: RawFd) -> Result<(), String> {
+    if fd < 0 {
+        return Err(format!("{fd} is not a descriptor number"));
+    }
+    match proc_target(fd) {
+        Ok(t) if t.starts_with("socket:[") => Ok(()),
+        Ok(t) => Err(t),
+        Err(e) => Err(format!("not open ({e})")),
+    }
+}
+
+/// Whether descriptor `fd` is close-on-exec, by `/proc/self/fdinfo/<fd>` (read without
+/// touching it); `None` if it is not open or cannot be read.
+fn proc_cloexec(fd: RawFd) -> Option<bool> {
+    const O_CLOEXEC: u32 = 0o2000000;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    let flags = u32::from_str_radix(flags.trim(), 8).ok()?;
+    Some(flags & O_CLOEXEC != 0)
+}
+
+/// After a refused `LISTEN_FDS`: leave none of `fds` inheritable. A socket that came through
+/// `exec` (not close-on-exec) is owned and closed, as `from_env` would have owned it; a
+/// descriptor that is not a socket is made close-on-exec and left open; one that is not open,
+/// or already close-on-exec (this process opened or took it after the exec), is left alone.
+#[allow(unsafe_code)]
+fn disarm(fds: impl Iterator<Item = RawFd>) {
+    for fd in fds {
+        if proc_cloexec(fd) != Some(false) {
+            continue;
+        }
+        if proc_socket(fd).is_ok() {
+            // SAFETY: `fd` is open, a socket, and inheritable: it came through the exec, and
+            // sd_listen_fds(3) gives the descriptors `LISTEN_FDS` names to this process
+            // (LISTEN_PID is its pid); `from_env`'s `TAKEN` makes sure nothing took them
+            // before. Owning it here, to close it at once, is what `from_env` does on success.
+            drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        } else {
+            // SAFETY: `fd` was open an instant ago (`/proc/self/fdinfo`) and is borrowed for
+            // one fcntl(F_SETFD) only. Closed by another thread meanwhile: EBADF, ignored;
+            // reused by it: a new descriptor gets FD_CLOEXEC, which std sets on every
+            // descriptor it opens anyway. Nothing is closed.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            let _ = rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC);
+        }
+    }
+}
+
+/// Own the successor's channel, the descriptor named by `HANDOFF_CHANNEL_FD`, once per
+/// process, if it is a connected `AF_UNIX` stream socket; it is made close-on-exec. Any other
+/// descriptor there is refused and left as it is, open: it may be someone else's. The error
+/// says what is wrong (the caller names the variable).
+#[allow(unsafe_code)]
+pub(crate) fn successor_channel_from_env() -> Result<std::os::unix::net::UnixStream, String> {
+    use crate::sys::spawn::ENV_CHANNEL_FD;
+    static TAKEN: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let value = std::env::var(ENV_CHANNEL_FD)
+        .map_err(|_| "is not set (or not UTF-8) though HANDOFF_ROLE=successor".to_string())?;
+    let fd: RawFd = match decimal(&value).and_then(|n| RawFd::try_from(n).ok()) {
+        Some(fd) if fd > 2 => fd,
+        _ => return Err(format!("{value:?} is not a descriptor number above 2")),
+    };
+    let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    if *taken {
+        return Err("was already taken by an earlier detect_role".into());
+    }
+    proc_socket(fd).map_err(|found| format!("descriptor {fd} is {found}, not a socket"))?;
+    // SAFETY: `fd` is open (just checked through /proc/self/fd) and is borrowed for the
+    // getsockopt calls below only. Were it closed by another thread meanwhile they fail
+    // (EBADF); were it reused, they describe the new descriptor and nothing is changed.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let is_stream_conn = (|| -> rustix::io::Result<bool> {
+        use rustix::net::{sockopt, AddressFamily, SocketType};
+        Ok(sockopt::socket_domain(borrowed)? == AddressFamily::UNIX
+            && sockopt::socket_type(borrowed)? == SocketType::STREAM
+            && !sockopt::socket_acceptconn(borrowed)?)
+    })();
+    match is_stream_conn {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(format!(
+                "descriptor {fd} is not a connected AF_UNIX stream socket (left open)"
+            ))
+        }
+        Err(e) => return Err(format!("descriptor {fd}: {e} (left open)")),
+    }
+    // SAFETY: `fd` is an open, connected AF_UNIX stream socket (checked just above); the
+    // supervisor that set HANDOFF_ROLE passed it to this process at exec for its channel and
+    // named it in HANDOFF_CHANNEL_FD; nothing else in the process owns it, and `TAKEN` makes
+    // sure it is owned once.
+    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    *taken = true;
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)
+        .map_err(|e| format!("cannot set close-on-exec on {fd}: {e}"))?;
+    Ok(owned.into())
+}
+
+/// A close-on-exec duplicate of descriptor number `fd`, which this process does not own and
+/// whose caller only vouches that it is open now (a listener given by number). `/proc/self/fd`
+/// must show an open socket first; only then is the number borrowed, for the one
+/// `fcntl(F_DUPFD_CLOEXEC)`. The descriptor, its flags and its open file description are left
+/// as they are. The error says what the number is instead.
+#[allow(unsafe_code)]
+pub(crate) fn dup_raw_socket(fd: RawFd) -> Result<OwnedFd, String> {
+    proc_socket(fd).map_err(|found| format!("descriptor {fd} is {found}, not a socket"))?;
+    // SAFETY: `fd` is open (just checked through /proc/self/fd) and is borrowed for one
+    // fcntl(F_DUPFD_CLOEXEC). Were it closed by another thread meanwhile, the call fails with
+    // EBADF; were the number reused meanwhile, the duplicate is of the new descriptor, which
+    // the caller's check of the listener kind then judges. Nothing is closed or changed.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_dupfd_cloexec(borrowed, SD_LISTEN_FDS_START)
+        .map_err(|e| format!("descriptor {fd}: cannot duplicate: {e}"))
 }
 
 #[cfg(test)]
@@ -817,5 +962,106 @@ mod tests {
             out.contains("refused: LISTEN_FDS names descriptor 3"),
             "{out}"
         );
+    }
+
+    const LEAK_TEST: &str = "inherit::tests::child_side_nothing_leaks";
+
+    /// The child half of [`a_failed_check_leaves_nothing_inheritable`]: `LISTEN_FDS=3` names a
+    /// TCP listener at 3, a bad descriptor at 4 (a regular file with [`CHILD_ENV`]` = file`, a
+    /// connected stream socket with `stream`) and a Unix listener at 5, all inheritable as a
+    /// launcher leaves them. Returns at once in a normal run.
+    #[test]
+    fn child_side_nothing_leaks() {
+        let case = std::env::var(CHILD_ENV).unwrap_or_default();
+        if case != "file" && case != "stream" {
+            return;
+        }
+        let err = InheritedListeners::from_env().unwrap_err();
+        match (case.as_str(), &err) {
+            ("file", InheritError::NotASocket { fd: 4, .. }) => {}
+            ("stream", InheritError::NotAListener { fd: 4, .. }) => {}
+            _ => panic!("{case}: {err:?}"),
+        }
+        // None of the three is inheritable now: each is closed or close-on-exec.
+        for fd in 3..=5 {
+            if let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) {
+                let flags = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+                    .unwrap();
+                assert!(
+                    flags & 0o2000000 != 0,
+                    "{case}: fd {fd} is inheritable: {err}"
+                );
+            }
+        }
+        // A regular file is not this code's to close.
+        if case == "file" {
+            let target = std::fs::read_link("/proc/self/fd/4").unwrap();
+            assert_eq!(
+                target.to_string_lossy(),
+                std::env::var("HANDOFF_INHERIT_FILE").unwrap()
+            );
+        }
+        // And a child of this process sees none of them.
+        let out = Command::new("/bin/sh")
+            .args(["-c", "ls /proc/$$/fd"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let fds: Vec<&str> = listing.split_whitespace().collect();
+        for fd in ["3", "4", "5"] {
+            assert!(
+                !fds.contains(&fd),
+                "{case}: fd {fd} leaked: {fds:?} ({err})"
+            );
+        }
+        println!("nothing leaked: {err}");
+    }
+
+    /// When one of the descriptors `LISTEN_FDS` names fails its check, `from_env` returns the
+    /// error and leaves none of the others inheritable: the sockets are closed, the non-socket
+    /// (not this code's to close) is made close-on-exec, so no child the daemon starts
+    /// inherits a listener by accident.
+    #[test]
+    fn a_failed_check_leaves_nothing_inheritable() {
+        use crate::sys::spawn::{spawn_with_listeners, wait_any, Command as Spawn, Watched};
+        let dir = TempDir::new("inherit-leak");
+        let file = dir.path().join("data.txt");
+        std::fs::write(&file, b"not a socket").unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let unix = UnixListener::bind(dir.path().join("admin.sock")).unwrap();
+        let (stream, _peer) = UnixStream::pair().unwrap();
+        let opened = std::fs::File::open(&file).unwrap();
+        for (case, bad) in [("file", opened.as_fd()), ("stream", stream.as_fd())] {
+            let log = dir.path().join(format!("{case}.log"));
+            // Through a shell for the output file; `exec` keeps the descriptors and the pid
+            // (`LISTEN_PID`).
+            let cmd = Spawn::new("/bin/sh")
+                .args(["-c", "exec \"$0\" \"$@\" >>\"$HANDOFF_INHERIT_LOG\" 2>&1"])
+                .arg(std::env::current_exe().unwrap())
+                .args(["--exact", LEAK_TEST, "--nocapture", "--test-threads", "1"])
+                .env(CHILD_ENV, case)
+                .env("HANDOFF_INHERIT_LOG", &log)
+                .env("HANDOFF_INHERIT_FILE", &file)
+                .inherit_stdio(false);
+            let listeners = [("http", tcp.as_fd()), ("bad", bad), ("admin", unix.as_fd())];
+            let mut child = spawn_with_listeners(&cmd, &listeners).unwrap();
+            let w = Watched::open(child.id()).unwrap();
+            if wait_any(&[&w], Duration::from_secs(30)).unwrap() != [0] {
+                let _ = w.kill();
+                let _ = child.wait();
+                panic!("{case}: the child did not exit within 30 s");
+            }
+            let status = child.wait().unwrap();
+            let out = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                status.success(),
+                "{case}: child {status}\n--- child output ---\n{out}"
+            );
+            assert!(out.contains("nothing leaked: "), "{case}: {out}");
+        }
     }
 }

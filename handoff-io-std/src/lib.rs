@@ -41,10 +41,12 @@
 //! - **`SpawnSpec` has `Default`** (25 s drain grace, 60 s deadline) and names its
 //!   environment and arguments.
 //!
-//! `unsafe` is denied crate-wide. The exceptions, each with a SAFETY comment: owning the
-//! descriptors a process inherits ([`inherit::InheritedListeners::from_env`], the successor
-//! channel in [`detect_role`]), placing descriptors in a spawned child (`sys::spawn`), and
-//! duplicating a raw descriptor number given to [`supervisor::Supervisor::with_listener`].
+//! `unsafe` is denied crate-wide. The exceptions, each with a SAFETY comment, are in two
+//! modules. [`inherit`]: owning the descriptors a process inherits
+//! ([`inherit::InheritedListeners::from_env`], the successor channel for [`detect_role`]), and
+//! borrowing a raw descriptor number given to [`supervisor::Supervisor::with_listener`] to
+//! duplicate it. `sys::spawn`: placing descriptors in a spawned child and executing the checked
+//! binary there (`pre_exec`, `fexecve`).
 
 #![deny(unsafe_code)]
 

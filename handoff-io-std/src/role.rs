@@ -1,6 +1,6 @@
 //! Which role this process was started in.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 
 use crate::error::{Error, Result};
@@ -66,52 +66,87 @@ fn presize_fd_table(channel: &UnixStream) {
     }
 }
 
-/// Own the successor channel named by `HANDOFF_CHANNEL_FD`, once per process.
-#[allow(unsafe_code)]
+/// Own the successor channel named by `HANDOFF_CHANNEL_FD`, once per process. A descriptor
+/// there that is not a connected `AF_UNIX` stream socket is refused and left open: it may be
+/// someone else's.
 fn take_channel() -> Result<UnixStream> {
-    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let bad = |detail: String| Error::Channel {
+    crate::inherit::successor_channel_from_env().map_err(|detail| Error::Channel {
         what: ENV_CHANNEL_FD.into(),
         detail,
-    };
-    let value = std::env::var(ENV_CHANNEL_FD)
-        .map_err(|_| bad("is not set (or not UTF-8) though HANDOFF_ROLE=successor".into()))?;
-    let fd: RawFd = match value.parse::<RawFd>() {
-        Ok(fd) if fd > 2 && value.bytes().all(|b| b.is_ascii_digit()) => fd,
-        _ => return Err(bad(format!("{value:?} is not a descriptor number above 2"))),
-    };
-    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        return Err(bad("was already taken by an earlier detect_role".into()));
-    }
-    let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .map_err(|e| bad(format!("descriptor {fd} is not open: {e}")))?;
-    if !target.to_string_lossy().starts_with("socket:[") {
-        return Err(bad(format!(
-            "descriptor {fd} is {}, not a socket",
-            target.display()
-        )));
-    }
-    // SAFETY: descriptor `fd` is open (checked through /proc/self/fd just above) and is a
-    // socket; the supervisor that set HANDOFF_ROLE passed it to this process at exec for its
-    // channel, nothing else in the process owns it, and `TAKEN` makes sure it is owned once.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let is_stream_conn = (|| -> rustix::io::Result<bool> {
-        use rustix::net::{sockopt, AddressFamily, SocketType};
-        Ok(sockopt::socket_domain(&owned)? == AddressFamily::UNIX
-            && sockopt::socket_type(&owned)? == SocketType::STREAM
-            && !sockopt::socket_acceptconn(&owned)?)
-    })();
-    match is_stream_conn {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(bad(format!(
-                "descriptor {} is not a connected AF_UNIX stream socket",
-                owned.as_raw_fd()
-            )))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::spawn::{spawn_successor, wait_any, Command, Watched};
+    use std::net::UdpSocket;
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    const CHILD_ENV: &str = "HOIS_ROLE_CHILD";
+    const CHILD_TEST: &str = "role::tests::child_side_wrong_channel";
+
+    /// What `/proc/self/fd/N` names, or why it cannot be read.
+    fn fd_target(fd: RawFd) -> String {
+        match std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+            Ok(t) => t.to_string_lossy().into_owned(),
+            Err(e) => format!("not open ({e})"),
         }
-        Err(e) => return Err(bad(format!("descriptor {fd}: {e}"))),
     }
-    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)
-        .map_err(|e| bad(format!("cannot set close-on-exec on {fd}: {e}")))?;
-    Ok(UnixStream::from(owned))
+
+    /// The child half of [`a_channel_of_the_wrong_type_is_left_open`]: started as a successor
+    /// whose `HANDOFF_CHANNEL_FD` names a UDP socket. Returns at once in a normal run.
+    #[test]
+    fn child_side_wrong_channel() {
+        if std::env::var_os(CHILD_ENV).is_none() {
+            return;
+        }
+        let fd: RawFd = std::env::var(ENV_CHANNEL_FD).unwrap().parse().unwrap();
+        let before = fd_target(fd);
+        assert!(before.starts_with("socket:["), "{before}");
+        let err = match detect_role() {
+            Ok(r) => panic!("a UDP socket was taken as the channel: {r:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("not a connected AF_UNIX stream socket"),
+            "{err}"
+        );
+        // Not this code's to close: it is still open, the same socket.
+        assert_eq!(fd_target(fd), before, "after: {err}");
+        println!("left open: {err}");
+    }
+
+    /// `detect_role` refuses a channel descriptor of the wrong type without closing it: it
+    /// may be someone else's.
+    #[test]
+    fn a_channel_of_the_wrong_type_is_left_open() {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let log = std::env::temp_dir().join(format!("hois-role-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&log);
+        // Through a shell for the output file; `exec` keeps the descriptors and the pid.
+        let cmd = Command::new("/bin/sh")
+            .args(["-c", "exec \"$0\" \"$@\" >>\"$CHILD_LOG\" 2>&1"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads", "1"])
+            .env(CHILD_ENV, "1")
+            .env("CHILD_LOG", &log)
+            .inherit_stdio(false);
+        let mut child = spawn_successor(&cmd, udp.as_fd()).unwrap();
+        let w = Watched::open(child.id()).unwrap();
+        if wait_any(&[&w], Duration::from_secs(30)).unwrap() != [0] {
+            let _ = w.kill();
+            let _ = child.wait();
+            panic!("the child did not exit within 30 s");
+        }
+        let status = child.wait().unwrap();
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        assert!(
+            status.success(),
+            "child: {status}\n--- child output ---\n{out}"
+        );
+        assert!(out.contains("left open: "), "{out}");
+    }
 }

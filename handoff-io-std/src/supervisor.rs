@@ -18,11 +18,13 @@
 //!   daemon cold when given a command ([`with_cold_start`](Supervisor::with_cold_start)), or
 //!   says so.
 //! - `perform_handoff` called while another runs returns [`Error::Busy`] at once.
-//! - `with_listener` duplicates the descriptor at once (the caller keeps its own), and checks
-//!   that it is a listener; a bad one is reported by the next call that needs it.
+//! - `with_listener` takes anything that lends a descriptor ([`ListenerSource`]: `&listener`,
+//!   `BorrowedFd`, `OwnedFd`, or the raw number of 0.1.2, checked before it is borrowed),
+//!   duplicates it at once (the caller keeps its own), and checks that it is a listener; a bad
+//!   one is reported by the next call that needs it.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,13 +40,39 @@ use crate::sys::peercred::PeerPolicy;
 use crate::sys::spawn;
 
 /// How to start a daemon binary, and the handoff's time limits.
+///
+/// **The binary** is opened once and checked, and the child executes that very file: a
+/// regular file with an execute bit, it and its directory owned by root or by the supervisor's
+/// effective user and writable by neither group nor others (after symlinks are resolved).
+/// Anything else is refused before a process is started; the handoff then rolls back. A
+/// script (`#!`) runs, with `$0` the `/dev/fd/N` its interpreter reads it through (that one
+/// descriptor of the script is inherited).
+///
+/// **The environment** of a successor and of a daemon started cold is built, not inherited
+/// whole. It holds exactly:
+/// - from the supervisor's own environment, only [`PATH`, `LANG`, `LC_*`, `TZ` and
+///   `HANDOFF_*`](spawn::DAEMON_ENV) (`HANDOFF_LOG`, and the crash points' variables);
+/// - then [`env`](Self::env), in order: what the daemon needs besides (to pass on one of the
+///   supervisor's own variables, copy it here from `std::env::var_os`);
+/// - then the variables the spawn manages, which override both: for a successor
+///   `HANDOFF_ROLE=successor`, `HANDOFF_CHANNEL_FD` and `HANDOFF_LISTENER_COUNT`, and no
+///   `LISTEN_*`; for a cold start `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` (the
+///   daemon's pid; removed when there are no listeners), and no `HANDOFF_ROLE`,
+///   `HANDOFF_CHANNEL_FD` or `HANDOFF_LISTENER_COUNT`.
+///
+/// Nothing else of the supervisor's environment reaches the daemon: not `HOME` or `USER`, not
+/// a secret the supervisor was started with, not systemd's `NOTIFY_SOCKET` (the supervisor
+/// speaks `sd_notify` itself). Descriptors: stdin, stdout and stderr are the supervisor's; a
+/// successor gets its channel, a cold start its listeners at 3, 4, …; nothing else the library
+/// opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpawnSpec {
     /// The executable. Empty (the default) is refused when spawning.
     pub binary: PathBuf,
     /// Its arguments (not including the program name).
     pub args: Vec<OsString>,
-    /// Extra environment variables, on top of the supervisor's own.
+    /// Environment variables for the daemon, on top of the few it inherits from the
+    /// supervisor (see above).
     pub env: Vec<(OsString, OsString)>,
     /// How long the incumbent's drain may take. Default 25 s.
     pub drain_grace: Duration,
@@ -70,6 +98,7 @@ impl SpawnSpec {
             binary: self.binary.clone(),
             args: self.args.clone(),
             env: self.env.clone(),
+            inherit_env: spawn::InheritEnv::Daemon,
             inherit_stdio: true,
         }
     }
@@ -140,23 +169,19 @@ impl Supervisor {
         }
     }
 
-    /// Hand the listener `fd` to every successor under `name`. The descriptor is duplicated
-    /// at once (close-on-exec; the caller keeps and may close its own) and checked to be a
-    /// listener; an error is reported by the next call.
+    /// Hand `listener` to every successor under `name`. It is duplicated at once
+    /// (close-on-exec; the caller keeps and may close its own) and checked to be a listener; an
+    /// error is reported by the next call.
     ///
-    /// `fd` must be an open descriptor for the duration of this call, as
-    /// `listener.as_raw_fd()` is. Prefer [`with_listener_fd`](Self::with_listener_fd).
-    #[allow(unsafe_code)]
-    pub fn with_listener(self, name: &str, fd: RawFd) -> Supervisor {
-        if fd < 0 {
-            let e = format!("listener {name:?}: {fd} is not a descriptor");
-            return self.map(|s| s.with_setup_error(e));
+    /// `listener` is anything that lends a descriptor: `&TcpListener` (any `&impl AsFd`), a
+    /// [`BorrowedFd`], an [`OwnedFd`] (closed once duplicated), or a raw number as in the
+    /// 0.1.2 API, `listener.as_raw_fd()`; see [`ListenerSource`] for what is checked before a
+    /// raw number is touched.
+    pub fn with_listener(self, name: &str, listener: impl ListenerSource) -> Supervisor {
+        match listener.duplicate() {
+            Ok(fd) => self.with_listener_fd(name, fd),
+            Err(e) => self.map(|s| s.with_setup_error(format!("listener {name:?}: {e}"))),
         }
-        // SAFETY: the caller passes a descriptor it holds open for this call (documented
-        // above); it is only borrowed for the `fcntl(F_DUPFD_CLOEXEC)` the engine makes, which
-        // fails cleanly with EBADF if it is not open.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        self.with_listener_fd(name, borrowed)
     }
 
     /// [`with_listener`](Self::with_listener) for a descriptor the type system vouches for.
@@ -241,6 +266,67 @@ impl Supervisor {
     fn publish(&self, engine: &SupervisorEngine) {
         self.serving
             .store(engine.serving().unwrap_or(0), Ordering::SeqCst);
+    }
+}
+
+/// A listener for [`Supervisor::with_listener`]: anything that lends a descriptor for the
+/// duplicate the supervisor keeps.
+///
+/// - `&T` for any `T: AsFd` (`&TcpListener`, `&UnixListener`, `&UdpSocket`, `&OwnedFd`, …), a
+///   [`BorrowedFd`], an [`OwnedFd`]: the type system vouches that the descriptor is open and
+///   the caller's.
+/// - A [`RawFd`], for code written against the 0.1.2 API
+///   (`.with_listener("http", tcp_listener.as_raw_fd())`). A number is not a descriptor the
+///   caller is known to hold, so it is read about first: `/proc/self/fd` must show an open
+///   socket, and only then is the number borrowed, for one `fcntl(F_DUPFD_CLOEXEC)`; the
+///   duplicate is then checked to be a listener like any other. Nothing is closed or changed
+///   through the number (not its flags, not its open file description). What this cannot
+///   rule out: an open number that is not the caller's listener (a bug in the caller) hands
+///   whatever listening socket it is to the successors, and so does another thread closing
+///   and reusing the number between the check and the duplicate. Prefer the other forms.
+///
+/// Sealed: the forms above are all.
+pub trait ListenerSource: sealed::Sealed {
+    /// A close-on-exec duplicate of the descriptor, or why there is none.
+    #[doc(hidden)]
+    fn duplicate(self) -> std::result::Result<OwnedFd, String>;
+}
+
+mod sealed {
+    /// Implemented by the [`ListenerSource`](super::ListenerSource) forms only.
+    pub trait Sealed {}
+    impl<T: std::os::fd::AsFd + ?Sized> Sealed for &T {}
+    impl Sealed for std::os::fd::BorrowedFd<'_> {}
+    impl Sealed for std::os::fd::OwnedFd {}
+    impl Sealed for std::os::fd::RawFd {}
+}
+
+/// A duplicate of `fd` for [`ListenerSource`], at 3 or more, close-on-exec.
+fn duplicate(fd: BorrowedFd<'_>) -> std::result::Result<OwnedFd, String> {
+    rustix::io::fcntl_dupfd_cloexec(fd, 3).map_err(|e| format!("cannot duplicate: {e}"))
+}
+
+impl<T: AsFd + ?Sized> ListenerSource for &T {
+    fn duplicate(self) -> std::result::Result<OwnedFd, String> {
+        duplicate(self.as_fd())
+    }
+}
+
+impl ListenerSource for BorrowedFd<'_> {
+    fn duplicate(self) -> std::result::Result<OwnedFd, String> {
+        duplicate(self)
+    }
+}
+
+impl ListenerSource for OwnedFd {
+    fn duplicate(self) -> std::result::Result<OwnedFd, String> {
+        Ok(self)
+    }
+}
+
+impl ListenerSource for RawFd {
+    fn duplicate(self) -> std::result::Result<OwnedFd, String> {
+        crate::inherit::dup_raw_socket(self)
     }
 }
 

@@ -5,7 +5,7 @@
 //! trigger_socket   = "/run/my-daemon/handoff.trigger" # our line-protocol socket (mode 0600)
 //! binary           = "/usr/local/bin/my-daemon"       # cold starts, `handoff` with no path, SIGHUP
 //! args             = ["--data", "/var/lib/my-daemon"] # optional
-//! env              = { RUST_LOG = "info" }            # optional, on top of ours
+//! env              = { RUST_LOG = "info" }            # optional: the daemon's environment
 //! drain_grace_secs = 25                               # optional, default 25
 //! deadline_secs    = 60                               # optional, default 60
 //! journal          = "/run/my-daemon/handoff.journal" # optional, default <control_socket>.journal
@@ -20,6 +20,19 @@
 //! ```
 //!
 //! Unknown keys are errors. Every error names the key and the line.
+//!
+//! **Binaries.** `binary`, `allowed_binaries` and `binary_dir` must be writable by nobody but
+//! root and the supervisor's user: each file (symlinks resolved) and the directory it is in
+//! owned by one of them and not writable by group or others, and likewise `binary_dir`. This
+//! is checked when the file is loaded (for those that exist), when a trigger names a binary,
+//! and by the spawn on the very file it executes.
+//!
+//! **The daemon's environment** (successors and cold starts alike) is not the supervisor's: it
+//! holds only `PATH`, `LANG`, `LC_*`, `TZ` and `HANDOFF_*` from the supervisor's environment,
+//! then `env`, then the variables the handoff sets (`HANDOFF_ROLE`, `HANDOFF_CHANNEL_FD`,
+//! `HANDOFF_LISTENER_COUNT` for a successor; `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID` for a
+//! cold start). Anything else the daemon needs goes in `env`. `NOTIFY_SOCKET` is never passed
+//! on: the supervisor speaks `sd_notify` itself.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,6 +40,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use handoff_io_std::sys::spawn;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -262,6 +276,29 @@ impl Config {
             .as_ref()
             .map(|p| absolute("binary_dir", p))
             .transpose()?;
+        // Whoever can write a binary, or the directory it is in, chooses what runs: only root
+        // and our own user may. Checked here for what exists, and again when a trigger names
+        // a binary (and by the spawn itself, on the file it executes).
+        let trusted = |key: &str, p: &Spanned<PathBuf>, dir: bool| {
+            let checked = if dir {
+                spawn::check_trusted_dir(p.get_ref())
+            } else {
+                spawn::check_trusted_binary(p.get_ref()).map(drop)
+            };
+            match checked {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(err(key, p.span(), e.to_string()))
+                }
+                _ => Ok(()),
+            }
+        };
+        trusted("binary", &raw.binary, false)?;
+        for p in &raw.allowed_binaries {
+            trusted("allowed_binaries", p, false)?;
+        }
+        if let Some(p) = &raw.binary_dir {
+            trusted("binary_dir", p, true)?;
+        }
         let journal = match &raw.journal {
             Some(p) => nonempty("journal", p)?,
             None => {
@@ -342,26 +379,41 @@ impl Config {
 
     /// The binary a `handoff <path>` may go to, resolved (symlinks followed), or why not.
     /// `None` asks for the configured binary.
+    ///
+    /// A binary, or `binary_dir`, that someone other than root or this process's user could
+    /// write is refused ([`spawn::check_trusted_binary`]); the configured binary only if it
+    /// exists (a missing one is the spawn's error to report).
     pub fn resolve_target(&self, requested: Option<&Path>) -> Result<PathBuf, String> {
         let Some(p) = requested else {
-            return Ok(self.binary.clone());
+            return match spawn::check_trusted_binary(&self.binary) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!(
+                    "binary not allowed: {}: {e}",
+                    self.binary.display()
+                )),
+                _ => Ok(self.binary.clone()),
+            };
         };
         let refuse = || format!("binary not allowed: {}", p.display());
         if !p.is_absolute() {
             return Err(refuse());
         }
         let canon = std::fs::canonicalize(p).map_err(|_| refuse())?;
+        let trusted = |canon: PathBuf| match spawn::check_trusted_binary(&canon) {
+            Ok(_) => Ok(canon),
+            Err(e) => Err(format!("{}: {e}", refuse())),
+        };
         let same = |allowed: &Path| {
             allowed == p || std::fs::canonicalize(allowed).is_ok_and(|c| c == canon)
         };
         if same(&self.binary) || self.allowed_binaries.iter().any(|a| same(a)) {
-            return Ok(canon);
+            return trusted(canon);
         }
         if let Some(dir) = &self.binary_dir {
             let in_dir =
                 std::fs::canonicalize(dir).is_ok_and(|d| canon.parent() == Some(d.as_path()));
             if in_dir && canon.is_file() {
-                return Ok(canon);
+                spawn::check_trusted_dir(dir).map_err(|e| format!("{}: {e}", refuse()))?;
+                return trusted(canon);
             }
         }
         Err(refuse())
@@ -517,6 +569,85 @@ kind = "unix"
             assert!(e.starts_with("binary not allowed: "), "{e}");
         }
         assert!(c.resolve_target(Some(Path::new("main"))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A binary, or `binary_dir`, that someone other than root or this process's user could
+    /// write is refused when the configuration is loaded, and again when a trigger names it.
+    #[test]
+    fn writable_binaries_and_binary_dirs_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let dir = std::env::temp_dir().join(format!("hsup-cfg-writable-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bins")).unwrap();
+        std::fs::create_dir_all(dir.join("extra")).unwrap();
+        mode(&dir, 0o755);
+        mode(&dir.join("bins"), 0o755);
+        mode(&dir.join("extra"), 0o755);
+        for f in ["main", "bins/v2", "extra/v3"] {
+            std::fs::write(dir.join(f), b"").unwrap();
+            mode(&dir.join(f), 0o755);
+        }
+        let file = dir.join("handoff.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "control_socket = \"c\"\ntrigger_socket = \"t\"\nbinary = \"{0}/main\"\n\
+                 binary_dir = \"{0}/bins\"\nallowed_binaries = [\"{0}/extra/v3\"]\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let c = Config::load(&file).unwrap();
+        for target in [None, Some(dir.join("bins/v2")), Some(dir.join("extra/v3"))] {
+            assert!(c.resolve_target(target.as_deref()).is_ok(), "{target:?}");
+        }
+        let load_error = || Config::load(&file).unwrap_err().to_string();
+
+        // binary_dir writable by its group: refused at load, and at trigger time.
+        mode(&dir.join("bins"), 0o775);
+        let e = load_error();
+        assert!(e.contains("`binary_dir`") && e.contains("writable"), "{e}");
+        let e = c.resolve_target(Some(&dir.join("bins/v2"))).unwrap_err();
+        assert!(
+            e.starts_with("binary not allowed: ") && e.contains("writable"),
+            "{e}"
+        );
+        mode(&dir.join("bins"), 0o755);
+
+        // The configured binary, writable by others.
+        mode(&dir.join("main"), 0o757);
+        let e = load_error();
+        assert!(e.contains("`binary`") && e.contains("writable"), "{e}");
+        for target in [None, Some(dir.join("main"))] {
+            let e = c.resolve_target(target.as_deref()).unwrap_err();
+            assert!(e.contains("writable"), "{target:?}: {e}");
+        }
+        mode(&dir.join("main"), 0o755);
+
+        // An allowed binary in a directory writable by its group.
+        mode(&dir.join("extra"), 0o775);
+        let e = load_error();
+        assert!(
+            e.contains("`allowed_binaries`") && e.contains("writable"),
+            "{e}"
+        );
+        let e = c.resolve_target(Some(&dir.join("extra/v3"))).unwrap_err();
+        assert!(e.contains("writable"), "{e}");
+        mode(&dir.join("extra"), 0o755);
+
+        // A file in binary_dir writable by its group.
+        mode(&dir.join("bins/v2"), 0o775);
+        let e = c.resolve_target(Some(&dir.join("bins/v2"))).unwrap_err();
+        assert!(e.contains("writable"), "{e}");
+
+        // A binary that does not exist yet is no load error (it is checked when named).
+        std::fs::remove_file(dir.join("extra/v3")).unwrap();
+        mode(&dir.join("bins/v2"), 0o755);
+        assert!(Config::load(&file).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

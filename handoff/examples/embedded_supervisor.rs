@@ -76,6 +76,7 @@ fn main() -> anyhow::Result<()> {
     // Not in the seed: start the daemon when nobody serves (first run, or after a crash).
     .with_cold_start(SpawnSpec {
         binary: binary.clone(),
+        env: daemon_env(),
         ..Default::default()
     });
     let recovery = sup.resume_from_journal()?; // clear any prior crash state
@@ -93,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         binary,
         drain_grace: Duration::from_secs(25),
         deadline: Duration::from_secs(60),
+        env: daemon_env(), // not in the seed
         ..Default::default()
     })?;
 
@@ -103,4 +105,12 @@ fn main() -> anyhow::Result<()> {
         // incumbent is still serving; retry when ready
     }
     Ok(())
+}
+
+/// The daemon's settings (`MY_DAEMON_*`) from our environment. A daemon inherits only `PATH`,
+/// `LANG`, `LC_*`, `TZ` and `HANDOFF_*` from its supervisor; the rest is passed explicitly.
+fn daemon_env() -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    std::env::vars_os()
+        .filter(|(k, _)| k.to_string_lossy().starts_with("MY_DAEMON_"))
+        .collect()
 }

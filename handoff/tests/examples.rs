@@ -144,6 +144,8 @@ fn failed_successor_rolls_back_and_the_incumbent_serves_on() {
     assert_eq!(sup.expect("serving: pid "), cold.to_string());
     let outcome = sup.expect_one_of(&["swap complete; new pid ", "aborted: "]);
     assert!(outcome.starts_with("aborted: Some("), "{outcome}");
+    // The script ran (and my_daemon refused the data directory), rather than failing to start.
+    assert!(!outcome.contains("SpawnFailed"), "{outcome}");
     assert!(sup.wait_exit().success(), "supervisor exit status");
 
     // Everything acknowledged is there, the writer goes on being acknowledged, by the same

@@ -11,32 +11,50 @@
 //!   processes that are not this process's children (after a supervisor restart) and never
 //!   signals a process that reused the pid.
 //!
+//! **The file checked is the file run.** Both spawn functions open the binary once
+//! (`O_PATH`, relative to its directory, which is opened and checked first), check that
+//! descriptor with `fstat` (a regular file with an execute bit; it and its directory owned by
+//! root or by this process's effective uid and writable by neither group nor others), and the
+//! child executes that same descriptor (`fexecve(3)`, that is
+//! `execveat(fd, "", …, AT_EMPTY_PATH)`). Renaming another file over the path after the check
+//! changes nothing. [`check_trusted_binary`] and [`check_trusted_dir`] are the same checks for
+//! a caller's allowlist. The process's name (`/proc/<pid>/comm`) is the file's name from Linux
+//! 6.14 on; older kernels name a process exec'd this way after the descriptor number (`ps`
+//! shows `4`, say), while `/proc/<pid>/exe` and `argv[0]` are right.
+//!
 //! Only the descriptors named above (and stdin, stdout, stderr) are given to the child:
 //! everything this crate opens is close-on-exec, the channel and the listeners are made
 //! inheritable in the child only (between `fork` and `exec`), and the parent's own descriptors
 //! never lose `FD_CLOEXEC`. So other threads spawning processes at the same time never inherit
 //! them, and no lock is needed. A descriptor this process holds *without* `FD_CLOEXEC` (one it
 //! inherited from whatever started it, say) is inherited by every child, as with any
-//! `std::process::Command`; nothing here closes it.
+//! `std::process::Command`; nothing here closes it. One exception: a binary that is a script
+//! (`#!`) is run by the kernel as `interpreter /dev/fd/N`, so its descriptor `N` must survive
+//! the `exec`; the interpreter, and what it runs, inherit it (an `O_PATH` descriptor of the
+//! script), and the script's `$0` is `/dev/fd/N`, not its path.
 //!
-//! This is the one file of [`crate::sys`] with `unsafe` code: [`CommandExt::pre_exec`], and,
-//! in the child, owning a descriptor number for `dup2`. The code that runs in the child makes
-//! only async-signal-safe system calls (`fcntl`, `dup2`, `close`) and does not allocate;
-//! everything it needs is prepared in the parent.
+//! This is the one file of [`crate::sys`] with `unsafe` code: [`CommandExt::pre_exec`], the
+//! `fexecve` call it makes, the argument arrays handed to it, and, in the child, owning a
+//! descriptor number for `dup2`. The code that runs in the child makes only async-signal-safe
+//! calls (`fcntl`, `dup2`, `close`, `getpid`, `fexecve`) and does not allocate; everything it
+//! needs, the argument and environment arrays included, is prepared in the parent.
 
 #![allow(unsafe_code)]
 
-use std::ffi::{OsStr, OsString};
+use std::collections::BTreeMap;
+use std::ffi::{c_char, c_int, CString, OsStr, OsString};
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::fs::{fstat, open, openat, FileType, Mode, OFlags, Stat};
 use rustix::io::{fcntl_dupfd_cloexec, fcntl_setfd, Errno, FdFlags};
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
 
@@ -58,6 +76,13 @@ pub const ENV_LISTENER_COUNT: &str = "HANDOFF_LISTENER_COUNT";
 /// The value of [`ENV_ROLE`] for a successor.
 pub const ROLE_SUCCESSOR: &str = "successor";
 
+/// The variables of this process's environment that a daemon inherits under
+/// [`InheritEnv::Daemon`]: exact names, or prefixes followed by `*`. The search path, the
+/// locale and the time zone, and the library's own `HANDOFF_*` settings (`HANDOFF_LOG`; the
+/// crash points' `HANDOFF_CRASH_AT` and `HANDOFF_CRASH_ONCE`), which are meant for every
+/// process of a deployment.
+pub const DAEMON_ENV: &[&str] = &["PATH", "LANG", "LC_*", "TZ", "HANDOFF_*"];
+
 /// `sd_listen_fds(3)`: the pid the listeners are meant for.
 const LISTEN_PID: &str = "LISTEN_PID";
 /// `sd_listen_fds(3)`: how many listeners, from fd 3 on.
@@ -65,43 +90,85 @@ const LISTEN_FDS: &str = "LISTEN_FDS";
 /// `sd_listen_fds(3)`: their names, colon-separated.
 const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 
-/// The shell that sets `LISTEN_PID` (see [`spawn_with_listeners`]).
-const SHELL: &str = "/bin/sh";
-
-/// Run by [`SHELL`] with `$0` the daemon's binary and `$@` its arguments. `$$` is the shell's
-/// pid, which the exec'd binary keeps. No `--` after `exec`: dash would try to run it.
-const LISTEN_PID_SCRIPT: &str = "LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"";
-
 /// The search path for a bare binary name when `PATH` is unset (glibc's `_CS_PATH`).
 const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
+/// Bytes of the `LISTEN_PID=<pid>` entry written in the child: the name, `=`, the ten digits
+/// of the largest pid, and the NUL.
+const PID_ENTRY: usize = 32;
+
+extern "C" {
+    /// `fexecve(3)` of the C library std links (glibc, musl): `execveat(fd, "", argv, envp,
+    /// AT_EMPTY_PATH)`, or `execve("/proc/self/fd/<fd>", …)` on a kernel without `execveat`.
+    /// Async-signal-safe (POSIX); returns only on failure, with `errno` set.
+    fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Run once by the next spawn on this thread, after the binary is checked and just before
+    /// the fork: a test's stand-in for someone replacing the file at that moment.
+    static AFTER_CHECK: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The test hook [`AFTER_CHECK`], if one is set (nothing outside tests).
+fn after_check() {
+    #[cfg(test)]
+    AFTER_CHECK.with(|h| {
+        if let Some(f) = h.borrow_mut().take() {
+            f()
+        }
+    });
+}
+
+/// Which of this process's environment variables a child inherits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InheritEnv {
+    /// All of them, as with `std::process::Command` (the default of [`Command::new`]: a
+    /// program starting a supervisor, say).
+    #[default]
+    All,
+    /// Only those named by [`DAEMON_ENV`]; what else the child needs is set in
+    /// [`Command::env`]. What a supervisor gives the daemons it starts
+    /// ([`SpawnSpec`](crate::supervisor::SpawnSpec)).
+    Daemon,
+}
+
 /// What to run: a binary, its arguments and environment, and what to do with stdio.
 ///
-/// The child inherits this process's environment, with [`env`](Self::env) applied on top,
-/// in order (a later entry for the same name wins). The spawn functions then set or remove
-/// the variables they manage (`HANDOFF_*`, `LISTEN_*`), which override anything in `env`.
+/// The child's environment: this process's variables as [`inherit_env`](Self::inherit_env)
+/// selects them, with [`env`](Self::env) applied on top, in order (a later entry for the same
+/// name wins). The spawn functions then set or remove the variables they manage (`HANDOFF_*`,
+/// `LISTEN_*`), which override anything in `env`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
     /// The program. A bare name (no `/`) is searched in `PATH`: the `PATH` of
-    /// [`env`](Self::env) if it sets one, else this process's.
+    /// [`env`](Self::env) if it sets one, else this process's. It is the child's `argv[0]`
+    /// as given.
     pub binary: PathBuf,
     /// The arguments, after `argv[0]`.
     pub args: Vec<OsString>,
     /// Environment variables set for the child, applied in order over the inherited
     /// environment.
     pub env: Vec<(OsString, OsString)>,
+    /// Which of this process's variables the child inherits ([`InheritEnv::All`] from
+    /// [`Command::new`]).
+    pub inherit_env: InheritEnv,
     /// `true`: the child inherits this process's stdin, stdout and stderr. `false`: all three
     /// are `/dev/null` (a daemon that logs elsewhere, or a test).
     pub inherit_stdio: bool,
 }
 
 impl Command {
-    /// Run `binary` with no arguments, no extra environment, and stdio inherited.
+    /// Run `binary` with no arguments, no extra environment, this process's whole environment
+    /// and its stdio.
     pub fn new(binary: impl Into<PathBuf>) -> Command {
         Command {
             binary: binary.into(),
             args: Vec::new(),
             env: Vec::new(),
+            inherit_env: InheritEnv::All,
             inherit_stdio: true,
         }
     }
@@ -128,17 +195,23 @@ impl Command {
         self
     }
 
+    /// Set [`inherit_env`](Self::inherit_env).
+    pub fn inherit_env(mut self, inherit: InheritEnv) -> Command {
+        self.inherit_env = inherit;
+        self
+    }
+
     /// Set [`inherit_stdio`](Self::inherit_stdio).
     pub fn inherit_stdio(mut self, inherit: bool) -> Command {
         self.inherit_stdio = inherit;
         self
     }
 
-    /// A `std` command running `program` with this command's environment and stdio, and no
-    /// arguments yet.
-    fn std_command(&self, program: &OsStr) -> std::process::Command {
-        let mut c = std::process::Command::new(program);
-        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+    /// A `std` command that never runs its own program: the `pre_exec` hook given to it execs
+    /// the checked binary. It has this command's stdio and an empty environment of its own.
+    fn std_command(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(&self.binary);
+        c.env_clear();
         if !self.inherit_stdio {
             c.stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -154,6 +227,36 @@ impl Command {
             None => std::env::var_os(key),
         }
     }
+
+    /// The child's environment: the inherited variables, then [`env`](Self::env), then
+    /// `remove` removed and `set` set.
+    fn child_env(&self, remove: &[&str], set: &[(&str, &str)]) -> BTreeMap<OsString, OsString> {
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+            .filter(|(k, _)| match self.inherit_env {
+                InheritEnv::All => true,
+                InheritEnv::Daemon => is_daemon_var(k),
+            })
+            .collect();
+        for (k, v) in &self.env {
+            env.insert(k.clone(), v.clone());
+        }
+        for k in remove {
+            env.remove(OsStr::new(k));
+        }
+        for (k, v) in set {
+            env.insert((*k).into(), (*v).into());
+        }
+        env
+    }
+}
+
+/// Whether [`DAEMON_ENV`] names the variable `name`.
+fn is_daemon_var(name: &OsStr) -> bool {
+    let name = name.as_bytes();
+    DAEMON_ENV.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix.as_bytes()),
+        None => name == p.as_bytes(),
+    })
 }
 
 /// A spawn error naming what could not be spawned, of the same kind as `e`.
@@ -161,7 +264,353 @@ fn spawn_error(what: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("cannot spawn {}: {e}", what.display()))
 }
 
+/// Why a file or directory with status `st` could be written by someone other than root or
+/// this process's effective user: it is owned by another user, or writable by its group or by
+/// others. `None` when it could not.
+fn writable_by_others(st: &Stat) -> Option<String> {
+    let euid = rustix::process::geteuid().as_raw();
+    let uid = st.st_uid;
+    if uid != 0 && uid != euid {
+        return Some(format!(
+            "is owned by uid {uid}, neither root nor this process's uid {euid}"
+        ));
+    }
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o022 != 0 {
+        let who = if mode & 0o002 != 0 {
+            "others"
+        } else {
+            "its group"
+        };
+        return Some(format!("is writable by {who} (mode {mode:o})"));
+    }
+    None
+}
+
+/// A permission error saying that `path` `why` (from [`writable_by_others`]).
+fn untrusted(path: &Path, why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "{} {why}: only root and this process's user may be able to write a binary or its \
+             directory",
+            path.display()
+        ),
+    )
+}
+
+/// Check the directory open at `dir` (whose path is `path`): a directory that only root or
+/// this process's user can write.
+fn check_dir_fd(dir: &OwnedFd, path: &Path) -> io::Result<()> {
+    let st = fstat(dir)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is not a directory", path.display()),
+        ));
+    }
+    match writable_by_others(&st) {
+        Some(why) => Err(untrusted(path, &why)),
+        None => Ok(()),
+    }
+}
+
+/// Check that `dir` (symlinks followed) is a directory that nobody but root and this
+/// process's effective user can write: owned by one of them, not writable by group or others.
+/// A `PermissionDenied` error says which rule it breaks.
+pub fn check_trusted_dir(dir: &Path) -> io::Result<()> {
+    let fd = open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", dir.display())))?;
+    check_dir_fd(&fd, dir)
+}
+
+/// Open `path` (symlinks resolved first) as [`check_trusted_binary`] describes: its directory
+/// is opened and checked, then the file is opened relative to that descriptor without following
+/// a symlink, and checked. Returns the file (`O_PATH`, close-on-exec), its resolved path and its
+/// status. Errors name the file or directory at fault when it is not `path` itself (the caller
+/// names `path`).
+fn open_checked(path: &Path) -> io::Result<(OwnedFd, PathBuf, Stat)> {
+    let canon = std::fs::canonicalize(path)?;
+    let not_a_file = || {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is not a regular file", canon.display()),
+        )
+    };
+    let (Some(parent), Some(name)) = (canon.parent(), canon.file_name()) else {
+        return Err(not_a_file());
+    };
+    let dir = open(
+        parent,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("{}: {e}", parent.display()),
+        )
+    })?;
+    check_dir_fd(&dir, parent)?;
+    // Relative to the directory just checked; a symlink put there since `canonicalize` is
+    // opened as itself (`O_PATH | O_NOFOLLOW`) and refused as not a regular file.
+    let fd = openat(
+        &dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("{}: {e}", canon.display()),
+        )
+    })?;
+    let st = fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(not_a_file());
+    }
+    if let Some(why) = writable_by_others(&st) {
+        return Err(untrusted(&canon, &why));
+    }
+    Ok((fd, canon, st))
+}
+
+/// Check `path` as a binary to run: resolved (symlinks followed), it must be a regular file in
+/// a directory, the file and the directory each owned by root or by this process's effective
+/// user and writable by neither group nor others. Returns the resolved path. A
+/// `PermissionDenied` error names the file or directory and the rule it breaks; a missing file
+/// is the system's `NotFound` error, which does not repeat `path`.
+///
+/// The spawn functions make the same checks on the descriptor they execute; this is for a
+/// caller's own allowlist (the reference supervisor's configuration).
+pub fn check_trusted_binary(path: &Path) -> io::Result<PathBuf> {
+    open_checked(path).map(|(_, canon, _)| canon)
+}
+
+/// A binary opened for execution and checked: the child execs this descriptor.
+#[derive(Debug)]
+struct Binary {
+    /// `O_PATH`, close-on-exec.
+    fd: OwnedFd,
+    /// Whether it starts with `#!`: the kernel then gives the interpreter `/dev/fd/<fd>`, so
+    /// the child must leave the descriptor open across the exec.
+    script: bool,
+}
+
+impl Binary {
+    /// Open and check `path` (see [`open_checked`]), and require an execute bit.
+    fn open(path: &Path) -> io::Result<Binary> {
+        let (fd, canon, st) = open_checked(path).map_err(|e| spawn_error(path, e))?;
+        if st.st_mode & 0o111 == 0 {
+            return Err(spawn_error(
+                path,
+                io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} is not executable (mode {:o})",
+                        canon.display(),
+                        st.st_mode & 0o7777
+                    ),
+                ),
+            ));
+        }
+        let script = starts_with_shebang(&fd);
+        Ok(Binary { fd, script })
+    }
+
+    /// The same binary at a descriptor number of `min` or more (close-on-exec), so that
+    /// nothing placed in the child below `min` replaces it.
+    fn at_or_above(self, min: RawFd) -> io::Result<Binary> {
+        Ok(Binary {
+            fd: fcntl_dupfd_cloexec(&self.fd, min)?,
+            script: self.script,
+        })
+    }
+}
+
+/// Whether the file open at `fd` (`O_PATH`) starts with `#!`. It is read through a second
+/// descriptor opened by `/proc/self/fd`, which names that very file; a file that cannot be read
+/// cannot be a script an interpreter runs, and counts as none.
+fn starts_with_shebang(fd: &OwnedFd) -> bool {
+    let Ok(file) = open(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    let mut magic = [0u8; 2];
+    matches!(rustix::io::pread(&file, &mut magic, 0), Ok(2)) && magic == *b"#!"
+}
+
+/// A NULL-terminated array of pointers to C strings, as `execve` takes it.
+struct CArray {
+    /// The strings the pointers point into (heap buffers that never move or change).
+    _strings: Vec<CString>,
+    /// One pointer per string, then `extra` if any, then NULL.
+    ptrs: Vec<*const c_char>,
+}
+
+// SAFETY: the pointers only point into `_strings`, which this value owns and never changes,
+// or at the `LISTEN_PID` entry (atomics, see `Exec`) owned by the same `Exec`; nothing reads
+// through them but the kernel, in `fexecve`. Sending or sharing the array across threads is
+// therefore as safe as sending or sharing the `CString`s themselves.
+unsafe impl Send for CArray {}
+// SAFETY: as for `Send` above: no interior mutability is reachable through `&CArray`.
+unsafe impl Sync for CArray {}
+
+impl CArray {
+    fn new(strings: Vec<CString>, extra: Option<*const c_char>) -> CArray {
+        let ptrs = strings
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain(extra)
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        CArray {
+            _strings: strings,
+            ptrs,
+        }
+    }
+}
+
+/// Everything the child needs to exec the checked binary, prepared in the parent: no
+/// allocation happens after the fork.
+struct Exec {
+    binary: Binary,
+    argv: CArray,
+    envp: CArray,
+    /// The `LISTEN_PID=<pid>` entry of `envp` (a cold start with listeners), written by the
+    /// child with its own pid. Atomics, so the child writes through a shared reference while
+    /// `envp` points at the same bytes (`AtomicU8` has the layout of `u8`).
+    listen_pid: Option<Box<[AtomicU8; PID_ENTRY]>>,
+}
+
+impl Exec {
+    /// `argv` is `cmd.binary` as given, then `cmd.args`; `envp` is `env`, plus the
+    /// `LISTEN_PID` entry if `listen_pid`. A NUL byte in any of them, or a variable name that
+    /// is empty or contains `=`, is an `InvalidInput` error.
+    fn new(
+        cmd: &Command,
+        binary: Binary,
+        env: BTreeMap<OsString, OsString>,
+        listen_pid: bool,
+    ) -> io::Result<Exec> {
+        let invalid = |what: String| {
+            spawn_error(
+                &cmd.binary,
+                io::Error::new(io::ErrorKind::InvalidInput, what),
+            )
+        };
+        let cstring = |bytes: Vec<u8>| {
+            CString::new(bytes).map_err(|e| {
+                let s = String::from_utf8_lossy(&e.into_vec()).into_owned();
+                invalid(format!("{s:?} contains a NUL byte"))
+            })
+        };
+        let mut argv = vec![cstring(cmd.binary.as_os_str().as_bytes().to_vec())?];
+        for a in &cmd.args {
+            argv.push(cstring(a.as_bytes().to_vec())?);
+        }
+        let mut envp = Vec::with_capacity(env.len());
+        for (k, v) in env {
+            if k.is_empty() || k.as_bytes().contains(&b'=') {
+                return Err(invalid(format!(
+                    "environment variable name {k:?} is empty or contains '='"
+                )));
+            }
+            let mut entry = k.into_vec();
+            entry.push(b'=');
+            entry.extend_from_slice(v.as_bytes());
+            envp.push(cstring(entry)?);
+        }
+        let slot = listen_pid.then(|| {
+            let slot = Box::new(std::array::from_fn(|_| AtomicU8::new(0)));
+            write_listen_pid(&slot, 0);
+            slot
+        });
+        let extra = slot.as_ref().map(|s| s.as_ptr().cast::<c_char>());
+        Ok(Exec {
+            binary,
+            argv: CArray::new(argv, None),
+            envp: CArray::new(envp, extra),
+            listen_pid: slot,
+        })
+    }
+
+    /// In the child, between fork and exec: set `LISTEN_PID` to this process's pid, keep a
+    /// script's descriptor open across the exec, and exec the binary. Returns only on failure,
+    /// with the system's error (a raw OS error: no allocation). Async-signal-safe: `getpid`,
+    /// `fcntl`, `fexecve`; no lock, no panic.
+    fn exec(&self) -> io::Error {
+        if let Some(slot) = &self.listen_pid {
+            write_listen_pid(
+                slot,
+                rustix::process::getpid().as_raw_nonzero().get() as u32,
+            );
+        }
+        if self.binary.script {
+            if let Err(e) = fcntl_setfd(&self.binary.fd, FdFlags::empty()) {
+                return e.into();
+            }
+        }
+        // SAFETY: `argv.ptrs` and `envp.ptrs` are NULL-terminated arrays of pointers to
+        // NUL-terminated strings (`CArray::new`; the `LISTEN_PID` entry ends in a NUL written
+        // by `write_listen_pid`), all owned by `self`, which outlives the call. The descriptor
+        // is open and owned by `self`. fexecve does not return on success; on failure it
+        // returns -1 and sets errno, read just below.
+        unsafe {
+            fexecve(
+                self.binary.fd.as_raw_fd(),
+                self.argv.ptrs.as_ptr(),
+                self.envp.ptrs.as_ptr(),
+            );
+        }
+        io::Error::last_os_error()
+    }
+}
+
+/// Write `LISTEN_PID=<pid>` and a NUL into `slot`. No allocation; the indices stay below 22.
+fn write_listen_pid(slot: &[AtomicU8; PID_ENTRY], pid: u32) {
+    let mut digits = [0u8; 10];
+    let (mut n, mut len) = (pid, 0);
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        n /= 10;
+        len += 1;
+        if n == 0 {
+            break;
+        }
+    }
+    let entry = b"LISTEN_PID="
+        .iter()
+        .chain(digits[..len].iter().rev())
+        .chain(std::iter::once(&0));
+    for (cell, &b) in slot.iter().zip(entry) {
+        cell.store(b, Ordering::Relaxed);
+    }
+}
+
+/// Spawn `c`, whose `pre_exec` hook execs the checked binary; errors name `cmd.binary`.
+fn spawn_checked(cmd: &Command, mut c: std::process::Command) -> io::Result<Child> {
+    after_check();
+    let child = c.spawn().map_err(|e| spawn_error(&cmd.binary, e));
+    // Closes this process's copies of what the hook owned (the binary, the channel or the
+    // listeners' duplicates).
+    drop(c);
+    child
+}
+
 /// Spawn `cmd` as a successor whose control channel is `channel`, one end of a socketpair.
+///
+/// The binary is opened and checked, and the child executes that descriptor (see the module
+/// docs): a binary, or its directory, that someone other than root or this process's user
+/// could write is refused with a `PermissionDenied` error before anything is spawned.
 ///
 /// The child gets a duplicate of `channel` (at a number of 3 or more) that is inheritable in
 /// the child only: the duplicate is made close-on-exec in this process and `FD_CLOEXEC` is
@@ -178,47 +627,44 @@ fn spawn_error(what: &Path, e: io::Error) -> io::Error {
 /// `PermissionDenied`) whose message names the binary.
 pub fn spawn_successor(cmd: &Command, channel: BorrowedFd<'_>) -> io::Result<Child> {
     // At 3 or more: std's stdio set-up in the child (dup2 onto 0, 1, 2) runs before our
-    // pre_exec and must not replace it.
+    // pre_exec and must not replace it, nor the binary. The channel first: it gets the lowest
+    // free number, as small a number as a shell script can name (`<&9` at most for dash).
     let chan = fcntl_dupfd_cloexec(channel, SD_LISTEN_FDS_START)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot duplicate the channel: {e}")))?;
-    let number = chan.as_raw_fd();
-    let mut c = cmd.std_command(cmd.binary.as_os_str());
-    c.args(&cmd.args);
-    for key in [LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES] {
-        c.env_remove(key);
-    }
-    c.env(ENV_ROLE, ROLE_SUCCESSOR)
-        .env(ENV_CHANNEL_FD, number.to_string());
+    let binary = Binary::open(&resolve_binary(cmd)?)?.at_or_above(SD_LISTEN_FDS_START)?;
+    let number = chan.as_raw_fd().to_string();
+    let env = cmd.child_env(
+        &[LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES],
+        &[(ENV_ROLE, ROLE_SUCCESSOR), (ENV_CHANNEL_FD, &number)],
+    );
+    let exec = Exec::new(cmd, binary, env, false)?;
+    let mut c = cmd.std_command();
     let hook = move || -> io::Result<()> {
         // The child's copy of `chan`: descriptor flags belong to the descriptor table, which
         // the child has its own copy of, so this process's `chan` stays close-on-exec.
         fcntl_setfd(&chan, FdFlags::empty())?;
-        Ok(())
+        Err(exec.exec())
     };
     // SAFETY: the hook runs in the child between fork and exec. It makes one fcntl(F_SETFD)
-    // system call (async-signal-safe), does not allocate (an error is a raw OS error), takes
-    // no lock and cannot panic. It only changes the flags of the child's copy of `chan`, a
-    // descriptor this code owns and nothing else in the child uses.
+    // on the child's copy of `chan`, a descriptor this code owns and nothing else in the child
+    // uses, and then `Exec::exec` (getpid, fcntl, fexecve): all async-signal-safe. It does not
+    // allocate (errors are raw OS errors, the arrays were built in the parent), takes no lock
+    // and cannot panic.
     unsafe {
         c.pre_exec(hook);
     }
-    let child = c.spawn().map_err(|e| spawn_error(&cmd.binary, e));
-    // Closes this process's `chan` (owned by the hook).
-    drop(c);
-    child
+    spawn_checked(cmd, c)
 }
 
 /// Spawn `cmd` cold, socket-activation style (`sd_listen_fds(3)`): the listeners at
 /// descriptors 3, 4, … in the order given, `LISTEN_FDS` their count, `LISTEN_FDNAMES` their
-/// names joined by `:`, and `LISTEN_PID` the child's own pid.
+/// names joined by `:`, and `LISTEN_PID` the child's own pid. With no listeners the three
+/// variables are removed instead.
 ///
-/// `LISTEN_PID`: std cannot set a variable to the pid of the child it forks, so the binary is
-/// started through `/bin/sh -c 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"'`: `$$` is
-/// the shell's pid, which the exec'd binary keeps. The returned [`Child`] is that process.
-/// Before spawning, `cmd.binary` is checked to be an executable file (searched in `PATH` if a
-/// bare name, and then passed to the shell as found): a missing binary is a `NotFound` error
-/// naming it rather than a shell exiting 127. With no listeners the binary is spawned
-/// directly, with the `LISTEN_*` variables removed.
+/// The binary is opened and checked, and the child executes that descriptor, as in
+/// [`spawn_successor`]. `LISTEN_PID` is written into the prepared environment by the child
+/// itself (`getpid()`, between `fork` and `exec`), so the returned [`Child`] is the daemon
+/// itself, with no shell in between.
 ///
 /// Placement: each listener is first duplicated in this process to a number of `3 + n` or
 /// more (close-on-exec), so that no source lies in the target range `3..3 + n`; in the child,
@@ -232,34 +678,42 @@ pub fn spawn_successor(cmd: &Command, channel: BorrowedFd<'_>) -> io::Result<Chi
 /// unreported. Only another thread closing a descriptor below `3 + n` during the spawn can
 /// still free a number there.
 ///
-/// [`ENV_ROLE`] and [`ENV_CHANNEL_FD`] are removed from the child's environment. The `LISTEN_*`
-/// and `HANDOFF_*` variables are set or removed after `cmd.env` is applied, so they win.
+/// [`ENV_ROLE`], [`ENV_CHANNEL_FD`] and [`ENV_LISTENER_COUNT`] are removed from the child's
+/// environment. The `LISTEN_*` and `HANDOFF_*` variables are set or removed after `cmd.env` is
+/// applied, so they win.
 ///
 /// Errors (`InvalidInput`, before anything is spawned): an empty name or one containing `:`,
-/// more than [`MAX_INHERITED_FDS`] listeners.
+/// more than [`MAX_INHERITED_FDS`] listeners. A binary that fails its checks or cannot be
+/// executed: as [`spawn_successor`].
 pub fn spawn_with_listeners(
     cmd: &Command,
     listeners: &[(&str, BorrowedFd<'_>)],
 ) -> io::Result<Child> {
     let names = listen_fdnames(listeners)?;
     let n = listeners.len();
-    if n == 0 {
-        let mut c = cmd.std_command(cmd.binary.as_os_str());
-        c.args(&cmd.args);
-        for key in [
-            LISTEN_PID,
-            LISTEN_FDS,
-            LISTEN_FDNAMES,
-            ENV_ROLE,
-            ENV_CHANNEL_FD,
-        ] {
-            c.env_remove(key);
-        }
-        return c.spawn().map_err(|e| spawn_error(&cmd.binary, e));
-    }
-    let binary = resolve_binary(cmd)?;
     // n <= MAX_INHERITED_FDS, so the numbers fit in a RawFd.
     let end = SD_LISTEN_FDS_START + n as RawFd;
+    // Above the target range, before the free numbers below it are reserved.
+    let binary = Binary::open(&resolve_binary(cmd)?)?.at_or_above(end)?;
+    let managed = [
+        LISTEN_PID,
+        LISTEN_FDS,
+        LISTEN_FDNAMES,
+        ENV_ROLE,
+        ENV_CHANNEL_FD,
+        ENV_LISTENER_COUNT,
+    ];
+    if n == 0 {
+        let exec = Exec::new(cmd, binary, cmd.child_env(&managed, &[]), false)?;
+        let mut c = cmd.std_command();
+        let hook = move || -> io::Result<()> { Err(exec.exec()) };
+        // SAFETY: the hook runs in the child between fork and exec and only calls
+        // `Exec::exec` (fcntl, fexecve: async-signal-safe; no allocation, no lock, no panic).
+        unsafe {
+            c.pre_exec(hook);
+        }
+        return spawn_checked(cmd, c);
+    }
     let reserved = reserve_below(listeners[0].1, end)?;
     let sources = listeners
         .iter()
@@ -272,30 +726,23 @@ pub fn spawn_with_listeners(
             })
         })
         .collect::<io::Result<Vec<OwnedFd>>>()?;
-
-    let mut c = cmd.std_command(OsStr::new(SHELL));
-    c.arg("-c")
-        .arg(LISTEN_PID_SCRIPT)
-        .arg(&binary)
-        .args(&cmd.args);
-    for key in [LISTEN_PID, ENV_ROLE, ENV_CHANNEL_FD, ENV_LISTENER_COUNT] {
-        c.env_remove(key);
-    }
-    c.env(LISTEN_FDS, n.to_string()).env(LISTEN_FDNAMES, names);
-    let hook = move || place(&sources);
+    let count = n.to_string();
+    let env = cmd.child_env(&managed, &[(LISTEN_FDS, &count), (LISTEN_FDNAMES, &names)]);
+    let exec = Exec::new(cmd, binary, env, true)?;
+    let mut c = cmd.std_command();
+    let hook = move || -> io::Result<()> {
+        place(&sources)?;
+        Err(exec.exec())
+    };
     // SAFETY: the hook runs in the child between fork and exec. `place` makes only
-    // async-signal-safe system calls (fcntl, dup2, close), does not allocate (errors are raw
-    // OS errors, the sources were collected in the parent), takes no lock and cannot panic.
-    // The descriptors it replaces are argued for in `place_at`.
+    // async-signal-safe system calls (fcntl, dup2, close), and `Exec::exec` getpid, fcntl and
+    // fexecve; neither allocates (errors are raw OS errors, the sources and the arrays were
+    // built in the parent), takes a lock or can panic. The descriptors `place` replaces are
+    // argued for in `place_at`; the binary's descriptor is above them.
     unsafe {
         c.pre_exec(hook);
     }
-    let child = c
-        .spawn()
-        .map_err(|e| spawn_error(Path::new(SHELL), e))
-        .map_err(|e| io::Error::new(e.kind(), format!("{e} (to start {})", binary.display())));
-    // Closes this process's duplicates (owned by the hook), then the reserved numbers.
-    drop(c);
+    let child = spawn_checked(cmd, c);
     drop(reserved);
     child
 }
@@ -326,21 +773,15 @@ fn listen_fdnames(listeners: &[(&str, BorrowedFd<'_>)]) -> io::Result<String> {
         .join(":"))
 }
 
-/// Check that `path` is a regular file this process may execute.
-fn check_executable(path: &Path) -> io::Result<()> {
-    let meta = std::fs::metadata(path).map_err(|e| spawn_error(path, e))?;
-    if !meta.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("cannot spawn {}: not a regular file", path.display()),
-        ));
-    }
-    rustix::fs::access(path, rustix::fs::Access::EXEC_OK).map_err(|e| spawn_error(path, e.into()))
+/// Whether `path` is a regular file this process may execute (for the `PATH` search).
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+        && rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok()
 }
 
-/// The path the shell is to exec for `cmd`: `cmd.binary` if it has a `/`, else the first
-/// executable file of that name in the child's `PATH`; checked to be executable. A path
-/// starting with `-` gets a `./` prefix so that no shell reads it as an option of `exec`.
+/// The path to open for `cmd`: `cmd.binary` if it has a `/`, else the first executable file
+/// of that name in the child's `PATH` (an empty entry is the current directory). It is checked
+/// when opened ([`Binary::open`]).
 fn resolve_binary(cmd: &Command) -> io::Result<PathBuf> {
     let binary = &cmd.binary;
     if binary.as_os_str().is_empty() {
@@ -349,37 +790,30 @@ fn resolve_binary(cmd: &Command) -> io::Result<PathBuf> {
             "cannot spawn an empty binary path",
         ));
     }
-    let found = if binary.as_os_str().as_bytes().contains(&b'/') {
-        check_executable(binary)?;
-        binary.clone()
-    } else {
-        let path = cmd.child_var("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
-        std::env::split_paths(&path)
-            .map(|dir| {
-                // An empty entry is the current directory.
-                if dir.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    dir
-                }
-                .join(binary)
-            })
-            .find(|candidate| check_executable(candidate).is_ok())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!(
-                        "cannot spawn {}: no executable of that name in PATH={}",
-                        binary.display(),
-                        path.to_string_lossy()
-                    ),
-                )
-            })?
-    };
-    if found.as_os_str().as_bytes().starts_with(b"-") {
-        return Ok(Path::new(".").join(found));
+    if binary.as_os_str().as_bytes().contains(&b'/') {
+        return Ok(binary.clone());
     }
-    Ok(found)
+    let path = cmd.child_var("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+    std::env::split_paths(&path)
+        .map(|dir| {
+            if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            }
+            .join(binary)
+        })
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "cannot spawn {}: no executable of that name in PATH={}",
+                    binary.display(),
+                    path.to_string_lossy()
+                ),
+            )
+        })
 }
 
 /// Hold every free descriptor number in `3..end` with a close-on-exec duplicate of `fd`, so
@@ -426,9 +860,9 @@ fn place_at(src: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
     // SAFETY: `from_raw_fd` needs `target` open and not owned elsewhere. It is open: fcntl
     // just found it in use, and the child is single-threaded between fork and exec, so
     // nothing has closed it since. Whatever object of the parent owned it is only a copy in
-    // the child's memory that nothing drops before exec (std runs this hook and then execs,
-    // or `_exit`s on error without running destructors). The one such object std still uses
-    // after the hook is its exec-error pipe, which `spawn_with_listeners` keeps out of the
+    // the child's memory that nothing drops before exec (the hook execs, or returns an error
+    // upon which std `_exit`s without running destructors). The one such object std still
+    // uses after the hook is its exec-error pipe, which `spawn_with_listeners` keeps out of the
     // target range by reserving the free numbers; were it replaced anyway (a race with
     // another thread closing a low descriptor), std's report of a failed exec would fail to
     // be written and the child would abort: a lost error report, not memory unsafety. The
@@ -841,6 +1275,12 @@ mod tests {
              IFS= read -r line <&\"$HANDOFF_CHANNEL_FD\"\n\
              echo \"got $line\" >&\"$HANDOFF_CHANNEL_FD\"",
         );
+        // bash: dash's redirections name descriptors 0 to 9 only (`<&12` is a syntax error),
+        // and the channel's number depends on what the tests running meanwhile hold open.
+        let cmd = Command {
+            binary: "/bin/bash".into(),
+            ..cmd
+        };
         let cmd = cmd
             .env("LISTEN_PID", "1")
             .env("LISTEN_FDS", "2")
@@ -993,5 +1433,378 @@ mod tests {
         let init = Watched::open(1).unwrap();
         assert_eq!(init.pid(), 1);
         assert!(!init.has_exited().unwrap());
+    }
+
+    /// Set the permission bits of `path` to `mode`.
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A copy of `from` at `to` with mode `mode`. Copied by `cp`, another process: were this
+    /// multi-threaded process to hold the copy open for writing, a child forked meanwhile by
+    /// another test would inherit that descriptor until its exec, and executing the copy would
+    /// fail with `ETXTBSY`.
+    fn copy_exe(from: &str, to: &Path, mode: u32) {
+        let status = std::process::Command::new("cp")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cp {from} {}: {status}", to.display());
+        set_mode(to, mode);
+    }
+
+    /// Whether a test that needs root may run: `true` as root; otherwise it says so in one
+    /// line and returns `false` (skip), or panics when `HANDOFF_REQUIRE_ROOT_TESTS=1`.
+    fn root_or_skip(test: &str) -> bool {
+        if rustix::process::geteuid().is_root() {
+            return true;
+        }
+        if std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
+            panic!("{test} needs root (HANDOFF_REQUIRE_ROOT_TESTS=1)");
+        }
+        eprintln!("{test}: skipped, needs root");
+        false
+    }
+
+    /// The file is replaced (renamed over) after the spawn checked it and before the child
+    /// execs: the child still runs the file that was checked, for a successor and for a cold
+    /// start, with and without listeners.
+    #[test]
+    fn the_checked_binary_runs_though_replaced_after_the_check() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        for case in ["successor", "cold, no listeners", "cold, one listener"] {
+            let dir = TempDir::new("spawn-swap");
+            let daemon = dir.path().join("daemon");
+            copy_exe("/bin/sh", &daemon, 0o755);
+            let other = dir.path().join("other");
+            std::fs::write(&other, "#!/bin/sh\necho replaced >\"$OUT\"\n").unwrap();
+            set_mode(&other, 0o755);
+            let out = dir.path().join("out");
+            let cmd = Command::new(&daemon)
+                .args(["-c", "echo checked >\"$OUT\""])
+                .env("OUT", &out)
+                .inherit_stdio(false);
+            let (d, o) = (daemon.clone(), other.clone());
+            AFTER_CHECK.with(|h| {
+                *h.borrow_mut() = Some(Box::new(move || std::fs::rename(&o, &d).unwrap()))
+            });
+            let (_ours, theirs) = socketpair_cloexec().unwrap();
+            let child = match case {
+                "successor" => spawn_successor(&cmd, theirs.as_fd()),
+                "cold, no listeners" => spawn_with_listeners(&cmd, &[]),
+                _ => spawn_with_listeners(&cmd, &[("http", tcp.as_fd())]),
+            }
+            .unwrap();
+            assert!(
+                AFTER_CHECK.with(|h| h.borrow().is_none()),
+                "{case}: hook not run"
+            );
+            // The rename did happen: the path names the other file now.
+            assert!(!other.exists(), "{case}");
+            assert_eq!(finish(child, &out), "checked\n", "{case}");
+        }
+    }
+
+    /// A binary, or the directory it is in, that someone other than root or this process's
+    /// user could write is refused, by every spawn function, before anything is spawned.
+    #[test]
+    fn writable_binaries_and_directories_are_refused() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (_ours, theirs) = socketpair_cloexec().unwrap();
+        let dir = TempDir::new("spawn-writable");
+        let sub = dir.path().join("bin");
+        std::fs::create_dir(&sub).unwrap();
+        set_mode(&sub, 0o755);
+        let daemon = sub.join("daemon");
+        copy_exe("/bin/sh", &daemon, 0o755);
+        for (what, file_mode, dir_mode, named) in [
+            ("group-writable binary", 0o775, 0o755, &daemon),
+            ("world-writable binary", 0o757, 0o755, &daemon),
+            ("group-writable directory", 0o755, 0o775, &sub),
+            ("world-writable directory", 0o755, 0o757, &sub),
+            ("sticky world-writable directory", 0o755, 0o1777, &sub),
+        ] {
+            set_mode(&daemon, file_mode);
+            set_mode(&sub, dir_mode);
+            let cmd = Command::new(&daemon)
+                .args(["-c", "exit 0"])
+                .inherit_stdio(false);
+            let errors = [
+                spawn_successor(&cmd, theirs.as_fd()),
+                spawn_with_listeners(&cmd, &[]),
+                spawn_with_listeners(&cmd, &[("http", tcp.as_fd())]),
+            ];
+            for r in errors {
+                let e = match r {
+                    Ok(mut child) => {
+                        let _ = child.wait();
+                        panic!("{what}: spawned");
+                    }
+                    Err(e) => e,
+                };
+                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{what}: {e}");
+                let msg = e.to_string();
+                assert!(msg.contains("writable"), "{what}: {msg}");
+                assert!(msg.contains(&named.display().to_string()), "{what}: {msg}");
+            }
+        }
+        // Back to 0755 and 0755: spawned.
+        set_mode(&daemon, 0o755);
+        set_mode(&sub, 0o755);
+        let out = dir.path().join("out");
+        let cmd = Command::new(&daemon)
+            .args(["-c", "echo ok >\"$OUT\""])
+            .env("OUT", &out)
+            .inherit_stdio(false);
+        assert_eq!(
+            finish(spawn_with_listeners(&cmd, &[]).unwrap(), &out),
+            "ok\n"
+        );
+    }
+
+    /// A binary, or its directory, owned by a user other than root or this process's is
+    /// refused, even with no write bit for group or others.
+    #[test]
+    fn binaries_owned_by_another_user_are_refused() {
+        if !root_or_skip("binaries_owned_by_another_user_are_refused") {
+            return;
+        }
+        let dir = TempDir::new("spawn-owner");
+        let sub = dir.path().join("bin");
+        std::fs::create_dir(&sub).unwrap();
+        let daemon = sub.join("daemon");
+        copy_exe("/bin/sh", &daemon, 0o755);
+        let other = rustix::process::Uid::from_raw(4242);
+        for (what, path) in [("binary", &daemon), ("directory", &sub)] {
+            rustix::fs::chown(path.as_path(), Some(other), None).unwrap();
+            let cmd = Command::new(&daemon)
+                .args(["-c", "exit 0"])
+                .inherit_stdio(false);
+            let e = match spawn_with_listeners(&cmd, &[]) {
+                Ok(mut child) => {
+                    let _ = child.wait();
+                    panic!("{what} owned by uid 4242: spawned");
+                }
+                Err(e) => e,
+            };
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{what}: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains("uid 4242"), "{what}: {msg}");
+            assert!(msg.contains(&path.display().to_string()), "{what}: {msg}");
+            rustix::fs::chown(path.as_path(), Some(rustix::process::Uid::ROOT), None).unwrap();
+        }
+    }
+
+    const ENV_CHILD: &str = "HOIS_SPAWN_ENV_CHILD";
+    const ENV_CHILD_TEST: &str = "sys::spawn::tests::env_child_side";
+
+    /// The environment a `SpawnSpec`'s daemon starts with, as the daemon sees it
+    /// (`/proc/self/environ` of the exec'd program): sorted `NAME=value` lines.
+    fn daemon_environ(
+        dir: &TempDir,
+        name: &str,
+        spawn: impl FnOnce(&Command) -> Child,
+    ) -> Vec<String> {
+        let out = dir.path().join(name);
+        let spec = crate::supervisor::SpawnSpec {
+            binary: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "tr '\\000' '\\n' </proc/$$/environ >\"$OUT\"".into(),
+            ],
+            env: vec![
+                ("OUT".into(), out.clone().into()),
+                ("DAEMON_SETTING".into(), "from-the-spec".into()),
+            ],
+            ..Default::default()
+        };
+        let text = finish(spawn(&spec.command().inherit_stdio(false)), &out);
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        lines.sort();
+        lines
+    }
+
+    /// The child half of [`a_daemon_inherits_only_the_documented_environment`]: a supervisor
+    /// whose own environment holds more than a daemon needs. Returns at once in a normal run.
+    #[test]
+    fn env_child_side() {
+        if std::env::var_os(ENV_CHILD).is_none() {
+            return;
+        }
+        let dir = TempDir::new("spawn-env");
+        let (_ours, theirs) = socketpair_cloexec().unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let names = |lines: &[String]| -> Vec<String> {
+            lines
+                .iter()
+                .map(|l| l.split_once('=').map_or(l.as_str(), |(k, _)| k).to_owned())
+                .collect()
+        };
+        let succ = daemon_environ(&dir, "successor", |cmd| {
+            spawn_successor(cmd, theirs.as_fd()).unwrap()
+        });
+        assert_eq!(
+            names(&succ),
+            [
+                "DAEMON_SETTING",
+                "HANDOFF_CHANNEL_FD",
+                "HANDOFF_LOG",
+                "HANDOFF_ROLE",
+                "LANG",
+                "LC_TIME",
+                "OUT",
+                "PATH",
+                "TZ"
+            ],
+            "{succ:#?}"
+        );
+        assert!(
+            succ.contains(&"DAEMON_SETTING=from-the-spec".to_owned()),
+            "{succ:#?}"
+        );
+        assert!(succ.contains(&"PATH=/usr/bin:/bin".to_owned()), "{succ:#?}");
+        let mut cold_pid = 0;
+        let cold = daemon_environ(&dir, "cold", |cmd| {
+            let child = spawn_with_listeners(cmd, &[("http", tcp.as_fd())]).unwrap();
+            cold_pid = child.id();
+            child
+        });
+        assert_eq!(
+            names(&cold),
+            [
+                "DAEMON_SETTING",
+                "HANDOFF_LOG",
+                "LANG",
+                "LC_TIME",
+                "LISTEN_FDNAMES",
+                "LISTEN_FDS",
+                "LISTEN_PID",
+                "OUT",
+                "PATH",
+                "TZ"
+            ],
+            "{cold:#?}"
+        );
+        assert!(
+            cold.contains(&format!("LISTEN_PID={cold_pid}")),
+            "{cold:#?}"
+        );
+        println!("environments as documented");
+    }
+
+    /// A script (`#!`) runs, for a successor and for a cold start: the kernel hands it to its
+    /// interpreter as `/dev/fd/N`, so that descriptor of the script (and only it) stays open.
+    #[test]
+    fn a_script_runs_with_its_own_descriptor_only() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        for case in ["successor", "cold"] {
+            let dir = TempDir::new("spawn-script");
+            let script = dir.path().join("daemon.sh");
+            let source = dir.path().join("source");
+            std::fs::write(
+                &source,
+                "#!/bin/sh\nexec >\"$OUT\"\necho \"$0 $*\"\nls -l /proc/$$/fd\n",
+            )
+            .unwrap();
+            copy_exe(source.to_str().unwrap(), &script, 0o755);
+            let out = dir.path().join("out");
+            let cmd = Command::new(&script)
+                .args(["a", "b"])
+                .env("OUT", &out)
+                .inherit_stdio(false);
+            let (_ours, theirs) = socketpair_cloexec().unwrap();
+            let child = match case {
+                "successor" => spawn_successor(&cmd, theirs.as_fd()),
+                _ => spawn_with_listeners(&cmd, &[("http", tcp.as_fd())]),
+            }
+            .unwrap();
+            let text = finish(child, &out);
+            let first = text.lines().next().unwrap();
+            let n: RawFd = first
+                .strip_prefix("/dev/fd/")
+                .and_then(|rest| rest.strip_suffix(" a b"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{case}: {text}"));
+            let fds = fd_listing(&text);
+            let name = script.display().to_string();
+            assert_eq!(fds[&n], name, "{case}: {text}");
+            // Besides 0, 1, 2 and the channel or listener: the script's descriptor, and the
+            // interpreter's own for reading it (dash moves it to 10 or above).
+            let mut placed: Vec<RawFd> = fds
+                .iter()
+                .filter(|(_, t)| {
+                    **t == name || **t == socket_link(&theirs) || **t == socket_link(&tcp)
+                })
+                .map(|(f, _)| *f)
+                .collect();
+            placed.extend([0, 1, 2]);
+            if case == "cold" {
+                assert_eq!(fds[&3], socket_link(&tcp), "{case}: {text}");
+            }
+            assert_eq!(
+                fds.keys().copied().collect::<Vec<_>>(),
+                expected_fds(placed),
+                "{case}: {text}"
+            );
+        }
+    }
+
+    /// The child's name (`/proc/<pid>/comm`) is its binary's file name, as after an exec by
+    /// path; kernels before Linux 6.14 name a process exec'd with `execveat(AT_EMPTY_PATH)`
+    /// after the descriptor number instead.
+    #[test]
+    fn the_child_is_named_after_its_binary() {
+        let dir = TempDir::new("spawn-comm");
+        let daemon = dir.path().join("my-daemon");
+        copy_exe("/bin/sh", &daemon, 0o755);
+        let out = dir.path().join("out");
+        let cmd = Command::new(&daemon)
+            .args(["-c", "cat /proc/$$/comm >\"$OUT\""])
+            .env("OUT", &out)
+            .inherit_stdio(false);
+        let comm = finish(spawn_with_listeners(&cmd, &[]).unwrap(), &out);
+        let old_kernel = comm.trim_end().bytes().all(|b| b.is_ascii_digit());
+        assert!(comm == "my-daemon\n" || old_kernel, "{comm:?}");
+    }
+
+    /// A daemon started for a `SpawnSpec` (successor or cold start) inherits only the
+    /// documented variables of the supervisor's environment (`PATH`, `LANG`, `LC_*`, `TZ`,
+    /// `HANDOFF_*`), plus the spec's `env` and what the spawn sets; not the supervisor's other
+    /// variables, secrets or `NOTIFY_SOCKET` among them.
+    #[test]
+    fn a_daemon_inherits_only_the_documented_environment() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                ENV_CHILD_TEST,
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env_clear()
+            .env(ENV_CHILD, "1")
+            .env("PATH", "/usr/bin:/bin")
+            .env("LANG", "C.UTF-8")
+            .env("LC_TIME", "C")
+            .env("TZ", "UTC")
+            .env("HANDOFF_LOG", "on")
+            .env("HOME", "/root")
+            .env("SECRET_TOKEN", "hunter2")
+            .env("NOTIFY_SOCKET", "/run/systemd/notify")
+            .env("LISTEN_PID", "1")
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "x")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "child: {}\n{text}", out.status);
+        assert!(text.contains("environments as documented"), "{text}");
     }
 }

@@ -22,7 +22,10 @@ use handoff::{ListenerKind, Timing};
 use handoff_tests::{MioSup, Sup};
 
 fn spec(testd: &std::path::Path, fail: Option<&str>) -> SpawnSpec {
-    let mut env = Vec::new();
+    // A daemon inherits only PATH, LANG, LC_*, TZ and HANDOFF_* from us: pass `TESTD_*` on.
+    let mut env: Vec<_> = std::env::vars_os()
+        .filter(|(k, _)| k.to_string_lossy().starts_with("TESTD_"))
+        .collect();
     if let Some(f) = fail {
         env.push(("TESTD_FAIL".into(), f.into()));
     }
