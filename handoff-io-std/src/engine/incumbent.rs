@@ -227,6 +227,8 @@ impl IncumbentEngine {
                 log!(ROLE, "refused control connection: {why}");
                 continue;
             }
+            // No descriptor budget: the incumbent needs none from a peer, and a connection
+            // that sends one is closed at once (`read`).
             let conn = match Conn::new(sock) {
                 Ok(c) => c,
                 Err(e) => {

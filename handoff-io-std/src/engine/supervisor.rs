@@ -788,7 +788,11 @@ impl SupervisorEngine {
                     self.control_socket.display()
                 ));
             }
-            Conn::new(sock).map_err(|e| e.to_string())
+            // The daemon sends descriptors only to return the listeners, never more than
+            // are configured (more is a protocol violation).
+            Conn::new(sock)
+                .map(|c| c.with_fd_budget(self.listeners.len()))
+                .map_err(|e| e.to_string())
         })();
         let m = match r {
             Ok(c) => {
