@@ -13,6 +13,8 @@
 //!   with mode 0600.
 //! - [`spawn`]: spawning a successor with its channel, or a daemon cold with its listeners at
 //!   3, 4, … (`LISTEN_FDS`); watching and killing processes through pidfds.
+//! - [`supervisor_lock`]: the supervisor's identity, a `flock` it holds for its whole life,
+//!   and the daemon's check that a control connection comes from its holder.
 //!
 //! Linux only. Every descriptor created or received here is close-on-exec, so nothing leaks
 //! into a spawned successor by accident: a descriptor is made inheritable only by [`spawn`],
@@ -29,6 +31,7 @@ pub mod lock;
 pub mod peercred;
 pub mod sockcheck;
 pub mod spawn;
+pub mod supervisor_lock;
 
 #[cfg(test)]
 pub(crate) mod testutil {
