@@ -159,8 +159,8 @@ impl Incumbent {
     }
 
     /// Which uids may connect to the control socket (default: this process's uid, and root).
-    /// Under a handoff supervisor, a peer must also hold the supervisor lock (see the
-    /// [module docs](self)); the policy cannot widen that.
+    /// Under a handoff supervisor, a peer must also hold the supervisor lock (see
+    /// [`crate::sys::supervisor_lock`]); the policy cannot widen that.
     pub fn with_peer_policy(mut self, policy: PeerPolicy) -> Incumbent {
         self.policy = policy;
         self

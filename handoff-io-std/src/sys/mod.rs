@@ -18,9 +18,10 @@
 //!
 //! Linux only. Every descriptor created or received here is close-on-exec, so nothing leaks
 //! into a spawned successor by accident: a descriptor is made inheritable only by [`spawn`],
-//! in the child, between `fork` and `exec`. All system calls go through `rustix`. `unsafe` is
-//! denied in the layer (below); [`spawn`] alone allows it, for `pre_exec` and for placing
-//! descriptors at fixed numbers in the child, each use with a SAFETY comment.
+//! in the child, between `fork` and `exec`. All system calls go through `rustix`, except
+//! `getsockopt(SO_PEERPIDFD)`, which `rustix` does not wrap. `unsafe` is denied in the layer
+//! (below); [`spawn`] alone allows it, for `pre_exec`, for placing descriptors at fixed
+//! numbers in the child and for that `getsockopt`, each use with a SAFETY comment.
 
 #![deny(unsafe_code)]
 

@@ -22,7 +22,8 @@
 //! This is the one file of [`crate::sys`] with `unsafe` code: [`CommandExt::pre_exec`], and,
 //! in the child, owning a descriptor number for `dup2`. The code that runs in the child makes
 //! only async-signal-safe system calls (`fcntl`, `dup2`, `close`) and does not allocate;
-//! everything it needs is prepared in the parent.
+//! everything it needs is prepared in the parent. Apart from spawning, [`peer_pidfd`] calls
+//! the C library's `getsockopt` for `SO_PEERPIDFD`, which `rustix` does not wrap.
 
 #![allow(unsafe_code)]
 
