@@ -38,6 +38,9 @@ fn rogue(sock: &Path, mode: &str, lock: &Path) -> String {
         .arg(sock)
         .arg(mode)
         .env("ROGUE_HOLD_LOCK", lock)
+        // This process released the lock just now; a child another test thread is forking
+        // may hold it until its exec.
+        .env("ROGUE_LOCK_WAIT_MS", "5000")
         .output()
         .expect("run rogue");
     let stderr = String::from_utf8_lossy(&out.stderr);

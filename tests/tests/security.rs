@@ -350,6 +350,9 @@ fn unsolicited_descriptors_are_refused_and_the_daemon_keeps_accepting(driver: Dr
         .arg(&c.sock)
         .arg("fds")
         .env("ROGUE_HOLD_LOCK", &lock)
+        // This process released the lock just now; a child another test thread is forking
+        // may hold it until its exec.
+        .env("ROGUE_LOCK_WAIT_MS", "5000")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

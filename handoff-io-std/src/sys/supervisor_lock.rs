@@ -37,6 +37,10 @@ use crate::sys::lock;
 /// starts: a [`LockId`], `<major>:<minor>:<inode>` as `/proc/locks` prints it.
 pub const ENV_SUPERVISOR_LOCK: &str = "HANDOFF_SUPERVISOR_LOCK";
 
+/// How long [`SupervisorLock::acquire`] retries a lock that only this process holds (see
+/// there).
+const SELF_HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The supervisor lock of the journal `journal`: `<journal>.lock`.
 pub fn lock_path(journal: &Path) -> PathBuf {
     let mut p = journal.as_os_str().to_os_string();
@@ -183,6 +187,12 @@ impl SupervisorLock {
     /// permission for group or others), and `flock` it exclusively. Held by someone else:
     /// [`SupervisorLockError::Held`], naming the holders. The descriptor is close-on-exec, so
     /// no daemon this supervisor starts holds the lock with it.
+    ///
+    /// One wait: a lock that `/proc/locks` shows held by this very process is retried for up
+    /// to a second. A `flock` belongs to the open file, and a child being spawned by another
+    /// thread holds a copy of every descriptor until its `exec`, so a lock that an earlier
+    /// supervisor of this process has just released can look held for that long. A second
+    /// supervisor that really runs in this process is refused after that second.
     pub fn acquire(path: &Path) -> Result<SupervisorLock, SupervisorLockError> {
         let io_err = |source: io::Error| SupervisorLockError::Io {
             path: path.to_path_buf(),
@@ -232,6 +242,7 @@ impl SupervisorLock {
                  the supervisor; `chmod 600` it"
             )));
         }
+        let until = std::time::Instant::now() + SELF_HELD_WAIT;
         loop {
             match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => break,
@@ -240,6 +251,17 @@ impl SupervisorLock {
                     let id = LockId::of_stat(&st);
                     let holders =
                         lock::flock_holders(id.major, id.minor, id.ino).unwrap_or_default();
+                    // Held by this process only: maybe by a descriptor it has just closed
+                    // (an earlier supervisor dropped), still open in a child another thread
+                    // is forking, until that child's `exec` closes it. Wait that out, briefly.
+                    let me = std::process::id();
+                    if !holders.is_empty()
+                        && holders.iter().all(|&p| p == me)
+                        && std::time::Instant::now() < until
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        continue;
+                    }
                     return Err(SupervisorLockError::Held {
                         path: path.to_path_buf(),
                         holders,

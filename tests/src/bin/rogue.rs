@@ -23,7 +23,9 @@
 //!
 //! With `ROGUE_HOLD_LOCK=<path>` it first takes an exclusive `flock` on that file (created
 //! 0600 if missing) and holds it while it runs, as a supervisor holds its supervisor lock; it
-//! prints `lock-held` and exits if someone else holds it.
+//! prints `lock-held` and exits if someone else holds it (after retrying for
+//! `ROGUE_LOCK_WAIT_MS`, default 0: a lock the test process has just released can stay held a
+//! moment by a child another test thread is forking).
 //!
 //! It prints on stdout what happened, as its last line:
 //! `connect-failed <error>`, `eof` / `reset` (closed without answering), `silent` (nothing
@@ -113,13 +115,21 @@ fn hold_lock() -> Option<OwnedFd> {
         Mode::RUSR | Mode::WUSR,
     )
     .unwrap_or_else(|e| panic!("open {path:?}: {e}"));
-    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Some(fd),
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            println!("lock-held");
-            std::process::exit(0);
+    let wait = Duration::from_millis(env_count("ROGUE_LOCK_WAIT_MS", 0) as u64);
+    let until = Instant::now() + wait;
+    loop {
+        match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Some(fd),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < until => {
+                // No event announces a flock's release: a bounded poll.
+                std::thread::park_timeout(Duration::from_millis(5));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                println!("lock-held");
+                std::process::exit(0);
+            }
+            Err(e) => panic!("flock {path:?}: {e}"),
         }
-        Err(e) => panic!("flock {path:?}: {e}"),
     }
 }
 
