@@ -495,6 +495,10 @@ mod tests {
             let err = SupervisorLock::acquire(&theirs).expect_err("another owner");
             assert!(err.to_string().contains("owned by uid 65534"), "{err}");
         } else {
+            assert!(
+                std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_none_or(|v| v != "1"),
+                "HANDOFF_REQUIRE_ROOT_TESTS=1 but not root: cannot chown a lock file to another uid"
+            );
             eprintln!("not root: the other-owner case of unsafe_lock_files_are_refused is skipped");
         }
     }
