@@ -9,10 +9,16 @@
 //! - hooks ([`Drainable`]) run on the hook thread, so the loop keeps sending heartbeats while
 //!   a drain takes its time; their results come back through a channel and the waker.
 //!
-//! Every connection is checked with `SO_PEERCRED` before the machine hears of it: a peer whose
-//! uid the [`PeerPolicy`] does not admit is logged and dropped, and cannot make the daemon do
-//! anything. A peer that goes silent is dropped by the machine after the silence limit; if it
-//! was running a handoff, the daemon takes its lock back and resumes on its own.
+//! Every connection is checked before the machine hears of it: its uid (`SO_PEERCRED`)
+//! against the [`PeerPolicy`], and, in a daemon started by a handoff supervisor, whether the
+//! peer is that supervisor: the process holding the supervisor lock named in
+//! `HANDOFF_SUPERVISOR_LOCK` (see [`crate::sys::supervisor_lock`]). Any other peer, even one of
+//! the daemon's own uid, is logged and dropped unheard: it cannot take the listeners, drain
+//! the daemon or disturb a handoff. A daemon started without that variable (by hand) admits
+//! any peer of an admitted uid, and says so once at start. A control connection that sends a
+//! descriptor is closed at once (the incumbent needs none). A peer that goes silent is dropped
+//! by the machine after the silence limit; if it was running a handoff, the daemon takes its
+//! lock back and resumes on its own.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
@@ -32,6 +38,7 @@ use crate::log::log;
 use crate::sys::conn::Waker;
 use crate::sys::lock::DataDirLock;
 use crate::sys::peercred::{bind_unix_listener_0600, PeerPolicy};
+use crate::sys::supervisor_lock::{LockId, ENV_SUPERVISOR_LOCK};
 
 const ROLE: &str = "incumbent";
 
@@ -57,6 +64,9 @@ pub struct Incumbent {
     pub(crate) build_id: String,
     pub(crate) timing: Timing,
     pub(crate) policy: PeerPolicy,
+    /// The supervisor lock whose holder alone may talk on the control socket; `None`: any
+    /// peer the policy admits.
+    pub(crate) supervisor: Option<LockId>,
     pub(crate) exit_on_retire: bool,
 }
 
@@ -89,6 +99,17 @@ impl Incumbent {
         lock: DataDirLock,
         listeners: Vec<Held>,
     ) -> Result<Incumbent> {
+        // Read before binding: a daemon that cannot tell its supervisor must not serve.
+        let supervisor =
+            LockId::from_env().map_err(|detail| Error::invalid(ENV_SUPERVISOR_LOCK, detail))?;
+        if supervisor.is_none() {
+            log!(
+                ROLE,
+                "{ENV_SUPERVISOR_LOCK} is not set (not started by a handoff supervisor): any \
+                 process of an admitted uid may drive handoffs on {}",
+                socket_path.display()
+            );
+        }
         let control = bind_unix_listener_0600(socket_path)
             .context(|| format!("binding control socket {}", socket_path.display()))?;
         control
@@ -108,6 +129,7 @@ impl Incumbent {
             build_id: default_build_id(),
             timing: Timing::default(),
             policy: PeerPolicy::default(),
+            supervisor,
             exit_on_retire: true,
         })
     }
@@ -136,7 +158,9 @@ impl Incumbent {
         self
     }
 
-    /// Who may connect to the control socket (default: this process's uid, and root).
+    /// Which uids may connect to the control socket (default: this process's uid, and root).
+    /// Under a handoff supervisor, a peer must also hold the supervisor lock (see
+    /// [`crate::sys::supervisor_lock`]); the policy cannot widen that.
     pub fn with_peer_policy(mut self, policy: PeerPolicy) -> Incumbent {
         self.policy = policy;
         self

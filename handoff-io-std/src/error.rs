@@ -13,6 +13,7 @@ use handoff_proto::{AbortReason, Busy};
 use crate::inherit::InheritError;
 use crate::sys::journal_file::JournalFileError;
 use crate::sys::lock::LockError;
+use crate::sys::supervisor_lock::SupervisorLockError;
 
 /// `Result` with [`Error`], as used by every fallible call of the API and by the
 /// [`Drainable`](crate::Drainable) hooks.
@@ -33,6 +34,10 @@ pub enum Error {
     /// The data-directory lock could not be taken.
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// The supervisor lock could not be taken: another supervisor runs on this journal, or
+    /// the lock file is unsafe.
+    #[error(transparent)]
+    SupervisorLock(#[from] SupervisorLockError),
     /// The inherited listeners (`LISTEN_FDS`) are unusable.
     #[error(transparent)]
     Inherit(#[from] InheritError),

@@ -34,7 +34,9 @@
 //!   needed; `HandoffOutcome::committed == false` means the incumbent confirmed it serves again
 //!   (or, with `serving: None`, that nobody could be confirmed and the next call recovers).
 //! - **Control sockets are 0600 and every peer is checked** with `SO_PEERCRED`
-//!   ([`PeerPolicy`]), in both directions.
+//!   ([`PeerPolicy`]), in both directions; a daemon started by a supervisor also admits only
+//!   the holder of that supervisor's lock (`sys::supervisor_lock`), so that no other process,
+//!   even of its own uid, can take its listeners or steer a handoff.
 //! - **Listeners of every kind** (TCP, UDP, Unix stream and datagram), any number of them,
 //!   checked on receipt, close-on-exec; `take` is TCP as before, with `take_udp`, `take_unix`
 //!   and `take_unix_datagram` beside it.
@@ -46,7 +48,7 @@
 //! ([`inherit::InheritedListeners::from_env`], the successor channel for [`detect_role`]), and
 //! borrowing a raw descriptor number given to [`supervisor::Supervisor::with_listener`] to
 //! duplicate it. `sys::spawn`: placing descriptors in a spawned child and executing the checked
-//! binary there (`pre_exec`, `fexecve`).
+//! binary there (`pre_exec`, `fexecve`), and reading `SO_PEERPIDFD` (`peer_pidfd`).
 
 #![deny(unsafe_code)]
 

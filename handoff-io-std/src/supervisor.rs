@@ -237,6 +237,10 @@ impl Supervisor {
     /// start the daemon cold if nobody serves (with [`with_cold_start`](Self::with_cold_start)).
     ///
     /// A corrupt journal is an error that names the file; nothing is touched then.
+    ///
+    /// The first call takes the supervisor lock, `<journal>.lock`, and this supervisor holds
+    /// it until it is dropped: a second supervisor on the same journal gets an error naming
+    /// the first, and the daemons this one starts answer only the lock's holder.
     pub fn resume_from_journal(&self) -> Result<Recovery> {
         let mut engine = self.busy()?;
         let r = recover(&mut engine);

@@ -1,10 +1,10 @@
 //! A damaged journal is a clear error that names the file, and touches nothing.
 
 use handoff::supervisor::Supervisor;
-use handoff_tests::{test_timing, Client, Cluster, Driver, Listener};
+use handoff_tests::{test_timing, Client, Cluster, Driver, Listener, Sup};
 
 fn corrupt_or_truncated_journal_is_a_clear_error_and_the_daemon_keeps_serving(driver: Driver) {
-    let c = Cluster::tcp(driver, "journal");
+    let mut c = Cluster::tcp(driver, "journal");
     let pid = c.sup.resume_from_journal().expect("cold start").serving;
     let journal = {
         let mut p = c.sock.clone().into_os_string();
@@ -29,7 +29,9 @@ fn corrupt_or_truncated_journal_is_a_clear_error_and_the_daemon_keeps_serving(dr
             err.contains("journal") && err.contains(&*journal.to_string_lossy()),
             "{what}: {err}"
         );
-        // A supervisor starting afresh must recover first: it refuses to hand off too.
+        // A supervisor starting afresh (the first one gone: one supervisor per journal) must
+        // recover first: it refuses to hand off too.
+        c.sup = Sup::Unset;
         let Listener::Tcp(http) = &c.listeners[0].1 else {
             panic!("http is TCP")
         };
@@ -41,7 +43,14 @@ fn corrupt_or_truncated_journal_is_a_clear_error_and_the_daemon_keeps_serving(dr
             .perform_handoff(c.spec(&[]))
             .expect_err(what)
             .to_string();
-        assert!(err.contains("journal"), "{what}: {err}");
+        assert!(
+            err.contains("journal")
+                && err.contains(&*journal.to_string_lossy())
+                && !err.contains("another supervisor"),
+            "{what}: {err}"
+        );
+        drop(fresh);
+        c = c.with_cold_start_env(&[]);
         // Nothing happened to the daemon.
         let mut cl = Client::tcp(c.http()).expect("connect");
         assert_eq!(cl.ping().expect("ping"), pid, "{what}");

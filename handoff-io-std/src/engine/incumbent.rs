@@ -20,6 +20,7 @@ use crate::log::log;
 use crate::sys::conn::{Conn, ReadStatus};
 use crate::sys::lock::{self, LockError};
 use crate::sys::peercred::peer_credentials;
+use crate::sys::supervisor_lock;
 
 const ROLE: &str = "incumbent";
 
@@ -227,6 +228,8 @@ impl IncumbentEngine {
                 log!(ROLE, "refused control connection: {why}");
                 continue;
             }
+            // No descriptor budget: the incumbent needs none from a peer, and a connection
+            // that sends one is closed at once (`read`).
             let conn = match Conn::new(sock) {
                 Ok(c) => c,
                 Err(e) => {
@@ -243,7 +246,8 @@ impl IncumbentEngine {
         }
     }
 
-    /// Whether this peer may talk to us.
+    /// Whether this peer may talk to us: a uid the policy admits and, under a handoff
+    /// supervisor, the holder of its supervisor lock.
     fn admit(&self, sock: &UnixStream) -> Result<(), String> {
         if self.conns.len() >= MAX_CONNS {
             return Err(format!("{MAX_CONNS} connections already open"));
@@ -254,6 +258,10 @@ impl IncumbentEngine {
             return Err(format!(
                 "peer pid {pid} has uid {uid}, which is not allowed"
             ));
+        }
+        if let Some(id) = self.inc.supervisor {
+            supervisor_lock::check_peer(sock.as_fd(), pid, id)
+                .map_err(|why| format!("{why}: not the supervisor (uid {uid})"))?;
         }
         Ok(())
     }

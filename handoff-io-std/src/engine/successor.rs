@@ -86,7 +86,8 @@ impl SuccessorEngine {
         Ok(SuccessorEngine {
             machine: handoff_proto::Successor::new(cfg, now),
             build_id,
-            conn: Some(Conn::new(chan)?),
+            // The supervisor sends the listeners it announced, and nothing else.
+            conn: Some(Conn::new(chan)?.with_fd_budget(announced_listeners())),
             received: Vec::new(),
             by_name: HashMap::new(),
             lock: None,
@@ -328,6 +329,16 @@ impl SuccessorEngine {
         }
         Ok(())
     }
+}
+
+/// How many listeners the supervisor announced in `HANDOFF_LISTENER_COUNT`: the descriptors
+/// the channel accepts. A supervisor that does not set it (an older build) is allowed as many
+/// as a handoff can pass.
+fn announced_listeners() -> usize {
+    std::env::var(crate::sys::spawn::ENV_LISTENER_COUNT)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(crate::sys::conn::MAX_FD_BUDGET)
 }
 
 /// The crash point right after `message` went out, if there is one.

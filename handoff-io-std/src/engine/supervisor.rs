@@ -25,6 +25,7 @@ use crate::sys::journal_file;
 use crate::sys::peercred::{peer_credentials, PeerPolicy};
 use crate::sys::sockcheck;
 use crate::sys::spawn::{self, Watched};
+use crate::sys::supervisor_lock::{self, SupervisorLock, ENV_SUPERVISOR_LOCK};
 
 const ROLE: &str = "supervisor";
 
@@ -85,6 +86,9 @@ pub struct SupervisorEngine {
     spec: SpawnSpec,
     events: VecDeque<SupervisorEvent>,
     buf: Vec<u8>,
+    /// The supervisor lock (`<journal>.lock`), taken by the first recovery and held for the
+    /// engine's life: what the daemons it starts admit on their control sockets.
+    lock: Option<SupervisorLock>,
 }
 
 impl SupervisorEngine {
@@ -119,6 +123,7 @@ impl SupervisorEngine {
             spec: SpawnSpec::default(),
             events: VecDeque::new(),
             buf: Vec::new(),
+            lock: None,
         })
     }
 
@@ -282,8 +287,18 @@ impl SupervisorEngine {
 
     /// Read the journal and start finding whoever serves; [`SupervisorEvent::Recovered`] (or
     /// `Failed`) follows. A damaged journal is an error here, and nothing is touched.
+    ///
+    /// The first call takes the supervisor lock, `<journal>.lock`, before it reads the
+    /// journal, and the engine holds it from then on: another supervisor on this journal is
+    /// an error naming it ([`Error::SupervisorLock`]). The daemons this engine starts admit
+    /// only the lock's holder on their control sockets (see [`crate::sys::supervisor_lock`]).
     pub fn start_recovery(&mut self, now: Instant) -> Result<()> {
         self.check_setup()?;
+        if self.lock.is_none() {
+            self.lock = Some(SupervisorLock::acquire(&supervisor_lock::lock_path(
+                &self.journal,
+            ))?);
+        }
         let record = journal_file::read(&self.journal)?;
         let holds = self.listeners.iter().all(|l| l.fd.is_some());
         self.inc = None;
@@ -676,6 +691,7 @@ impl SupervisorEngine {
                 .spec
                 .command()
                 .env(spawn::ENV_LISTENER_COUNT, self.listeners.len().to_string());
+            let cmd = self.with_lock_env(cmd);
             let child = spawn::spawn_successor(&cmd, theirs.as_fd())?;
             Ok((child, ours))
         })();
@@ -746,7 +762,7 @@ impl SupervisorEngine {
             .iter()
             .filter_map(|l| l.fd.as_ref().map(|fd| (l.name.as_str(), fd.as_fd())))
             .collect();
-        let spawned = spawn::spawn_with_listeners(&spec.command(), &fds);
+        let spawned = spawn::spawn_with_listeners(&self.with_lock_env(spec.command()), &fds);
         drop(fds);
         match spawned {
             Ok(child) => {
@@ -776,6 +792,15 @@ impl SupervisorEngine {
         }
     }
 
+    /// `cmd` with [`ENV_SUPERVISOR_LOCK`] naming this engine's lock, so that the daemon it
+    /// starts admits this supervisor (and a restarted one) alone.
+    fn with_lock_env(&self, cmd: spawn::Command) -> spawn::Command {
+        match &self.lock {
+            Some(l) => cmd.env(ENV_SUPERVISOR_LOCK, l.id().to_string()),
+            None => cmd,
+        }
+    }
+
     fn connect(&mut self, now: Instant) {
         let r = (|| -> std::result::Result<Conn, String> {
             let sock = UnixStream::connect(&self.control_socket)
@@ -788,7 +813,11 @@ impl SupervisorEngine {
                     self.control_socket.display()
                 ));
             }
-            Conn::new(sock).map_err(|e| e.to_string())
+            // The daemon sends descriptors only to return the listeners, never more than
+            // are configured (more is a protocol violation).
+            Conn::new(sock)
+                .map(|c| c.with_fd_budget(self.listeners.len()))
+                .map_err(|e| e.to_string())
         })();
         let m = match r {
             Ok(c) => {

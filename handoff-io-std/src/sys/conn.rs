@@ -6,9 +6,16 @@
 //! outbox, flushed by [`Conn::flush`] when the socket is writable ([`Conn::wants_write`]);
 //! descriptors ride with the first byte of their frame. A peer that stops reading fills the
 //! outbox up to [`MAX_OUTBOX`] and is then cut off (the machines also drop it after the
-//! silence limit). Descriptors that arrive are queued in order until the frame that announced
-//! them is decoded ([`Conn::take_fds`]); a peer that sends more than a handoff can need is cut
-//! off.
+//! silence limit).
+//!
+//! Descriptors that arrive are queued in order until the frame that announced them is decoded
+//! ([`Conn::take_fds`]), up to the connection's *descriptor budget*, which its role sets to
+//! what that peer may send: none by default ([`Conn::new`]; an incumbent's control
+//! connections, a supervisor's end of a successor's channel), the configured listeners on a
+//! supervisor's connection to the incumbent, the announced listeners on a successor's channel
+//! ([`Conn::with_fd_budget`]). A peer that sends more is cut off at once: the read is an error,
+//! what it sent in that read is dropped, and its descriptors are closed. On a connection with
+//! no budget they never even enter this process's descriptor table (the kernel discards them).
 
 use std::collections::VecDeque;
 use std::io;
@@ -20,10 +27,10 @@ use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
 use crate::inherit::MAX_INHERITED_FDS;
-use crate::sys::fdpass::{recv_with_fds, send_some_with_fds};
+use crate::sys::fdpass::{recv_with_fds_upto, send_some_with_fds};
 
-/// Most descriptors queued on one connection before the peer is cut off.
-const MAX_QUEUED_FDS: usize = MAX_INHERITED_FDS + 8;
+/// The largest descriptor budget a connection can have: every listener a handoff can pass.
+pub const MAX_FD_BUDGET: usize = MAX_INHERITED_FDS;
 
 /// Most bytes taken from a connection in one call, so one chatty peer cannot starve a loop.
 const MAX_READ_PER_CALL: usize = 4 << 20;
@@ -80,20 +87,35 @@ struct Pending {
 pub struct Conn {
     sock: UnixStream,
     fds: VecDeque<OwnedFd>,
+    fd_budget: usize,
     outbox: VecDeque<Pending>,
     queued: usize,
 }
 
 impl Conn {
-    /// Wrap a connected stream socket and make it non-blocking.
+    /// Wrap a connected stream socket and make it non-blocking. It accepts no descriptor
+    /// from the peer (see [`with_fd_budget`](Self::with_fd_budget)).
     pub fn new(sock: UnixStream) -> io::Result<Conn> {
         sock.set_nonblocking(true)?;
         Ok(Conn {
             sock,
             fds: VecDeque::new(),
+            fd_budget: 0,
             outbox: VecDeque::new(),
             queued: 0,
         })
+    }
+
+    /// Accept up to `n` descriptors queued at once from the peer (at most
+    /// [`MAX_FD_BUDGET`]); a peer that sends more is cut off.
+    pub fn with_fd_budget(mut self, n: usize) -> Conn {
+        self.fd_budget = n.min(MAX_FD_BUDGET);
+        self
+    }
+
+    /// How many descriptors the peer may have queued at once.
+    pub fn fd_budget(&self) -> usize {
+        self.fd_budget
     }
 
     /// The socket, to poll or register.
@@ -103,43 +125,73 @@ impl Conn {
 
     /// Append to `out` everything queued now, and the descriptors that came with it to the
     /// connection's queue.
+    ///
+    /// A peer that sends more descriptors than the budget allows is an
+    /// [`io::ErrorKind::InvalidData`] error that says so: nothing of that call is appended to
+    /// `out`, the queue is emptied and every descriptor closed. Close the connection.
     pub fn read_available(&mut self, out: &mut Vec<u8>) -> io::Result<ReadStatus> {
         let mut buf = [0u8; 64 * 1024];
         let mut fds = Vec::new();
         let mut total = 0;
+        let start = out.len();
         loop {
-            match recv_with_fds(self.sock.as_fd(), &mut buf, &mut fds) {
-                Ok(0) => {
-                    self.queue_fds(fds)?;
-                    return Ok(ReadStatus::Closed);
-                }
+            let room = self.fd_budget.saturating_sub(self.fds.len());
+            let got = recv_with_fds_upto(self.sock.as_fd(), &mut buf, &mut fds, room);
+            let r = match got {
+                Ok(0) => self
+                    .queue_fds(std::mem::take(&mut fds))
+                    .map(|()| Some(ReadStatus::Closed)),
                 Ok(n) => {
                     out.extend_from_slice(&buf[..n]);
                     total += n;
-                    self.queue_fds(std::mem::take(&mut fds))?;
-                    if total >= MAX_READ_PER_CALL {
-                        return Ok(ReadStatus::Open);
+                    match self.queue_fds(std::mem::take(&mut fds)) {
+                        Ok(()) if total >= MAX_READ_PER_CALL => Ok(Some(ReadStatus::Open)),
+                        Ok(()) => Ok(None),
+                        Err(e) => Err(e),
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadStatus::Open),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(ReadStatus::Open)),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    return Ok(ReadStatus::Closed)
+                    Ok(Some(ReadStatus::Closed))
                 }
+                // MSG_CTRUNC: more descriptors came than there was room for.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(self.over_budget(&e)),
                 Err(e) => return Err(e),
+            };
+            match r {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) => {}
+                Err(e) => {
+                    out.truncate(start);
+                    self.fds.clear();
+                    return Err(e);
+                }
             }
         }
     }
 
     fn queue_fds(&mut self, fds: Vec<OwnedFd>) -> io::Result<()> {
+        let arrived = fds.len();
         self.fds.extend(fds);
-        if self.fds.len() > MAX_QUEUED_FDS {
-            self.fds.clear();
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("peer sent more than {MAX_QUEUED_FDS} descriptors"),
-            ));
+        if self.fds.len() > self.fd_budget {
+            let e = io::Error::other(format!("{arrived} more arrived"));
+            return Err(self.over_budget(&e));
         }
         Ok(())
+    }
+
+    /// The error for a peer that sent more descriptors than the budget.
+    fn over_budget(&self, detail: &io::Error) -> io::Error {
+        let msg = match self.fd_budget {
+            0 => format!(
+                "peer sent descriptors, and this connection accepts none; closed ({detail})"
+            ),
+            n => format!(
+                "peer sent more descriptors than this connection accepts ({n}); closed \
+                 ({detail})"
+            ),
+        };
+        io::Error::new(io::ErrorKind::InvalidData, msg)
     }
 
     /// The next `n` descriptors received, in order; `None` (and the queue emptied) if fewer
@@ -324,7 +376,7 @@ mod tests {
     fn a_full_socket_queues_in_the_outbox_and_flushes_in_order_with_descriptors() {
         let (a, b) = socketpair_cloexec().expect("pair");
         let mut tx = Conn::new(a).expect("conn");
-        let mut rx = Conn::new(b).expect("conn");
+        let mut rx = Conn::new(b).expect("conn").with_fd_budget(1);
         let (x, _y) = socketpair_cloexec().expect("a descriptor to pass");
         // Fill the socket buffer, then send a frame with a descriptor: it must wait.
         let chunk = vec![7u8; 64 * 1024];
@@ -350,6 +402,73 @@ mod tests {
         assert!(!tx.wants_write());
         assert_eq!(&got[sent..], b"tail");
         assert_eq!(rx.take_fds(1).expect("the descriptor arrived").len(), 1);
+    }
+
+    #[test]
+    fn descriptors_beyond_the_budget_cut_the_peer_off() {
+        use crate::sys::fdpass::send_with_fds;
+        let devnull = std::fs::File::open("/dev/null").expect("/dev/null");
+        let many = vec![devnull.as_fd(); handoff_proto::MAX_FDS_PER_MESSAGE];
+
+        // No budget (the default): bytes with descriptors are an error, and nothing of them
+        // is returned or queued.
+        let (a, b) = socketpair_cloexec().expect("pair");
+        let mut rx = Conn::new(b).expect("conn");
+        assert_eq!(rx.fd_budget(), 0);
+        send_with_fds(a.as_fd(), b"before", &[]).expect("send");
+        send_with_fds(a.as_fd(), b"x", &many).expect("send");
+        let mut got = b"kept".to_vec();
+        let err = rx
+            .read_available(&mut got)
+            .expect_err("descriptors on a no-budget conn");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("accepts none"), "{err}");
+        assert_eq!(
+            got, b"kept",
+            "what the call read is dropped, what was there is kept"
+        );
+        assert!(rx.take_fds(1).is_none());
+
+        // A budget of 3: three queue, a fourth cuts the peer off, and the queue is closed.
+        let (a, b) = socketpair_cloexec().expect("pair");
+        let mut rx = Conn::new(b).expect("conn").with_fd_budget(3);
+        send_with_fds(a.as_fd(), b"a", &many[..2]).expect("send");
+        let mut got = Vec::new();
+        assert_eq!(
+            rx.read_available(&mut got).expect("within"),
+            ReadStatus::Open
+        );
+        send_with_fds(a.as_fd(), b"b", &many[..1]).expect("send");
+        assert_eq!(
+            rx.read_available(&mut got).expect("within"),
+            ReadStatus::Open
+        );
+        assert_eq!(got, b"ab");
+        send_with_fds(a.as_fd(), b"c", &many[..1]).expect("send");
+        let err = rx.read_available(&mut got).expect_err("over the budget");
+        assert!(err.to_string().contains("accepts (3)"), "{err}");
+        assert!(rx.take_fds(1).is_none(), "the queue was emptied");
+
+        // Taking descriptors makes room again; a full message over the room is refused.
+        let (a, b) = socketpair_cloexec().expect("pair");
+        let mut rx = Conn::new(b).expect("conn").with_fd_budget(300);
+        send_with_fds(a.as_fd(), b"a", &many).expect("send");
+        let mut got = Vec::new();
+        rx.read_available(&mut got).expect("within");
+        assert_eq!(rx.take_fds(253).expect("253 arrived").len(), 253);
+        send_with_fds(a.as_fd(), b"b", &many).expect("send");
+        rx.read_available(&mut got).expect("room again");
+        send_with_fds(a.as_fd(), b"c", &many).expect("send");
+        let err = rx.read_available(&mut got).expect_err("253 + 253 > 300");
+        assert!(err.to_string().contains("accepts (300)"), "{err}");
+        // Never above the cap.
+        assert_eq!(
+            Conn::new(a)
+                .expect("conn")
+                .with_fd_budget(usize::MAX)
+                .fd_budget(),
+            MAX_FD_BUDGET
+        );
     }
 
     #[test]

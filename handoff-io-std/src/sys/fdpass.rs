@@ -135,6 +135,21 @@ pub fn recv_with_fds(
     recv_with_fd_room(sock, buf, fds_out, MAX_FDS_PER_MESSAGE)
 }
 
+/// [`recv_with_fds`] with room for only `room` descriptors (at most
+/// [`MAX_FDS_PER_MESSAGE`]): more is the same `MSG_CTRUNC` error, and those that did arrive
+/// (a few more than `room` can fit, from alignment) are closed. With `room == 0` no control
+/// buffer is given at all, so the kernel installs none of the descriptors a peer sends: it
+/// discards them and reports `MSG_CTRUNC`, and this process's descriptor table never holds
+/// them, even for a moment.
+pub fn recv_with_fds_upto(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds_out: &mut Vec<OwnedFd>,
+    room: usize,
+) -> io::Result<usize> {
+    recv_with_fd_room(sock, buf, fds_out, room.min(MAX_FDS_PER_MESSAGE))
+}
+
 fn recv_with_fd_room(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
@@ -147,8 +162,12 @@ fn recv_with_fd_room(
             "recv_with_fds needs a non-empty buffer",
         ));
     }
-    let mut space =
-        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(room), ScmCredentials(1))];
+    let space_len = if room == 0 {
+        0
+    } else {
+        rustix::cmsg_space!(ScmRights(room), ScmCredentials(1))
+    };
+    let mut space = vec![MaybeUninit::<u8>::uninit(); space_len];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = loop {
@@ -329,5 +348,23 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("MSG_CTRUNC"), "{err}");
         assert_eq!(fds.len(), 1, "fds_out must be left unchanged");
+    }
+
+    #[test]
+    fn with_no_room_the_kernel_discards_the_descriptors() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a, b) = socketpair_cloexec().unwrap();
+        send_with_fds(a.as_fd(), b"zz", &vec![tcp.as_fd(); MAX_FDS_PER_MESSAGE]).unwrap();
+        let mut fds = Vec::new();
+        let mut buf = [0u8; 8];
+        let err = recv_with_fds_upto(b.as_fd(), &mut buf, &mut fds, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // None was ever installed here: "the 0 that arrived".
+        assert!(err.to_string().contains("the 0 that arrived"), "{err}");
+        assert!(fds.is_empty());
+        // Plain bytes still come through with no room.
+        send_with_fds(a.as_fd(), b"ok", &[]).unwrap();
+        let n = recv_with_fds_upto(b.as_fd(), &mut buf, &mut fds, 0).unwrap();
+        assert_eq!(&buf[..n], b"ok");
     }
 }

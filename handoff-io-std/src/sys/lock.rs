@@ -350,10 +350,20 @@ fn write_record(file: &File, rec: &LockRecord) -> io::Result<()> {
 pub fn holds_lock(pid: Pid, path: &Path) -> io::Result<bool> {
     let st = rustix::fs::stat(path)?;
     let dev = st.st_dev;
-    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    holds_flock(
+        pid,
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev),
+        st.st_ino,
+    )
+}
+
+/// [`holds_lock`] for the file `/proc/locks` names `major:minor:ino` (the device numbers as
+/// it prints them, in hex there).
+pub(crate) fn holds_flock(pid: Pid, major: u32, minor: u32, ino: u64) -> io::Result<bool> {
     for _ in 0..PROC_LOCKS_SCANS {
         let locks = read_proc_locks()?;
-        if proc_locks_has_flock(&locks, pid, major, minor, st.st_ino) {
+        if proc_locks_has_flock(&locks, pid, major, minor, ino) {
             return Ok(true);
         }
     }
@@ -375,12 +385,20 @@ pub fn kill_if_holder(pid: Pid, path: &Path) -> io::Result<bool> {
 /// The pids `/proc/locks` shows holding a `flock` on the file at `path` (one scan).
 pub fn holders(path: &Path) -> io::Result<Vec<Pid>> {
     let st = rustix::fs::stat(path)?;
-    let (major, minor) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
+    flock_holders(
+        rustix::fs::major(st.st_dev),
+        rustix::fs::minor(st.st_dev),
+        st.st_ino,
+    )
+}
+
+/// [`holders`] of the file `/proc/locks` names `major:minor:ino` (one scan).
+pub(crate) fn flock_holders(major: u32, minor: u32, ino: u64) -> io::Result<Vec<Pid>> {
     let locks = read_proc_locks()?;
     let mut pids: Vec<Pid> = locks
         .lines()
         .filter_map(parse_flock_line)
-        .filter(|&(_, ma, mi, ino)| (ma, mi, ino) == (major, minor, st.st_ino))
+        .filter(|&(_, ma, mi, i)| (ma, mi, i) == (major, minor, ino))
         .map(|(pid, ..)| pid)
         .collect();
     pids.sort_unstable();
@@ -413,7 +431,7 @@ fn read_proc_locks() -> io::Result<String> {
 
 /// One `/proc/locks` line, for example `1: FLOCK  ADVISORY  WRITE 1234 00:2e:5678 0 EOF`:
 /// `(pid, major, minor, inode)` if it is a held `FLOCK`.
-fn parse_flock_line(line: &str) -> Option<(Pid, u32, u32, u64)> {
+pub(crate) fn parse_flock_line(line: &str) -> Option<(Pid, u32, u32, u64)> {
     let mut t = line.split_whitespace();
     t.next()?.strip_suffix(':')?;
     let kind = t.next()?;

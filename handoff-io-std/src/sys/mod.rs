@@ -13,12 +13,15 @@
 //!   with mode 0600.
 //! - [`spawn`]: spawning a successor with its channel, or a daemon cold with its listeners at
 //!   3, 4, … (`LISTEN_FDS`); watching and killing processes through pidfds.
+//! - [`supervisor_lock`]: the supervisor's identity, a `flock` it holds for its whole life,
+//!   and the daemon's check that a control connection comes from its holder.
 //!
 //! Linux only. Every descriptor created or received here is close-on-exec, so nothing leaks
 //! into a spawned successor by accident: a descriptor is made inheritable only by [`spawn`],
-//! in the child, between `fork` and `exec`. All system calls go through `rustix`. `unsafe` is
-//! denied in the layer (below); [`spawn`] alone allows it, for `pre_exec` and for placing
-//! descriptors at fixed numbers in the child, each use with a SAFETY comment.
+//! in the child, between `fork` and `exec`. All system calls go through `rustix`, except
+//! `getsockopt(SO_PEERPIDFD)`, which `rustix` does not wrap. `unsafe` is denied in the layer
+//! (below); [`spawn`] alone allows it, for `pre_exec`, for placing descriptors at fixed
+//! numbers in the child and for that `getsockopt`, each use with a SAFETY comment.
 
 #![deny(unsafe_code)]
 
@@ -29,6 +32,7 @@ pub mod lock;
 pub mod peercred;
 pub mod sockcheck;
 pub mod spawn;
+pub mod supervisor_lock;
 
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -50,6 +50,10 @@ pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<(Pid, u32, u32)> {
 }
 
 /// Which peers may talk on a control socket, by effective uid.
+///
+/// This is the first check only. A daemon started by a handoff supervisor also requires the
+/// peer to hold that supervisor's lock ([`crate::sys::supervisor_lock::check_peer`]), which no
+/// policy widens: a uid admitted here is necessary, not sufficient.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerPolicy {
     /// Uids admitted.

@@ -37,7 +37,9 @@
 //! `fexecve` call it makes, the argument arrays handed to it, and, in the child, owning a
 //! descriptor number for `dup2`. The code that runs in the child makes only async-signal-safe
 //! calls (`fcntl`, `dup2`, `close`, `getpid`, `fexecve`) and does not allocate; everything it
-//! needs, the argument and environment arrays included, is prepared in the parent.
+//! needs, the argument and environment arrays included, is prepared in the parent. Apart from
+//! spawning, [`peer_pidfd`] calls the C library's `getsockopt` for `SO_PEERPIDFD`, which
+//! `rustix` does not wrap.
 
 #![allow(unsafe_code)]
 
@@ -1029,6 +1031,88 @@ pub fn wait_any(watched: &[&Watched], timeout: Duration) -> io::Result<Vec<usize
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// A pidfd for the process at the other end of the connected `AF_UNIX` socket `sock`, as the
+/// kernel recorded it at `connect` (or `socketpair`): `getsockopt(SO_PEERPIDFD)`, Linux 6.5
+/// and later. Unlike the pid of `SO_PEERCRED`, it refers to that very process even if it has
+/// exited and its pid was reused since (the pidfd then reads as exited). Close-on-exec (the
+/// kernel creates it with `O_CLOEXEC`).
+///
+/// `rustix` has no wrapper for this option, so this is a direct `getsockopt` call through the
+/// C library `std` links. An [`io::ErrorKind::Unsupported`] error means the kernel (or this
+/// architecture's numbering, not known here) does not offer it: fall back to
+/// `pidfd_open(pid)`, which a pid reuse can fool.
+pub fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use std::os::raw::{c_int, c_void};
+    // `SOL_SOCKET` is 1 except on mips (and on architectures not listed, whose numbers are
+    // not known here).
+    let level: c_int = if cfg!(any(target_arch = "mips", target_arch = "mips64")) {
+        0xffff
+    } else if cfg!(any(
+        target_arch = "x86",
+        target_arch = "x86_64",
+        target_arch = "arm",
+        target_arch = "aarch64",
+        target_arch = "riscv32",
+        target_arch = "riscv64",
+        target_arch = "powerpc",
+        target_arch = "powerpc64",
+        target_arch = "s390x",
+        target_arch = "loongarch64",
+    )) {
+        1
+    } else {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "SO_PEERPIDFD: option number not known for this architecture",
+        ));
+    };
+    // The same number on every architecture above (`asm-generic/socket.h`, and mips).
+    const SO_PEERPIDFD: c_int = 77;
+    extern "C" {
+        fn getsockopt(
+            fd: c_int,
+            level: c_int,
+            name: c_int,
+            value: *mut c_void,
+            len: *mut u32,
+        ) -> c_int;
+    }
+    let mut fd: c_int = -1;
+    let mut len = std::mem::size_of::<c_int>() as u32;
+    // SAFETY: `getsockopt` is the C library's, with its C signature (`socklen_t` is `u32` on
+    // Linux). `sock` is a descriptor borrowed for this call, so it stays open while the
+    // kernel reads it. `value` points to a live, writable `c_int` and `len` to its size, so
+    // the kernel writes at most those 4 bytes; nothing else is touched.
+    let r = unsafe {
+        getsockopt(
+            sock.as_raw_fd(),
+            level,
+            SO_PEERPIDFD,
+            (&mut fd as *mut c_int).cast::<c_void>(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(Errno::NOPROTOOPT.raw_os_error()) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("SO_PEERPIDFD: {e} (Linux 6.5 or later is needed)"),
+            ));
+        }
+        return Err(io::Error::new(e.kind(), format!("SO_PEERPIDFD: {e}")));
+    }
+    if len as usize != std::mem::size_of::<c_int>() || fd < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("SO_PEERPIDFD returned descriptor {fd} with length {len}"),
+        ));
+    }
+    // SAFETY: the call succeeded, so the kernel has just installed `fd` in this process's
+    // table for this caller: a new descriptor that nothing else owns or knows the number of.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]
