@@ -3,7 +3,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 #[cfg(test)]
@@ -193,17 +193,22 @@ fn put_in_place(staging: &OwnedFd, dir: &Dir, name: &OsStr, path: &Path) -> io::
 /// writable by others unless sticky; refused otherwise), and everything below happens relative
 /// to it. The umask cannot set the mode: it is process-wide, so changing it races with every
 /// other thread that creates files. Instead the socket is bound inside a fresh directory
-/// `<name>.<pid>.tmp/` of mode 0700 next to `path` (bound through `/proc/self/fd`, so the
-/// length of `path` does not count against `sun_path`'s 108 bytes), so nobody else can reach it
-/// while its mode is still the umask default; it is then `chmod`ed to 0600 (by name in that
-/// directory, which only this uid and root can write, so no link can be swapped in), moved to
-/// `path` ([`put_in_place`]), and the directory is removed. A leftover of that directory from a
+/// `<name>.<pid>.tmp/` of mode 0700 next to `path`, so nobody else can reach it while its mode
+/// is still the umask default; it is then `chmod`ed to 0600 (by name in that directory, which
+/// only this uid and root can write, so no link can be swapped in), moved to `path`
+/// ([`put_in_place`]), and the directory is removed. A leftover of that directory from a
 /// crashed process with the same pid is cleared first. The socket is close-on-exec.
+///
+/// `path` must be short enough that `<path>.<pid>.tmp/s` still fits in `sun_path` (108
+/// bytes).
 pub fn bind_unix_listener_0600(path: &Path) -> io::Result<UnixListener> {
     let (dir, name) = Dir::of(path)?;
     let (sname, staging) = make_staging(&dir, name)?;
     let bound = (|| {
-        let listener = UnixListener::bind(format!("/proc/self/fd/{}/s", staging.as_raw_fd()))?;
+        // Bound by path, so the socket's address names it (`ss -xl`, /proc/net/unix). Should
+        // the directory's path lead elsewhere by now, the socket is not in `staging`, and the
+        // chmod below fails: nothing is renamed.
+        let listener = UnixListener::bind(path.with_file_name(&sname).join("s"))?;
         rustix::fs::chmodat(&staging, "s", Mode::RUSR | Mode::WUSR, AtFlags::empty())?;
         put_in_place(&staging, &dir, name, path)?;
         Ok(listener)
