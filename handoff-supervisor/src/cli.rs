@@ -58,6 +58,10 @@ pub fn cli(args: impl IntoIterator<Item = String>) -> ExitCode {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;
     }
+    if let Err(r) = crate::journal_start::prepare(&cfg) {
+        eprintln!("handoff-supervisor: {}", r.message);
+        return ExitCode::from(r.status);
+    }
     let result = Server::start(cfg, inherited, notifier).and_then(Server::run);
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod config;
 pub mod ctl;
+pub mod journal_start;
 pub mod notify;
 pub mod report;
 pub mod server;

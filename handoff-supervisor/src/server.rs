@@ -16,7 +16,9 @@ use handoff_io_mio::{Supervisor, SupervisorEvent, Tokens};
 use handoff_io_std::engine::SupervisorEngine;
 use handoff_io_std::error::Error as HandoffError;
 use handoff_io_std::supervisor::SpawnSpec;
-use handoff_io_std::sys::peercred::{bind_unix_listener_0600, peer_credentials};
+use handoff_io_std::sys::peercred::{
+    bind_unix_listener_0600, bind_unix_listener_unless_live, peer_credentials,
+};
 use handoff_io_std::sys::spawn::{wait_any, Watched};
 use handoff_io_std::{InheritedListeners, ListenerKind};
 use handoff_proto::{HandoffId, Verdict};
@@ -55,7 +57,7 @@ const ENGINE: Tokens = Tokens {
 };
 const CLIENT_BASE: usize = 4096;
 
-fn log(msg: impl std::fmt::Display) {
+pub(crate) fn log(msg: impl std::fmt::Display) {
     eprintln!("handoff-supervisor[{}]: {msg}", std::process::id());
 }
 
@@ -172,19 +174,10 @@ fn listeners(
 }
 
 /// Bind a Unix listener at `p`. A socket file nobody listens on is stale and replaced; one
-/// somebody listens on is `AddrInUse`.
+/// somebody listens on is `AddrInUse`; anything else there (a regular file, a link) is refused
+/// and kept, as is a directory others may write (`bind_unix_listener_unless_live`).
 fn bind_unix(p: &Path) -> io::Result<UnixListener> {
-    match UnixListener::bind(p) {
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => match StdUnixStream::connect(p) {
-            Ok(_) => Err(e),
-            Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(p)?;
-                UnixListener::bind(p)
-            }
-            Err(_) => Err(e),
-        },
-        r => r,
-    }
+    bind_unix_listener_unless_live(p)
 }
 
 /// Raise the soft limit on open descriptors to the hard limit. The supervisor holds every

@@ -43,6 +43,8 @@ use handoff_proto::{HandoffId, LockRecord, LockResult, Pid};
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
+use crate::sys::fscheck::{Dir, Rules, Unsafe};
+
 /// How long [`DataDirLock::acquire_or_break_stale`] waits for a dead holder's lock to go.
 pub const STALE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -57,6 +59,18 @@ pub const LOCK_FILE_NAME: &str = "handoff.lock";
 
 /// Size of the lock record on disk, newline included.
 pub const RECORD_LEN: usize = 48;
+
+/// What an existing lock file must be: a regular file of this process's effective uid that
+/// nobody else may open (whoever can open it can `flock` it, and so block every handoff and
+/// cold start), with a single link (the record is written in place). Its size is not limited:
+/// only the first bytes are read, and the file is cut to one record when written.
+const RULES: Rules = Rules {
+    forbidden_mode: 0o077,
+    max_len: None,
+    single_link: true,
+    others_could: "lock it and so block every handoff and cold start",
+    after_remove: " while no process of this daemon runs (it is recreated with mode 0600)",
+};
 
 /// The lock file of data directory `dir`.
 pub fn lock_file_path(dir: &Path) -> PathBuf {
@@ -123,6 +137,11 @@ pub enum LockError {
         /// The failure.
         source: io::Error,
     },
+    /// The lock file or the data directory is not one this process may trust (a link, a FIFO,
+    /// another uid's, a mode that lets others open it, a second hard link, a directory others
+    /// may write): refused, and left as it is.
+    #[error("data-directory lock {0}")]
+    Unsafe(Unsafe),
 }
 
 impl LockError {
@@ -131,26 +150,47 @@ impl LockError {
     pub fn lock_result(&self) -> Option<LockResult> {
         match self {
             LockError::Held { record } => Some(LockResult::Held(*record)),
-            LockError::Stale { .. } | LockError::Io { .. } => None,
+            LockError::Stale { .. } | LockError::Io { .. } | LockError::Unsafe(_) => None,
         }
     }
 }
 
-/// Try once, without blocking, to take the exclusive lock on `<dir>/handoff.lock` (created
-/// with mode 0600, opened `O_CLOEXEC | O_NOFOLLOW`). On success, read the previous record, then
-/// write `owner=<our pid> committed=-`.
+/// Try once, without blocking, to take the exclusive lock on `<dir>/handoff.lock`. On success,
+/// read the previous record, then write `owner=<our pid> committed=-`.
+///
+/// The file is reached through `dir`, opened once and checked (this uid's or root's, not
+/// writable by others unless sticky), created with mode 0600 if missing, opened
+/// `O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC`, and checked before and after the open: a regular
+/// file of this process's effective uid, with one link and no permission for group or others.
+/// Anything else is [`LockError::Unsafe`], and is left as it is.
 pub fn try_acquire(dir: &Path) -> Result<Acquired, LockError> {
     let path = lock_file_path(dir);
-    let io_err = |source: io::Error| LockError::Io {
-        path: path.clone(),
-        source,
+    let io_err = |source: io::Error| match Unsafe::of(&source) {
+        Some(u) => LockError::Unsafe(u.clone()),
+        None => LockError::Io {
+            path: path.clone(),
+            source,
+        },
     };
-    let fd = rustix::fs::open(
-        &path,
-        OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+    let (dirfd, name) = Dir::of(&path).map_err(io_err)?;
+    // An existing entry is checked before it is opened: a FIFO or a device is never opened.
+    if let Some(st) = dirfd.stat(name).map_err(io_err)? {
+        RULES.check(&path, &st).map_err(|u| io_err(u.into()))?;
+    }
+    let fd = rustix::fs::openat(
+        dirfd.fd(),
+        name,
+        OFlags::RDWR
+            | OFlags::CREATE
+            | OFlags::CLOEXEC
+            | OFlags::NOFOLLOW
+            | OFlags::NONBLOCK
+            | OFlags::NOCTTY,
         Mode::RUSR | Mode::WUSR,
     )
-    .map_err(|e| io_err(e.into()))?;
+    .map_err(|e| io_err(crate::sys::fscheck::open_error(&path, e, &RULES)))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| io_err(e.into()))?;
+    RULES.check(&path, &st).map_err(|u| io_err(u.into()))?;
     let file = File::from(fd);
     loop {
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
@@ -465,7 +505,7 @@ fn proc_locks_has_flock(locks: &str, pid: Pid, major: u32, minor: u32, ino: u64)
 mod tests {
     use super::*;
     use crate::sys::testutil::{is_cloexec, TempDir};
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn me() -> Pid {
         std::process::id()
@@ -538,6 +578,8 @@ mod tests {
     fn garbage_records_read_as_none() {
         let dir = TempDir::new("lock-garbage");
         let path = lock_file_path(dir.path());
+        // Written by hand, as its owner would: with no access for others.
+        drop(try_acquire(dir.path()).unwrap());
         for garbage in [
             &b""[..],
             b"\0\0\0\0",
@@ -648,5 +690,132 @@ garbage
             parse_flock_line("1: FLOCK  ADVISORY  WRITE 1234 00:2e:5678 0 EOF"),
             Some((1234, 0, 0x2e, 5678))
         );
+    }
+
+    /// Whether this test may do what only root can; `false` (skip, said on one line) if not,
+    /// unless `HANDOFF_REQUIRE_ROOT_TESTS=1`.
+    fn root(what: &str) -> bool {
+        if rustix::process::geteuid().is_root() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_none_or(|v| v != "1"),
+            "{what} needs root (HANDOFF_REQUIRE_ROOT_TESTS=1)"
+        );
+        eprintln!("SKIPPED: {what} needs root");
+        false
+    }
+
+    /// `try_acquire` refuses the lock file as it is, saying `says`, and leaves it unchanged.
+    fn refused(dir: &Path, says: &str) -> String {
+        let path = lock_file_path(dir);
+        let before = std::fs::symlink_metadata(&path).unwrap();
+        let content = || {
+            // Never open a FIFO here: that would block.
+            let regular = std::fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_file();
+            regular.then(|| std::fs::read(&path).unwrap())
+        };
+        let before_content = content();
+        let err = try_acquire(dir).expect_err("an unsafe lock file was used");
+        assert!(matches!(err, LockError::Unsafe(_)), "{err:?}");
+        let msg = err.to_string();
+        eprintln!("{msg}");
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains(says),
+            "{msg}"
+        );
+        assert_eq!(err.lock_result(), None, "{msg}");
+        let after = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(
+            (before.ino(), before.mode(), before.uid(), before.len()),
+            (after.ino(), after.mode(), after.uid(), after.len())
+        );
+        assert_eq!(content(), before_content);
+        msg
+    }
+
+    #[test]
+    fn a_lock_file_others_may_open_is_refused() {
+        let dir = TempDir::new("lock-mode");
+        let path = lock_file_path(dir.path());
+        std::fs::write(&path, b"owner=12 committed=-\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Anyone who can open it can flock it: refused, naming the mode and the fix.
+        let msg = refused(dir.path(), "mode 0644");
+        assert!(msg.contains("chmod 600"), "{msg}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let got = try_acquire(dir.path()).unwrap();
+        assert_eq!(got.previous.map(|r| r.owner), Some(12));
+    }
+
+    #[test]
+    fn a_lock_file_of_another_uid_is_refused() {
+        if !root("a_lock_file_of_another_uid_is_refused") {
+            return;
+        }
+        let dir = TempDir::new("lock-owner");
+        let path = lock_file_path(dir.path());
+        drop(try_acquire(dir.path()).unwrap());
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        refused(dir.path(), "owned by uid 65534");
+    }
+
+    #[test]
+    fn a_lock_file_that_is_a_link_or_a_fifo_is_refused() {
+        let dir = TempDir::new("lock-kinds");
+        let path = lock_file_path(dir.path());
+        let victim = dir.path().join("victim");
+        std::fs::write(
+            &victim,
+            b"precious, and longer than a lock record is. ".repeat(4),
+        )
+        .unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let victim_bytes = std::fs::read(&victim).unwrap();
+
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        refused(dir.path(), "is a symbolic link");
+        std::fs::remove_file(&path).unwrap();
+
+        // A second name of another file: writing the record would truncate that file.
+        std::fs::hard_link(&victim, &path).unwrap();
+        refused(dir.path(), "2 links");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), victim_bytes);
+
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            Mode::RUSR | Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        refused(dir.path(), "FIFO");
+        std::fs::remove_file(&path).unwrap();
+        try_acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_data_directory_others_may_write_is_refused() {
+        let dir = TempDir::new("lock-dir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = try_acquire(&data).expect_err("used a lock in a world-writable directory");
+        assert!(matches!(err, LockError::Unsafe(_)), "{err:?}");
+        let msg = err.to_string();
+        eprintln!("{msg}");
+        assert!(
+            msg.contains(&data.display().to_string())
+                && msg.contains("writable by group or others"),
+            "{msg}"
+        );
+        assert!(!lock_file_path(&data).exists());
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        try_acquire(&data).unwrap();
     }
 }

@@ -8,6 +8,8 @@
 //!   it in the mode this process needs.
 //! - [`lock`]: the data-directory `flock`, its lock record, and the `/proc/locks` guard used
 //!   before killing a lock holder.
+//! - [`fscheck`]: opening the files this layer trusts (journal, lock file, control socket path)
+//!   relative to a checked directory, never through a link, checked with `fstat`.
 //! - [`journal_file`]: atomic replacement and reading of the supervisor's journal.
 //! - [`peercred`]: peer credentials of a control connection, and binding the control socket
 //!   with mode 0600.
@@ -27,6 +29,7 @@
 
 pub mod conn;
 pub mod fdpass;
+pub mod fscheck;
 pub mod journal_file;
 pub mod lock;
 pub mod peercred;

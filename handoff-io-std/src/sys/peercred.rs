@@ -1,15 +1,20 @@
 //! Who is on the other end of a control connection, who may be, and binding the control
 //! socket so that only its owner can connect.
 
-use std::fs::{DirBuilder, Permissions};
+use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::BorrowedFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
 
 use handoff_proto::Pid;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
 use rustix::net::{sockopt, AddressFamily, SocketType};
+
+use crate::sys::fscheck::{self, Dir, Unsafe};
 
 /// `(pid, uid, gid)` of the peer of the connected `AF_UNIX` stream socket `sock`
 /// (`SO_PEERCRED`): the credentials the peer had when it called `connect` (or `socketpair`),
@@ -77,7 +82,15 @@ impl PeerPolicy {
     }
 }
 
-/// `<path>.<pid>.tmp`, the private directory the socket is bound in first.
+/// `<name>.<pid>.tmp`, the private directory a socket is bound in first.
+fn staging_name(name: &OsStr) -> OsString {
+    let mut staged = name.to_os_string();
+    staged.push(format!(".{}.tmp", std::process::id()));
+    staged
+}
+
+/// `<path>.<pid>.tmp`.
+#[cfg(test)]
 fn staging_dir(path: &Path) -> io::Result<PathBuf> {
     let name = path.file_name().ok_or_else(|| {
         io::Error::new(
@@ -85,57 +98,168 @@ fn staging_dir(path: &Path) -> io::Result<PathBuf> {
             format!("socket path {} has no file name", path.display()),
         )
     })?;
-    let mut staged = name.to_os_string();
-    staged.push(format!(".{}.tmp", std::process::id()));
-    Ok(path.with_file_name(staged))
+    Ok(path.with_file_name(staging_name(name)))
 }
 
-fn ignore_not_found(r: io::Result<()>) -> io::Result<()> {
-    match r {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        r => r,
+/// `path` refused: something other than a socket is there.
+fn not_a_socket(path: &Path, st: &rustix::fs::Stat) -> io::Error {
+    Unsafe::new(
+        path,
+        format!(
+            "is {}, not a socket: only a socket is replaced",
+            fscheck::kind(st)
+        ),
+        "remove it or choose another path",
+    )
+    .into_io(io::ErrorKind::AlreadyExists)
+}
+
+/// The private directory `<name>.<pid>.tmp` of `dir`, created with mode 0700 (the umask can
+/// only remove bits) after clearing a leftover of this uid from a crashed process with the same
+/// pid (an entry of another uid there is refused), opened `O_PATH`.
+fn make_staging(dir: &Dir, name: &OsStr) -> io::Result<(OsString, OwnedFd)> {
+    let sname = staging_name(name);
+    let me = rustix::process::geteuid().as_raw();
+    if let Some(st) = dir.stat(&sname)? {
+        if st.st_uid != me {
+            return Err(Unsafe::new(
+                &dir.join(&sname),
+                format!(
+                    "is owned by uid {}, not by this process (uid {me}); it is left alone",
+                    st.st_uid
+                ),
+                "remove it",
+            )
+            .into());
+        }
+        if fscheck::is(&st, FileType::Directory) {
+            let old = rustix::fs::openat(
+                dir.fd(),
+                &sname,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            ignore_not_found(rustix::fs::unlinkat(&old, "s", AtFlags::empty()))?;
+            ignore_not_found(rustix::fs::unlinkat(dir.fd(), &sname, AtFlags::REMOVEDIR))?;
+        } else {
+            ignore_not_found(rustix::fs::unlinkat(dir.fd(), &sname, AtFlags::empty()))?;
+        }
     }
+    rustix::fs::mkdirat(dir.fd(), &sname, Mode::RWXU)?;
+    let fd = rustix::fs::openat(
+        dir.fd(),
+        &sname,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok((sname, fd))
+}
+
+fn ignore_not_found(r: rustix::io::Result<()>) -> io::Result<()> {
+    match r {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Move the socket `s` of directory `staging` to `name` in `dir` (the path `path`), replacing
+/// only a socket. Anything else there is refused and left as it is.
+///
+/// `renameat2(RENAME_NOREPLACE)` places the socket where nothing is; where something is, it
+/// must be a socket, and the socket is renamed over it. The check and that rename are two
+/// steps, which is harmless because of the directory's rule ([`Dir::of`]): only this uid and
+/// root can replace an entry of `dir`, or in a sticky directory the entry's owner; whatever
+/// else the rename could replace is a name that owner put there in that instant, and renaming
+/// over a name never changes the file behind it (another name of that file keeps it).
+fn put_in_place(staging: &OwnedFd, dir: &Dir, name: &OsStr, path: &Path) -> io::Result<()> {
+    match rustix::fs::renameat_with(staging, "s", dir.fd(), name, RenameFlags::NOREPLACE) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EXIST) => {}
+        // A filesystem without renameat2's flags: the check below, then a plain rename.
+        Err(Errno::INVAL) | Err(Errno::NOSYS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(st) = dir.stat(name)? {
+        if !fscheck::is(&st, FileType::Socket) {
+            return Err(not_a_socket(path, &st));
+        }
+    }
+    rustix::fs::renameat(staging, "s", dir.fd(), name)?;
+    Ok(())
 }
 
 /// Bind a listening `AF_UNIX` stream socket at `path` with mode 0600, replacing atomically
 /// whatever socket was there (a stale one, or the one an older process still listens on:
-/// from now on new connections reach this one).
+/// from now on new connections reach this one). Anything else at `path` (a regular file, a
+/// link, a directory) is refused with [`io::ErrorKind::AlreadyExists`] and left as it is.
 ///
-/// The umask cannot be used for this: it is process-wide, so changing it races with every
+/// `path`'s directory is opened once and checked ([`Dir::of`]: this uid's or root's, not
+/// writable by others unless sticky; refused otherwise), and everything below happens relative
+/// to it. The umask cannot set the mode: it is process-wide, so changing it races with every
 /// other thread that creates files. Instead the socket is bound inside a fresh directory
-/// `<path>.<pid>.tmp/` of mode 0700 next to `path`, so nobody else can reach it while its
-/// mode is still the umask default; it is then `chmod`ed to 0600 and renamed over `path`, and
-/// the directory is removed. A leftover of that directory from a crashed process with the
-/// same pid is cleared first. The socket is close-on-exec.
+/// `<name>.<pid>.tmp/` of mode 0700 next to `path`, so nobody else can reach it while its mode
+/// is still the umask default; it is then `chmod`ed to 0600 (by name in that directory, which
+/// only this uid and root can write, so no link can be swapped in), moved to `path`
+/// ([`put_in_place`]), and the directory is removed. A leftover of that directory from a
+/// crashed process with the same pid is cleared first. The socket is close-on-exec.
 ///
-/// `path`'s directory must be writable, and `path` must be short enough that
-/// `<path>.<pid>.tmp/s` still fits in `sun_path` (108 bytes).
+/// `path` must be short enough that `<path>.<pid>.tmp/s` still fits in `sun_path` (108
+/// bytes).
 pub fn bind_unix_listener_0600(path: &Path) -> io::Result<UnixListener> {
-    let staging = staging_dir(path)?;
-    match std::fs::symlink_metadata(&staging) {
-        Ok(m) if m.is_dir() => {
-            ignore_not_found(std::fs::remove_file(staging.join("s")))?;
-            std::fs::remove_dir(&staging)?;
-        }
-        Ok(_) => std::fs::remove_file(&staging)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    // The umask can only remove bits: the directory is at most 0700.
-    DirBuilder::new().mode(0o700).create(&staging)?;
-    let staged = staging.join("s");
+    let (dir, name) = Dir::of(path)?;
+    let (sname, staging) = make_staging(&dir, name)?;
     let bound = (|| {
-        let listener = UnixListener::bind(&staged)?;
-        std::fs::set_permissions(&staged, Permissions::from_mode(0o600))?;
-        std::fs::rename(&staged, path)?;
+        // Bound by path, so the socket's address names it (`ss -xl`, /proc/net/unix). Should
+        // the directory's path lead elsewhere by now, the socket is not in `staging`, and the
+        // chmod below fails: nothing is renamed.
+        let listener = UnixListener::bind(path.with_file_name(&sname).join("s"))?;
+        rustix::fs::chmodat(&staging, "s", Mode::RUSR | Mode::WUSR, AtFlags::empty())?;
+        put_in_place(&staging, &dir, name, path)?;
         Ok(listener)
     })();
-    if bound.is_err() {
-        let _ = std::fs::remove_file(&staged);
-    }
-    // Best-effort: an empty directory left behind is cleared by the next bind with this pid.
-    let _ = std::fs::remove_dir(&staging);
+    // Best-effort: the socket is there only on failure; an empty directory left behind is
+    // cleared by the next bind with this pid.
+    let _ = rustix::fs::unlinkat(&staging, "s", AtFlags::empty());
+    let _ = rustix::fs::unlinkat(dir.fd(), &sname, AtFlags::REMOVEDIR);
     bound
+}
+
+/// Bind a listening `AF_UNIX` stream socket at `path` (mode as the umask leaves it) unless a
+/// live one is there: a socket nobody listens on (stale) is removed first, one somebody listens
+/// on (it accepts, or its accept queue is full) is [`io::ErrorKind::AddrInUse`], and anything
+/// else at `path` (a regular file, a link, a directory) is refused with
+/// [`io::ErrorKind::AlreadyExists`] and left as it is. `path`'s directory is checked as by
+/// [`bind_unix_listener_0600`]; the check of a stale socket and its removal are two steps, which
+/// the same directory rule makes harmless (see [`put_in_place`]). The probe never blocks.
+/// Close-on-exec.
+pub fn bind_unix_listener_unless_live(path: &Path) -> io::Result<UnixListener> {
+    let in_use = || {
+        io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{}: a process listens on it", path.display()),
+        )
+    };
+    let (dir, name) = Dir::of(path)?;
+    // A few rounds in case the entry comes and goes meanwhile.
+    for _ in 0..3 {
+        match UnixListener::bind(path) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+            r => return r,
+        }
+        let Some(st) = dir.stat(name)? else {
+            continue;
+        };
+        if !fscheck::is(&st, FileType::Socket) {
+            return Err(not_a_socket(path, &st));
+        }
+        match crate::sys::conn::connect_nonblocking(path) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            // Connected, a full accept queue, or anything else: not ours to remove.
+            _ => return Err(in_use()),
+        }
+        ignore_not_found(rustix::fs::unlinkat(dir.fd(), name, AtFlags::empty()))?;
+    }
+    Err(in_use())
 }
 
 #[cfg(test)]
@@ -143,8 +267,9 @@ mod tests {
     use super::*;
     use crate::sys::fdpass::socketpair_cloexec;
     use crate::sys::testutil::{is_cloexec, TempDir};
+    use std::fs::Permissions;
     use std::os::fd::AsFd;
-    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     use std::os::unix::net::{UnixDatagram, UnixStream};
 
     fn me() -> (Pid, u32, u32) {
@@ -267,6 +392,159 @@ mod tests {
         assert_eq!(
             bind_unix_listener_0600(Path::new("/")).unwrap_err().kind(),
             io::ErrorKind::InvalidInput
+        );
+    }
+
+    /// Whether this test may do what only root can; `false` (skip, said on one line) if not,
+    /// unless `HANDOFF_REQUIRE_ROOT_TESTS=1`.
+    fn root(what: &str) -> bool {
+        if rustix::process::geteuid().is_root() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_none_or(|v| v != "1"),
+            "{what} needs root (HANDOFF_REQUIRE_ROOT_TESTS=1)"
+        );
+        eprintln!("SKIPPED: {what} needs root");
+        false
+    }
+
+    fn names(dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn only_a_socket_is_replaced() {
+        let dir = TempDir::new("peercred-file");
+        let path = dir.path().join("ctl.sock");
+        // A regular file at the path: refused, kept as it was.
+        std::fs::write(&path, b"precious").unwrap();
+        let err = bind_unix_listener_0600(&path).expect_err("replaced a regular file");
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        let msg = err.to_string();
+        eprintln!("{msg}");
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains("not a socket"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
+        // A symbolic link (to anything): refused, the link and its target kept.
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"also precious").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let msg = bind_unix_listener_0600(&path).unwrap_err().to_string();
+        assert!(msg.contains("symbolic link"), "{msg}");
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"also precious");
+        // Nothing left behind.
+        assert_eq!(names(dir.path()), ["ctl.sock", "target"]);
+        // With the path cleared, the bind works.
+        std::fs::remove_file(&path).unwrap();
+        let l = bind_unix_listener_0600(&path).unwrap();
+        let _c = UnixStream::connect(&path).unwrap();
+        l.accept().unwrap();
+    }
+
+    #[test]
+    fn a_directory_others_may_write_is_refused_unless_sticky() {
+        let dir = TempDir::new("peercred-dir");
+        let sub = dir.path().join("run");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, Permissions::from_mode(0o777)).unwrap();
+        let path = sub.join("ctl.sock");
+        let msg = bind_unix_listener_0600(&path).unwrap_err().to_string();
+        assert!(
+            msg.contains(&sub.display().to_string()) && msg.contains("writable by group or others"),
+            "{msg}"
+        );
+        assert!(names(&sub).is_empty());
+        std::fs::set_permissions(&sub, Permissions::from_mode(0o1777)).unwrap();
+        let l = bind_unix_listener_0600(&path).unwrap();
+        let _c = UnixStream::connect(&path).unwrap();
+        l.accept().unwrap();
+    }
+
+    #[test]
+    fn a_staging_entry_of_another_uid_is_left_alone() {
+        if !root("a_staging_entry_of_another_uid_is_left_alone") {
+            return;
+        }
+        let dir = TempDir::new("peercred-squat");
+        std::fs::set_permissions(dir.path(), Permissions::from_mode(0o1777)).unwrap();
+        let path = dir.path().join("ctl.sock");
+        let staging = staging_dir(&path).unwrap();
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("s"), b"theirs").unwrap();
+        std::os::unix::fs::chown(&staging, Some(65534), Some(65534)).unwrap();
+        let msg = bind_unix_listener_0600(&path).unwrap_err().to_string();
+        assert!(msg.contains("owned by uid 65534"), "{msg}");
+        assert_eq!(std::fs::read(staging.join("s")).unwrap(), b"theirs");
+        assert!(std::fs::symlink_metadata(&path).is_err());
+    }
+
+    #[test]
+    fn unless_live_replaces_only_a_stale_socket() {
+        let dir = TempDir::new("peercred-unless-live");
+        let path = dir.path().join("kv.sock");
+        // Nothing there: bound at the path itself (its address is the path).
+        let first = bind_unix_listener_unless_live(&path).unwrap();
+        assert!(is_cloexec(&first));
+        assert_eq!(first.local_addr().unwrap().as_pathname(), Some(&*path));
+        // Live: AddrInUse, and the live one keeps its path.
+        let err = bind_unix_listener_unless_live(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        let _c = UnixStream::connect(&path).unwrap();
+        first.accept().unwrap();
+        // Stale: replaced.
+        drop(first);
+        let second = bind_unix_listener_unless_live(&path).unwrap();
+        let _c = UnixStream::connect(&path).unwrap();
+        second.accept().unwrap();
+        drop(second);
+        // A regular file or a link: refused and kept.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"precious").unwrap();
+        let err = bind_unix_listener_unless_live(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert!(
+            err.to_string().contains("is a regular file, not a socket"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_file(&path).unwrap();
+        let stale = dir.path().join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        std::os::unix::fs::symlink(&stale, &path).unwrap();
+        let err = bind_unix_listener_unless_live(&path).unwrap_err();
+        assert!(
+            err.to_string().contains("is a symbolic link, not a socket"),
+            "{err}"
+        );
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(std::fs::symlink_metadata(&stale)
+            .unwrap()
+            .file_type()
+            .is_socket());
+        // An unsafe directory: refused.
+        std::fs::set_permissions(dir.path(), Permissions::from_mode(0o777)).unwrap();
+        let err = bind_unix_listener_unless_live(&dir.path().join("other.sock")).unwrap_err();
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
         );
     }
 }
