@@ -92,13 +92,19 @@ impl JournalRecord {
     }
 }
 
-/// What tells one process apart from every other one of a host: the boot it runs in and when it
-/// started. The kernel reuses a pid; it never gives two processes of one boot the same pid and
-/// the same start time (they would have to start in the same clock tick, the second one after
-/// the first had exited).
+/// What tells one process apart from every other one of a host: the boot it runs in, when it
+/// started, and, where the kernel has pidfs, the inode number of its pidfds. Two processes are
+/// the same only if all three are equal.
+///
+/// The kernel reuses a pid. The start time alone is coarse: it counts clock ticks (10 ms at
+/// the usual 100 Hz), and a pid can be given again within one tick (a pid space wrapped under
+/// load, or `ns_last_pid` written by root; the tests do exactly this). The pidfs inode number
+/// is drawn from a 64-bit counter at every process creation and never reused within a boot,
+/// so it tells those apart too.
 ///
 /// The driver reads it (boot id from `/proc/sys/kernel/random/boot_id`, start time from field
-/// 22 of `/proc/<pid>/stat`); this crate only stores and compares it.
+/// 22 of `/proc/<pid>/stat`, the inode from `fstat` of a pidfd); this crate only stores and
+/// compares it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct ProcessIdentity {
@@ -106,6 +112,9 @@ pub struct ProcessIdentity {
     pub boot_id: [u8; 16],
     /// When the process started, in clock ticks after boot.
     pub start_ticks: u64,
+    /// The inode number of the process's pidfds on pidfs (Linux 6.9 or later); `None` where
+    /// pidfds are anonymous inodes, all with one number.
+    pub pidfd_inode: Option<u64>,
 }
 
 /// A journal file's whole content: the record, and the identities of the pids it names that
@@ -445,6 +454,7 @@ mod tests {
         ProcessIdentity {
             boot_id: [n; 16],
             start_ticks: 1000 + u64::from(n),
+            pidfd_inode: (n % 2 == 0).then_some(77 + u64::from(n)),
         }
     }
 

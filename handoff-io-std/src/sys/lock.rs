@@ -413,7 +413,7 @@ fn read_proc_locks() -> io::Result<String> {
 
 /// One `/proc/locks` line, for example `1: FLOCK  ADVISORY  WRITE 1234 00:2e:5678 0 EOF`:
 /// `(pid, major, minor, inode)` if it is a held `FLOCK`.
-fn parse_flock_line(line: &str) -> Option<(Pid, u32, u32, u64)> {
+pub(crate) fn parse_flock_line(line: &str) -> Option<(Pid, u32, u32, u64)> {
     let mut t = line.split_whitespace();
     t.next()?.strip_suffix(':')?;
     let kind = t.next()?;

@@ -13,6 +13,8 @@
 //!   with mode 0600.
 //! - [`spawn`]: spawning a successor with its channel, or a daemon cold with its listeners at
 //!   3, 4, … (`LISTEN_FDS`); watching and killing processes through pidfds.
+//! - [`proc`]: process identity: a pid read from a file identifies nobody until proven
+//!   ([`proc::Proven`]); signals go only through pidfds of proven processes.
 //!
 //! Linux only. Every descriptor created or received here is close-on-exec, so nothing leaks
 //! into a spawned successor by accident: a descriptor is made inheritable only by [`spawn`],
@@ -27,6 +29,7 @@ pub mod fdpass;
 pub mod journal_file;
 pub mod lock;
 pub mod peercred;
+pub mod proc;
 pub mod sockcheck;
 pub mod spawn;
 
@@ -76,6 +79,47 @@ pub(crate) mod testutil {
         rustix::io::fcntl_getfd(fd)
             .expect("F_GETFD")
             .contains(rustix::io::FdFlags::CLOEXEC)
+    }
+
+    /// Whether a test that needs root may run: not root is one line on stderr and a skip,
+    /// unless `HANDOFF_REQUIRE_ROOT_TESTS=1`, which makes it a failure.
+    pub(crate) fn root(test: &str) -> bool {
+        if rustix::process::geteuid().is_root() {
+            return true;
+        }
+        if std::env::var("HANDOFF_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+            panic!("{test} needs root; HANDOFF_REQUIRE_ROOT_TESTS=1");
+        }
+        eprintln!("SKIPPED {test}: needs root");
+        false
+    }
+
+    /// Spawn `make()` as pid `pid` (free now, reaped): `pid - 1` is written to
+    /// `/proc/sys/kernel/ns_last_pid` (root), and the spawn retried, bounded, while another
+    /// process takes the pid first.
+    pub(crate) fn spawn_at_pid(
+        pid: u32,
+        make: impl Fn() -> std::process::Command,
+    ) -> std::process::Child {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+                    .expect("write ns_last_pid");
+                let mut c = make().spawn().expect("spawn");
+                if c.id() == pid {
+                    return c;
+                }
+                drop(c.stdin.take());
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "no process could get pid {pid}"
+            );
+            std::thread::yield_now();
+        }
     }
 
     /// `(st_dev, st_ino)` of `fd`: equal for two descriptors of the same socket or file.

@@ -22,7 +22,8 @@
 //! This is the one file of [`crate::sys`] with `unsafe` code: [`CommandExt::pre_exec`], and,
 //! in the child, owning a descriptor number for `dup2`. The code that runs in the child makes
 //! only async-signal-safe system calls (`fcntl`, `dup2`, `close`) and does not allocate;
-//! everything it needs is prepared in the parent.
+//! everything it needs is prepared in the parent. Also here, for the same reason: the
+//! `getsockopt(SO_PEERPIDFD)` that `rustix` does not wrap ([`peer_pidfd`]).
 
 #![allow(unsafe_code)]
 
@@ -482,6 +483,19 @@ impl Watched {
         }
     }
 
+    /// A pidfd the kernel handed out (`SO_PEERPIDFD`), for the process with pid `pid`.
+    pub(crate) fn from_pidfd(pid: u32, pidfd: OwnedFd) -> Watched {
+        Watched { pid, pidfd }
+    }
+
+    /// A second handle on the same process (a close-on-exec duplicate of the pidfd).
+    pub fn try_clone(&self) -> io::Result<Watched> {
+        Ok(Watched {
+            pid: self.pid,
+            pidfd: fcntl_dupfd_cloexec(&self.pidfd, 0)?,
+        })
+    }
+
     /// The pid this watches (the number it was opened with).
     pub fn pid(&self) -> u32 {
         self.pid
@@ -544,6 +558,90 @@ impl Watched {
 impl AsFd for Watched {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.pidfd.as_fd()
+    }
+}
+
+/// `getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD)`: a pidfd (close-on-exec) on the process at the
+/// other end of the connected Unix socket `sock`, the same process `SO_PEERCRED` names (for a
+/// connecting end, the one that called `listen`). The kernel takes it from the socket, so it
+/// cannot refer to a process that reused the pid. Linux 6.5 or later: `Ok(None)` where the
+/// kernel does not know the option, or where this build does not know its number.
+pub(crate) fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
+    // `SOL_SOCKET` and `SO_PEERPIDFD` as in asm-generic/socket.h; alpha, mips, parisc and
+    // sparc number them differently and fall back.
+    #[cfg(any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64",
+        target_arch = "loongarch64",
+        target_arch = "s390x",
+        target_arch = "powerpc64",
+        target_arch = "powerpc"
+    ))]
+    {
+        const SOL_SOCKET: i32 = 1;
+        const SO_PEERPIDFD: i32 = 77;
+        // rustix 1.1 does not wrap this option; the C library std links provides the call.
+        extern "C" {
+            fn getsockopt(
+                fd: i32,
+                level: i32,
+                name: i32,
+                value: *mut std::ffi::c_void,
+                len: *mut u32,
+            ) -> i32;
+        }
+        let mut fd: i32 = -1;
+        let mut len = std::mem::size_of::<i32>() as u32;
+        // SAFETY: `sock` is a descriptor borrowed for this call. `value` points to `fd`, an
+        // `i32` that lives through the call, and `len` holds its size, so the kernel writes at
+        // most 4 bytes there; it writes the actual size back to `len`, a live `u32`. The call
+        // has no other effect on memory.
+        let r = unsafe {
+            getsockopt(
+                sock.as_raw_fd(),
+                SOL_SOCKET,
+                SO_PEERPIDFD,
+                (&mut fd as *mut i32).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            return match Errno::from_io_error(&e) {
+                Some(Errno::NOPROTOOPT) => Ok(None),
+                _ => Err(io::Error::new(
+                    e.kind(),
+                    format!("getsockopt(SO_PEERPIDFD): {e}"),
+                )),
+            };
+        }
+        if len as usize != std::mem::size_of::<i32>() || fd < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("getsockopt(SO_PEERPIDFD) returned {fd} ({len} bytes)"),
+            ));
+        }
+        // SAFETY: the kernel just installed `fd` in this process's table for this caller; no
+        // other object owns it, so owning (and later closing) it here is sound.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+    #[cfg(not(any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64",
+        target_arch = "loongarch64",
+        target_arch = "s390x",
+        target_arch = "powerpc64",
+        target_arch = "powerpc"
+    )))]
+    {
+        let _ = sock;
+        Ok(None)
     }
 }
 
