@@ -777,7 +777,7 @@ impl SupervisorEngine {
     }
 
     fn connect(&mut self, now: Instant) {
-        let r = (|| -> std::result::Result<Conn, String> {
+        let r = (|| -> std::result::Result<(Conn, Pid), String> {
             let sock = UnixStream::connect(&self.control_socket)
                 .map_err(|e| format!("{}: {e}", self.control_socket.display()))?;
             let (pid, uid, _) =
@@ -788,12 +788,13 @@ impl SupervisorEngine {
                     self.control_socket.display()
                 ));
             }
-            Conn::new(sock).map_err(|e| e.to_string())
+            Ok((Conn::new(sock).map_err(|e| e.to_string())?, pid))
         })();
         let m = match r {
-            Ok(c) => {
+            Ok((c, pid)) => {
                 self.inc = Some(c);
-                self.machine_mut().handle_connected(now)
+                // The HelloAck must name this pid (the machine refuses it otherwise).
+                self.machine_mut().handle_connected(now, pid)
             }
             Err(why) => self.machine_mut().handle_connect_failed(now, why),
         };
