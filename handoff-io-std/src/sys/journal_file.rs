@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use handoff_proto::journal::{self, JournalError};
+use handoff_proto::journal::{self, Journal, JournalError};
 use handoff_proto::JournalRecord;
 use rustix::fs::{Mode, OFlags};
 
@@ -101,15 +101,16 @@ pub fn write(path: &Path, record: &JournalRecord) -> Result<(), JournalFileError
     write_atomic(path, &journal::encode(record))
 }
 
-/// Read the journal at `path`: `Ok(None)` if there is no file, the record if it decodes, and
-/// [`JournalFileError::Decode`] (never a panic) if it does not.
-pub fn read(path: &Path) -> Result<Option<JournalRecord>, JournalFileError> {
+/// Read the journal at `path`: `Ok(None)` if there is no file, the record and the identities
+/// of its pids if it decodes (either format), and [`JournalFileError::Decode`] (never a panic)
+/// if it does not.
+pub fn read(path: &Path) -> Result<Option<Journal>, JournalFileError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_at(path)(e)),
     };
-    journal::decode(&bytes)
+    journal::decode_journal(&bytes)
         .map(Some)
         .map_err(|source| JournalFileError::Decode {
             path: path.to_path_buf(),
@@ -123,6 +124,11 @@ mod tests {
     use crate::sys::testutil::TempDir;
     use handoff_proto::HandoffId;
     use std::os::unix::fs::PermissionsExt;
+
+    /// The record of the journal at `path`.
+    fn read_record(path: &Path) -> Result<Option<JournalRecord>, JournalFileError> {
+        read(path).map(|j| j.map(|j| j.record))
+    }
 
     fn records() -> [JournalRecord; 3] {
         [
@@ -147,16 +153,36 @@ mod tests {
     fn round_trip_and_replacement() {
         let dir = TempDir::new("journal");
         let path = dir.path().join("journal");
-        assert_eq!(read(&path).unwrap(), None);
+        assert_eq!(read_record(&path).unwrap(), None);
         for rec in records() {
             write(&path, &rec).unwrap();
-            assert_eq!(read(&path).unwrap(), Some(rec));
+            assert_eq!(read_record(&path).unwrap(), Some(rec));
             assert!(!tmp_path(&path).exists());
         }
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A missing directory is "no journal" too.
-        assert_eq!(read(&dir.path().join("nonexistent/journal")).unwrap(), None);
+        assert_eq!(
+            read_record(&dir.path().join("nonexistent/journal")).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn identities_come_back_with_the_record() {
+        let dir = TempDir::new("journal-ids");
+        let path = dir.path().join("journal");
+        let [_, rec, _] = records();
+        let id = handoff_proto::ProcessIdentity {
+            boot_id: [7; 16],
+            start_ticks: 99,
+            pidfd_inode: Some(1234),
+        };
+        write_atomic(&path, &journal::encode_journal(&rec, &[(42, id)])).unwrap();
+        let j = read(&path).unwrap().unwrap();
+        assert_eq!((&j.record, j.format), (&rec, 2));
+        assert_eq!(j.identity(42), Some(id));
+        assert_eq!(j.identity(41), None);
     }
 
     #[test]
@@ -208,16 +234,16 @@ mod tests {
         let partial = journal::encode(&second);
         std::fs::write(tmp_path(&path), &partial[..partial.len() / 2]).unwrap();
         std::fs::set_permissions(tmp_path(&path), std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(read(&path).unwrap(), Some(first));
+        assert_eq!(read_record(&path).unwrap(), Some(first));
         // The next write replaces the leftover and leaves none behind.
         write(&path, &second).unwrap();
-        assert_eq!(read(&path).unwrap(), Some(second));
+        assert_eq!(read_record(&path).unwrap(), Some(second));
         assert!(!tmp_path(&path).exists());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A leftover with no journal at all still reads as "no journal".
         let other = dir.path().join("other");
         std::fs::write(tmp_path(&other), b"HOJ1").unwrap();
-        assert_eq!(read(&other).unwrap(), None);
+        assert_eq!(read_record(&other).unwrap(), None);
     }
 }

@@ -124,7 +124,11 @@ impl fmt::Display for Shown<'_> {
         for b in &self.0.boot_id[..4] {
             write!(f, "{b:02x}")?;
         }
-        write!(f, "… boot, started at tick {}", self.0.start_ticks)
+        write!(f, "… boot, started at tick {}", self.0.start_ticks)?;
+        match self.0.pidfd_inode {
+            Some(ino) => write!(f, ", pidfs inode {ino}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -315,6 +319,11 @@ impl Proven {
     /// Send `sig` through the pidfd.
     pub fn signal(&self, sig: Signal) -> io::Result<()> {
         self.watched.signal(sig)
+    }
+
+    /// The pidfd alone.
+    pub fn into_watched(self) -> Watched {
+        self.watched
     }
 
     /// A second handle on the same process (a duplicate of the pidfd).
