@@ -170,11 +170,18 @@ pub enum SupervisorOutput {
     /// [`Supervisor::handle_connect_failed`].
     Connect,
     /// Report this pid's exit through [`Supervisor::handle_exited`] (at once if it is gone).
+    ///
+    /// A pid is only a number: one read back from the journal may name another process by
+    /// now. The driver watches only a process it has proven to be the one meant (its own
+    /// child, the peer of the control connection, or a process matching the identity the
+    /// journal recorded, see [`crate::journal`]) and reports any other pid as exited.
     Watch {
         /// Whom.
         pid: Pid,
     },
-    /// Kill the process (SIGKILL). Its exit arrives through `handle_exited`.
+    /// Kill the process (SIGKILL). Its exit arrives through `handle_exited`. The driver signals
+    /// only through a pidfd on a process it has proven (as for [`SupervisorOutput::Watch`]),
+    /// never by the bare pid; a pid it cannot prove is left alone.
     Kill {
         /// Whom.
         pid: Pid,

@@ -6,8 +6,8 @@
 //! - [`fdpass`]: send and receive bytes with listener descriptors (`SCM_RIGHTS`).
 //! - [`sockcheck`]: check that a received descriptor is the listener kind announced, and put
 //!   it in the mode this process needs.
-//! - [`lock`]: the data-directory `flock`, its lock record, and the `/proc/locks` guard used
-//!   before killing a lock holder.
+//! - [`lock`]: the data-directory `flock`, its lock record, and killing a lock holder only
+//!   once it is proven to hold the lock ([`proc::Proven::lock_holder`]).
 //! - [`journal_file`]: atomic replacement and reading of the supervisor's journal.
 //! - [`peercred`]: peer credentials of a control connection, and binding the control socket
 //!   with mode 0600.

@@ -23,7 +23,7 @@
 //! in the child, owning a descriptor number for `dup2`. The code that runs in the child makes
 //! only async-signal-safe system calls (`fcntl`, `dup2`, `close`) and does not allocate;
 //! everything it needs is prepared in the parent. Also here, for the same reason: the
-//! `getsockopt(SO_PEERPIDFD)` that `rustix` does not wrap ([`peer_pidfd`]).
+//! `getsockopt(SO_PEERPIDFD)` that `rustix` does not wrap (`peer_pidfd`).
 
 #![allow(unsafe_code)]
 
