@@ -459,6 +459,10 @@ pub struct Watched {
 impl Watched {
     /// Watch the process `pid`. No such process (`ESRCH`): an [`io::ErrorKind::NotFound`]
     /// error naming the pid. Pid 0, or a pid above `i32::MAX`: `InvalidInput`.
+    ///
+    /// The pidfd refers to whoever has `pid` now: for a child not yet reaped, that is the
+    /// child; for a pid read from a file, it may be anybody (see [`crate::sys::proc::Proven`]
+    /// for opening one on a process proven to be the one meant).
     pub fn open(pid: u32) -> io::Result<Watched> {
         let raw = i32::try_from(pid)
             .ok()
