@@ -703,6 +703,13 @@ impl SupervisorEngine {
 
     /// Watch `pid` for the machine if it is proven (see the module docs); otherwise report it
     /// as exited, now or at the next connect.
+    ///
+    /// A proven process that is dead but not yet reaped (a daemon adopted after a restart is
+    /// not our child) is reported at once too, not watched: the machine asks again for a pid
+    /// whose exit was just reported (an idle supervisor's recovery watches the dead
+    /// incumbent), the new pidfd then often gets the number of the one just closed, under the
+    /// same key, and a driver that registers by (key, number) never polls it (the mio driver
+    /// did not: the recovery waited the whole recovery_wait before a cold start).
     fn watch(&mut self, now: Instant, pid: Pid) {
         if self.watched.contains_key(&pid) {
             return;
@@ -727,7 +734,7 @@ impl SupervisorEngine {
             return;
         };
         match Proven::verify(pid, &claim) {
-            // Still unreaped counts as gone: see `Watch` in `perform`.
+            // A zombie is `Gone` already (see above).
             Ok(p) => {
                 self.watched.insert(pid, p);
             }
