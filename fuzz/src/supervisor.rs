@@ -612,7 +612,7 @@ impl SupHarness {
                 let _ = self.m.handle_spawn_failed(now, reason);
             }
             SupOp::Connected => {
-                let _ = self.m.handle_connected(now);
+                let _ = self.m.handle_connected(now, self.serving);
             }
             SupOp::ConnectFailed(reason) => {
                 let _ = self.m.handle_connect_failed(now, reason);

@@ -457,6 +457,16 @@ impl Supervisor {
         self.engine.serving_build()
     }
 
+    /// The serving daemon as a proven process: see [`SupervisorEngine::serving_process`].
+    pub fn serving_process(&self) -> Option<handoff_io_std::sys::proc::Proven> {
+        self.engine.serving_process()
+    }
+
+    /// Journal that the daemon was stopped: see [`SupervisorEngine::journal_stopped`].
+    pub fn journal_stopped(&mut self) -> Result<()> {
+        self.engine.journal_stopped()
+    }
+
     /// Feed an event whose token this driver [`owns`](Self::owns).
     pub fn handle_event(&mut self, ev: &mio::event::Event) -> io::Result<()> {
         if let Some(key) = self.reg.key(ev.token()) {

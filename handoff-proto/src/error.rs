@@ -63,6 +63,15 @@ pub enum PeerMisbehaved {
         /// The pid claimed.
         got: Pid,
     },
+    /// The incumbent's HelloAck names another pid than the process that answers: the one the
+    /// driver found at the other end of the control connection (`SO_PEERCRED`).
+    #[error("the control socket is served by pid {peer}, but its HelloAck says pid {claimed}")]
+    PeerPidMismatch {
+        /// The pid of the process at the other end of the connection.
+        peer: Pid,
+        /// The pid the HelloAck claimed.
+        claimed: Pid,
+    },
     /// More listeners arrived than announced, or a batch was too large.
     #[error("listener batch does not match the announcement: {0}")]
     ListenerCount(String),

@@ -106,8 +106,10 @@ pub enum IncumbentOutput {
     AcquireLock,
     /// Last resort after the hard deadline: our successor holds the lock, never committed, and
     /// the supervisor is gone. Kill it (SIGKILL) so the lock comes back, but only if that pid
-    /// still holds a lock on the lock file (the std driver checks `/proc/locks`), so that a
-    /// reused pid is never hit.
+    /// still holds a lock on the lock file, so that a reused pid is never hit. The std driver
+    /// proves it by the process's own descriptors (`/proc/<pid>/fdinfo`, not `/proc/locks`,
+    /// which names whoever took the lock, possibly long gone) and signals through a pidfd
+    /// opened before that check.
     KillLockHolder {
         /// The holder named by the lock record.
         pid: Pid,

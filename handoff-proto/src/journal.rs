@@ -1,8 +1,29 @@
 //! The supervisor's journal: one record, replaced atomically before every irreversible step,
 //! and the pure recovery decision a restarted supervisor takes from it.
 //!
-//! The driver writes [`encode`]'s bytes to a temporary file, fsyncs it, renames it over the
-//! journal and fsyncs the directory; the machine waits for that before it goes on.
+//! The driver writes [`encode_journal`]'s bytes to a temporary file, fsyncs it, renames it over
+//! the journal and fsyncs the directory; the machine waits for that before it goes on.
+//!
+//! # Pids and identities
+//!
+//! A pid is a number the kernel hands out again once its process is gone, so a pid read back
+//! from the journal, possibly after the host rebooted, identifies nobody by itself. Next to the
+//! record, the file therefore carries the [`ProcessIdentity`] of each pid the writer had
+//! proven to be the process it meant (its own child, or the peer of a control connection). A
+//! driver must treat a pid whose identity is missing or does not match the process that has
+//! that pid now as gone: never watch it, never signal it. The machine itself never sees the
+//! identities; they are the driver's business ([`Journal`]).
+//!
+//! # Formats
+//!
+//! - Format 1 (`HOJ1`): `"HOJ1" | len: u32 LE | postcard(record) | fnv1a64(body): u64 LE`. No
+//!   identities: every pid it names is unproven. Still read, never written.
+//! - Format 2 (`HOJ2`): `"HOJ2" | len: u32 LE | postcard(record, identities) | fnv1a64(all
+//!   the bytes before it): u64 LE`. The checksum covers the header too, so a damaged format
+//!   byte is caught.
+//!
+//! Any other `HOJ<digit>` is refused as [`JournalError::UnsupportedFormat`], anything else as
+//! [`JournalError::BadMagic`]; a file is never read under the wrong format.
 
 use serde::{Deserialize, Serialize};
 
@@ -71,7 +92,58 @@ impl JournalRecord {
     }
 }
 
-const MAGIC: &[u8; 4] = b"HOJ1";
+/// What tells one process apart from every other one of a host: the boot it runs in, when it
+/// started, and, where the kernel has pidfs, the inode number of its pidfds. Two processes are
+/// the same only if all three are equal.
+///
+/// The kernel reuses a pid. The start time alone is coarse: it counts clock ticks (10 ms at
+/// the usual 100 Hz), and a pid can be given again within one tick (a pid space wrapped under
+/// load, or `ns_last_pid` written by root; the tests do exactly this). The pidfs inode number
+/// is drawn from a 64-bit counter at every process creation and never reused within a boot,
+/// so it tells those apart too.
+///
+/// The driver reads it (boot id from `/proc/sys/kernel/random/boot_id`, start time from field
+/// 22 of `/proc/<pid>/stat`, the inode from `fstat` of a pidfd); this crate only stores and
+/// compares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ProcessIdentity {
+    /// The kernel's boot id (a random UUID drawn at every boot), as 16 bytes.
+    pub boot_id: [u8; 16],
+    /// When the process started, in clock ticks after boot.
+    pub start_ticks: u64,
+    /// The inode number of the process's pidfds on pidfs (Linux 6.9 or later); `None` where
+    /// pidfds are anonymous inodes, all with one number.
+    pub pidfd_inode: Option<u64>,
+}
+
+/// A journal file's whole content: the record, and the identities of the pids it names that
+/// the writer had proven (see the [module docs](self)).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Journal {
+    /// The record.
+    pub record: JournalRecord,
+    /// `(pid, identity)` for pids of the record; at most one per pid. A pid of the record with
+    /// no entry here identifies nobody.
+    pub identities: Vec<(Pid, ProcessIdentity)>,
+    /// The file's format: 1 (no identities) or 2.
+    pub format: u8,
+}
+
+impl Journal {
+    /// The identity recorded for `pid`, if any.
+    pub fn identity(&self, pid: Pid) -> Option<ProcessIdentity> {
+        self.identities
+            .iter()
+            .find(|(p, _)| *p == pid)
+            .map(|(_, id)| *id)
+    }
+}
+
+const MAGIC_V1: &[u8; 4] = b"HOJ1";
+const MAGIC_V2: &[u8; 4] = b"HOJ2";
+/// The formats [`decode_journal`] reads.
+pub const FORMATS: [u8; 2] = [1, 2];
 
 /// A journal file that cannot be read back.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +160,12 @@ pub enum JournalError {
     /// Not a journal of this format.
     #[error("not a handoff journal (bad magic)")]
     BadMagic,
+    /// A journal of a format this build does not read (written by a newer supervisor?).
+    #[error("journal format {found} is not one this build reads (formats 1 and 2)")]
+    UnsupportedFormat {
+        /// The format the file states (the digit after `HOJ`).
+        found: u8,
+    },
     /// The checksum does not match: the file was damaged.
     #[error("journal checksum mismatch: stored {stored:016x}, computed {computed:016x}")]
     Checksum {
@@ -101,28 +179,67 @@ pub enum JournalError {
     Malformed(String),
 }
 
-/// Encode a record: `"HOJ1" | len: u32 LE | postcard(record) | fnv1a64(body): u64 LE`.
+/// The body of a format-2 journal.
+#[derive(Serialize, Deserialize)]
+struct BodyV2 {
+    record: JournalRecord,
+    identities: Vec<(Pid, ProcessIdentity)>,
+}
+
+/// Encode `record` with no identities (format 2): every pid it names will read back unproven.
 pub fn encode(record: &JournalRecord) -> Vec<u8> {
-    let body = postcard::to_allocvec(record).expect("journal records always serialize");
+    encode_journal(record, &[])
+}
+
+/// Encode `record` and the identities of its pids (format 2, see the [module docs](self)).
+/// Entries for pids the record does not name, and all but the first entry for a pid, are
+/// left out.
+pub fn encode_journal(record: &JournalRecord, identities: &[(Pid, ProcessIdentity)]) -> Vec<u8> {
+    let named = record.pids();
+    let mut kept: Vec<(Pid, ProcessIdentity)> = Vec::new();
+    for &(pid, id) in identities {
+        if named.contains(&pid) && !kept.iter().any(|(p, _)| *p == pid) {
+            kept.push((pid, id));
+        }
+    }
+    let body = BodyV2 {
+        record: record.clone(),
+        identities: kept,
+    };
+    let body = postcard::to_allocvec(&body).expect("journal records always serialize");
     let mut out = Vec::with_capacity(16 + body.len());
-    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(MAGIC_V2);
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
-    out.extend_from_slice(&fnv1a64(&body).to_le_bytes());
+    let sum = fnv1a64(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
     out
 }
 
-/// Decode a journal file's bytes.
+/// Decode a journal file's bytes, of either format, to its record alone.
 pub fn decode(bytes: &[u8]) -> Result<JournalRecord, JournalError> {
+    decode_journal(bytes).map(|j| j.record)
+}
+
+/// Decode a journal file's bytes, of either format: the record and, for format 2, the
+/// identities. Every damage is an error, never a different record: a short file, a bad or
+/// unknown magic, a checksum mismatch, a body that does not parse, bytes after the record, or
+/// an identity for a pid the record does not name (or two for one pid).
+pub fn decode_journal(bytes: &[u8]) -> Result<Journal, JournalError> {
     if bytes.len() < 8 {
         return Err(JournalError::Truncated {
             have: bytes.len(),
             need: 8,
         });
     }
-    if &bytes[0..4] != MAGIC {
-        return Err(JournalError::BadMagic);
-    }
+    let format = match &bytes[0..4] {
+        m if m == MAGIC_V1 => 1,
+        m if m == MAGIC_V2 => 2,
+        [b'H', b'O', b'J', d] if d.is_ascii_digit() => {
+            return Err(JournalError::UnsupportedFormat { found: d - b'0' })
+        }
+        _ => return Err(JournalError::BadMagic),
+    };
     let len = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")) as usize;
     let need = 8usize.saturating_add(len).saturating_add(8);
     if bytes.len() < need {
@@ -133,7 +250,11 @@ pub fn decode(bytes: &[u8]) -> Result<JournalRecord, JournalError> {
     }
     let body = &bytes[8..8 + len];
     let stored = u64::from_le_bytes(bytes[8 + len..need].try_into().expect("8 bytes"));
-    let computed = fnv1a64(body);
+    // Format 1 sums the body; format 2 everything before the checksum.
+    let computed = match format {
+        1 => fnv1a64(body),
+        _ => fnv1a64(&bytes[..8 + len]),
+    };
     if stored != computed {
         return Err(JournalError::Checksum { stored, computed });
     }
@@ -143,15 +264,39 @@ pub fn decode(bytes: &[u8]) -> Result<JournalRecord, JournalError> {
             bytes.len() - need
         )));
     }
-    let (record, rest) = postcard::take_from_bytes::<JournalRecord>(body)
-        .map_err(|e| JournalError::Malformed(e.to_string()))?;
+    let (record, identities, rest) = if format == 1 {
+        let (record, rest) = postcard::take_from_bytes::<JournalRecord>(body)
+            .map_err(|e| JournalError::Malformed(e.to_string()))?;
+        (record, Vec::new(), rest)
+    } else {
+        let (b, rest) = postcard::take_from_bytes::<BodyV2>(body)
+            .map_err(|e| JournalError::Malformed(e.to_string()))?;
+        (b.record, b.identities, rest)
+    };
     if !rest.is_empty() {
         return Err(JournalError::Malformed(format!(
             "{} trailing bytes in the record",
             rest.len()
         )));
     }
-    Ok(record)
+    let named = record.pids();
+    for (i, (pid, _)) in identities.iter().enumerate() {
+        if !named.contains(pid) {
+            return Err(JournalError::Malformed(format!(
+                "an identity for pid {pid}, which the record does not name"
+            )));
+        }
+        if identities[..i].iter().any(|(p, _)| p == pid) {
+            return Err(JournalError::Malformed(format!(
+                "two identities for pid {pid}"
+            )));
+        }
+    }
+    Ok(Journal {
+        record,
+        identities,
+        format,
+    })
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -303,6 +448,140 @@ mod tests {
             ));
         }
         assert_eq!(decode(b"XXXXXXXXXXXXXXXX"), Err(JournalError::BadMagic));
+    }
+
+    fn id(n: u8) -> ProcessIdentity {
+        ProcessIdentity {
+            boot_id: [n; 16],
+            start_ticks: 1000 + u64::from(n),
+            pidfd_inode: (n % 2 == 0).then_some(77 + u64::from(n)),
+        }
+    }
+
+    /// The bytes the format-1 encoder wrote.
+    fn format_1(record: &JournalRecord) -> Vec<u8> {
+        let body = postcard::to_allocvec(record).unwrap();
+        let mut out = b"HOJ1".to_vec();
+        out.extend((body.len() as u32).to_le_bytes());
+        out.extend(&body);
+        out.extend(fnv1a64(&body).to_le_bytes());
+        out
+    }
+
+    /// A format-2 file with `identities` as given, unfiltered.
+    fn format_2_raw(record: &JournalRecord, identities: Vec<(Pid, ProcessIdentity)>) -> Vec<u8> {
+        let body = postcard::to_allocvec(&BodyV2 {
+            record: record.clone(),
+            identities,
+        })
+        .unwrap();
+        let mut out = b"HOJ2".to_vec();
+        out.extend((body.len() as u32).to_le_bytes());
+        out.extend(&body);
+        let sum = fnv1a64(&out);
+        out.extend(sum.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn format_1_is_read_with_every_pid_unproven() {
+        let rec = committing();
+        let j = decode_journal(&format_1(&rec)).unwrap();
+        assert_eq!(
+            j,
+            Journal {
+                record: rec.clone(),
+                identities: vec![],
+                format: 1
+            }
+        );
+        assert_eq!(j.identity(10), None);
+        assert_eq!(decode(&format_1(&rec)), Ok(rec));
+    }
+
+    #[test]
+    fn format_2_round_trips_identities_of_named_pids_only() {
+        let rec = committing();
+        // 12 is not named by the record, and 10 twice: both left out.
+        let bytes = encode_journal(&rec, &[(11, id(1)), (12, id(2)), (11, id(3)), (10, id(4))]);
+        assert_eq!(&bytes[..4], b"HOJ2");
+        let j = decode_journal(&bytes).unwrap();
+        assert_eq!(j.record, rec);
+        assert_eq!(j.format, 2);
+        assert_eq!(j.identities, vec![(11, id(1)), (10, id(4))]);
+        assert_eq!(j.identity(11), Some(id(1)));
+        assert_eq!(j.identity(12), None);
+        let idle = JournalRecord::Idle {
+            serving: None,
+            last_handoff: HandoffId(2),
+        };
+        assert_eq!(
+            decode_journal(&encode_journal(&idle, &[(10, id(1))])).unwrap(),
+            Journal {
+                record: idle,
+                identities: vec![],
+                format: 2
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_formats_and_stray_identities_are_refused() {
+        let rec = committing();
+        let good = encode_journal(&rec, &[(10, id(1))]);
+        for d in [b'0', b'3', b'9'] {
+            let mut b = good.clone();
+            b[3] = d;
+            let e = decode_journal(&b).unwrap_err();
+            assert_eq!(
+                e,
+                JournalError::UnsupportedFormat { found: d - b'0' },
+                "{d}"
+            );
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "journal format {} is not one this build reads (formats 1 and 2)",
+                    d - b'0'
+                )
+            );
+        }
+        for m in [&b"HOJx"[..], b"hoj2", b"XOJ2"] {
+            let mut b = good.clone();
+            b[..4].copy_from_slice(m);
+            assert_eq!(decode_journal(&b), Err(JournalError::BadMagic));
+        }
+        // A format-2 file read as format 1 (a damaged format byte) is caught by the checksum.
+        let mut as_v1 = good.clone();
+        as_v1[3] = b'1';
+        assert!(matches!(
+            decode_journal(&as_v1),
+            Err(JournalError::Checksum { .. })
+        ));
+        // And a format-1 file as format 2.
+        let mut as_v2 = format_1(&rec);
+        as_v2[3] = b'2';
+        assert!(matches!(
+            decode_journal(&as_v2),
+            Err(JournalError::Checksum { .. })
+        ));
+        // Identities the record does not account for.
+        let stray = format_2_raw(&rec, vec![(12, id(1))]);
+        assert_eq!(
+            decode_journal(&stray),
+            Err(JournalError::Malformed(
+                "an identity for pid 12, which the record does not name".into()
+            ))
+        );
+        let twice = format_2_raw(&rec, vec![(10, id(1)), (10, id(2))]);
+        assert_eq!(
+            decode_journal(&twice),
+            Err(JournalError::Malformed("two identities for pid 10".into()))
+        );
+        // Every strict prefix is refused.
+        for cut in 0..good.len() {
+            assert!(decode_journal(&good[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

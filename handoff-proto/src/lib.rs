@@ -40,7 +40,7 @@ pub mod wire;
 pub use channel::ConnId;
 pub use error::{Error, Misuse, PeerMisbehaved};
 pub use incumbent::{DaemonConfig, Incumbent, IncumbentOutput, LockResult, SealProof};
-pub use journal::{JournalRecord, Resolution};
+pub use journal::{JournalRecord, ProcessIdentity, Resolution};
 pub use successor::{Successor, SuccessorOutput};
 pub use supervisor::{
     Busy, HandoffSpec, Outcome, Peer, PhaseTimes, Supervisor, SupervisorConfig, SupervisorOutput,

@@ -170,11 +170,18 @@ pub enum SupervisorOutput {
     /// [`Supervisor::handle_connect_failed`].
     Connect,
     /// Report this pid's exit through [`Supervisor::handle_exited`] (at once if it is gone).
+    ///
+    /// A pid is only a number: one read back from the journal may name another process by
+    /// now. The driver watches only a process it has proven to be the one meant (its own
+    /// child, the peer of the control connection, or a process matching the identity the
+    /// journal recorded, see [`crate::journal`]) and reports any other pid as exited.
     Watch {
         /// Whom.
         pid: Pid,
     },
-    /// Kill the process (SIGKILL). Its exit arrives through `handle_exited`.
+    /// Kill the process (SIGKILL). Its exit arrives through `handle_exited`. The driver signals
+    /// only through a pidfd on a process it has proven (as for [`SupervisorOutput::Watch`]),
+    /// never by the bare pid; a pid it cannot prove is left alone.
     Kill {
         /// Whom.
         pid: Pid,
@@ -343,6 +350,8 @@ pub struct Supervisor {
     holds_listeners: bool,
     last_handoff: HandoffId,
     inc: Option<Channel>,
+    /// The pid of the process at the other end of `inc`, as the driver found it.
+    inc_peer: Option<Pid>,
     succ: Option<Channel>,
     timers: Timers<3>,
     out: VecDeque<SupervisorOutput>,
@@ -385,6 +394,7 @@ impl Supervisor {
             holds_listeners,
             last_handoff,
             inc: None,
+            inc_peer: None,
             succ: None,
             timers: Timers::new(),
             out: VecDeque::new(),
@@ -411,6 +421,11 @@ impl Supervisor {
     /// Whether this process holds the listeners.
     pub fn holds_listeners(&self) -> bool {
         self.holds_listeners
+    }
+
+    /// The last handoff id used (the next handoff gets a larger one).
+    pub fn last_handoff(&self) -> HandoffId {
+        self.last_handoff
     }
 
     /// The handoff in progress.
@@ -708,9 +723,12 @@ impl Supervisor {
 
     // ---- handle: channels ----
 
-    /// The control-socket connection requested by `Connect` is up. A connection nobody asked
-    /// for is misuse; the driver closes it.
-    pub fn handle_connected(&mut self, now: Instant) -> Result<(), Misuse> {
+    /// The control-socket connection requested by `Connect` is up, and `peer` is the pid of
+    /// the process at its other end (`SO_PEERCRED`: the one that listens on the socket). The
+    /// `HelloAck` must name that pid, or it is refused as a protocol violation
+    /// ([`PeerMisbehaved::PeerPidMismatch`]): a daemon's word about who it is counts only when
+    /// the kernel agrees. A connection nobody asked for is misuse; the driver closes it.
+    pub fn handle_connected(&mut self, now: Instant, peer: Pid) -> Result<(), Misuse> {
         let ok = match &mut self.state {
             State::Handoff(h) => match &mut h.stage {
                 Stage::Connecting => {
@@ -738,6 +756,7 @@ impl Supervisor {
             });
         }
         self.inc = Some(Channel::new(self.cfg.versions, now));
+        self.inc_peer = Some(peer);
         let hello = self.hello();
         self.send(Peer::Incumbent, hello);
         Ok(())
@@ -949,6 +968,15 @@ impl Supervisor {
         };
         if ack.role != expected_role {
             return Err(self.violation(now, peer, PeerMisbehaved::WrongRole { got: ack.role }));
+        }
+        if peer == Peer::Incumbent {
+            if let Some(p) = self.inc_peer.filter(|p| *p != ack.pid) {
+                let e = PeerMisbehaved::PeerPidMismatch {
+                    peer: p,
+                    claimed: ack.pid,
+                };
+                return Err(self.refuse_incumbent_answer(now, e));
+            }
         }
         if let Some(ch) = self.chan_mut(peer) {
             ch.decoder.set_negotiated(ack.version);
@@ -1576,6 +1604,9 @@ impl Supervisor {
         if slot.take().is_some() {
             self.out.push_back(SupervisorOutput::Close { peer });
         }
+        if peer == Peer::Incumbent {
+            self.inc_peer = None;
+        }
     }
 
     fn send(&mut self, to: Peer, message: Message) {
@@ -1619,6 +1650,21 @@ impl Supervisor {
         }
         self.handle_closed(now, peer);
         e.into()
+    }
+
+    /// The incumbent's answer cannot be believed (`e`). During a handoff this is a violation
+    /// like any other. A recovery refuses it and decides as if nobody had answered: the
+    /// process that sent it is not adopted, and, unlike a closed connection, it is not asked
+    /// again and again while it holds the control socket (a cold-started daemon binds over it).
+    fn refuse_incumbent_answer(&mut self, now: Instant, e: PeerMisbehaved) -> Error {
+        if matches!(&self.state, State::Recovering(r) if r.step == RecStep::Greeting) {
+            let reason = bounded_text(e.to_string());
+            self.send(Peer::Incumbent, Message::Refused { reason });
+            self.drop_chan(Peer::Incumbent);
+            self.observe(now, None);
+            return e.into();
+        }
+        self.violation(now, Peer::Incumbent, e)
     }
 
     fn pre_seal(&self) -> bool {

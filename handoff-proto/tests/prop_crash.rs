@@ -737,7 +737,7 @@ fn recovery_does_not_adopt_a_daemon_that_exited_while_returning_the_listeners() 
     let mut s = Supervisor::recover(cfg, now, Some(record), false);
     s.handle_exited(now, 5);
     while s.poll_output().is_some() {}
-    s.handle_connected(now).unwrap();
+    s.handle_connected(now, 3).unwrap();
     let ack = Message::HelloAck(HelloAck {
         role: PeerRole::Incumbent,
         version: 1,

@@ -1559,7 +1559,7 @@ impl SupHarness {
                 let _ = self.m.handle_spawn_failed(now, reason);
             }
             SupOp::Connected => {
-                let _ = self.m.handle_connected(now);
+                let _ = self.m.handle_connected(now, self.serving);
             }
             SupOp::ConnectFailed(reason) => {
                 let _ = self.m.handle_connect_failed(now, reason);
@@ -2095,7 +2095,7 @@ fn supervisor_at_commit(now: Instant, successor_acks: bool) -> (Supervisor, Vec<
         .unwrap();
     s.handle_message(now, Peer::Successor, Message::ListenersAck { count: 0 })
         .unwrap();
-    s.handle_connected(now).unwrap();
+    s.handle_connected(now, INCUMBENT).unwrap();
     s.handle_message(now, Peer::Incumbent, ack(PeerRole::Incumbent, INCUMBENT))
         .unwrap();
     let report = DrainReport::default();
@@ -2237,5 +2237,140 @@ fn incumbent_does_not_close_a_connection_reported_closed() {
     assert!(
         !outs.contains(&IncumbentOutput::Close { conn: ConnId(1) }),
         "asked to close the connection the driver reported closed: {outs:?}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// The incumbent's HelloAck must name the process at the other end of the control connection.
+// ------------------------------------------------------------------------------------------
+
+fn serving_ack(pid: Pid) -> Message {
+    Message::HelloAck(HelloAck {
+        role: PeerRole::Incumbent,
+        version: 1,
+        pid,
+        build_id: "b".into(),
+        status: DaemonStatus::Serving,
+    })
+}
+
+fn plain_cfg() -> SupervisorConfig {
+    SupervisorConfig {
+        pid: 1,
+        build_id: "s".into(),
+        versions: SUPPORTED_VERSIONS,
+        timing: Timing::default(),
+        listeners: Vec::new(),
+        recovery_wait: Duration::from_secs(2),
+    }
+}
+
+/// A recovering supervisor is answered by pid 7 (`SO_PEERCRED`) whose HelloAck names pid 3,
+/// the pid the journal names: the answer is refused, pid 3 is not adopted (no `Recovered`, no
+/// journal naming it), and, nobody else being alive, the daemon is started cold at once.
+#[test]
+fn recovery_refuses_a_helloack_naming_another_pid_than_the_peer() {
+    let now = Instant::now();
+    let record = JournalRecord::Idle {
+        serving: Some(3),
+        last_handoff: HandoffId(4),
+    };
+    let mut s = Supervisor::recover(plain_cfg(), now, Some(record), true);
+    s.handle_exited(now, 3);
+    while s.poll_output().is_some() {}
+    s.handle_connected(now, 7).unwrap();
+    while s.poll_output().is_some() {}
+    let e = s
+        .handle_message(now, Peer::Incumbent, serving_ack(3))
+        .unwrap_err();
+    assert_eq!(
+        e,
+        handoff_proto::Error::Peer(handoff_proto::PeerMisbehaved::PeerPidMismatch {
+            peer: 7,
+            claimed: 3
+        })
+    );
+    assert_eq!(
+        e.to_string(),
+        "peer misbehaved: the control socket is served by pid 7, but its HelloAck says pid 3"
+    );
+    let outs: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
+    assert!(
+        matches!(&outs[..], [
+            SupervisorOutput::Send { frame, .. },
+            SupervisorOutput::Close { peer: Peer::Incumbent },
+            SupervisorOutput::SpawnColdStart,
+        ] if matches!(frame.message, Message::Refused { .. })),
+        "{outs:?}"
+    );
+    // The same pid, when the kernel agrees, is adopted.
+    let mut s = Supervisor::recover(plain_cfg(), now, None, true);
+    while s.poll_output().is_some() {}
+    s.handle_connected(now, 3).unwrap();
+    s.handle_message(now, Peer::Incumbent, serving_ack(3))
+        .unwrap();
+    let outs: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
+    assert!(
+        outs.iter().any(|o| matches!(
+            o,
+            SupervisorOutput::WriteJournal(JournalRecord::Idle {
+                serving: Some(3),
+                ..
+            })
+        )),
+        "{outs:?}"
+    );
+}
+
+/// During a handoff, an incumbent answer whose pid disagrees with the peer's is a protocol
+/// violation before `Prepare`: the handoff rolls back untouched.
+#[test]
+fn handoff_aborts_on_a_helloack_naming_another_pid_than_the_peer() {
+    let now = Instant::now();
+    let mut s = Supervisor::with_incumbent(plain_cfg(), INCUMBENT, HandoffId(0));
+    let spec = HandoffSpec {
+        drain_grace: Duration::from_secs(1),
+        deadline: Duration::from_secs(20),
+    };
+    s.handle_trigger(now, spec).unwrap();
+    s.handle_spawned(now, 200).unwrap();
+    s.handle_journal_written(now).unwrap();
+    s.handle_message(
+        now,
+        Peer::Successor,
+        Message::HelloAck(HelloAck {
+            role: PeerRole::Successor,
+            version: 1,
+            pid: 200,
+            build_id: "n".into(),
+            status: DaemonStatus::Successor,
+        }),
+    )
+    .unwrap();
+    s.handle_message(now, Peer::Successor, Message::ListenersAck { count: 0 })
+        .unwrap();
+    while s.poll_output().is_some() {}
+    s.handle_connected(now, INCUMBENT + 1).unwrap();
+    let e = s
+        .handle_message(now, Peer::Incumbent, serving_ack(INCUMBENT))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            handoff_proto::Error::Peer(handoff_proto::PeerMisbehaved::PeerPidMismatch { .. })
+        ),
+        "{e:?}"
+    );
+    let outs: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
+    assert!(
+        !outs
+            .iter()
+            .any(|o| matches!(o, SupervisorOutput::Send { frame, .. } if matches!(frame.message, Message::Prepare { .. }))),
+        "{outs:?}"
+    );
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, SupervisorOutput::Kill { pid: 200 })),
+        "{outs:?}"
     );
 }

@@ -104,7 +104,7 @@ fn to_incumbent_hello(s: &mut Supervisor, now: Instant, succ_version: u16) -> Ve
         .unwrap();
     let _ = s.poll_output(); // Welcome, Listeners, Connect ...
     while s.poll_output().is_some() {}
-    s.handle_connected(now).unwrap();
+    s.handle_connected(now, 10).unwrap();
     let frames = sup_frames(s, Peer::Incumbent);
     assert_eq!(frames.len(), 1, "one Hello");
     assert_eq!(

@@ -19,6 +19,7 @@ use handoff_io_std::supervisor::SpawnSpec;
 use handoff_io_std::sys::peercred::{
     bind_unix_listener_0600, bind_unix_listener_unless_live, peer_credentials,
 };
+use handoff_io_std::sys::proc::Proven;
 use handoff_io_std::sys::spawn::{wait_any, Watched};
 use handoff_io_std::{InheritedListeners, ListenerKind};
 use handoff_proto::{HandoffId, Verdict};
@@ -601,18 +602,22 @@ impl Server {
             .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
     }
 
-    /// Stop the daemon: SIGTERM, up to `drain_grace_secs` for it to exit, then SIGKILL.
+    /// Stop the daemon: SIGTERM, up to `drain_grace_secs` for it to exit, then SIGKILL. Then
+    /// journal that nobody serves, so that the next start has no pid to watch or kill.
     fn stop(mut self) -> Result<(), Fatal> {
-        let serving = self.sup.as_ref().and_then(Supervisor::serving);
-        // Without the engine nobody restarts the daemon when it exits.
-        drop(self.sup.take());
-        let mut pids: Vec<u32> = serving.into_iter().collect();
+        // The serving daemon as the engine proved it: it may not be our child (adopted after a
+        // restart), and its pid alone may name another process by now.
+        let serving = self.sup.as_ref().and_then(Supervisor::serving_process);
+        // From here on the engine is not driven, so nobody restarts the daemon when it exits;
+        // it is kept to write the journal.
+        let mut sup = self.sup.take();
+        let mut watched: Vec<Watched> = serving.map(Proven::into_watched).into_iter().collect();
+        // Our children cannot have been reaped and their pids reused: only this thread reaps.
         for p in our_children() {
-            if !pids.contains(&p) {
-                pids.push(p);
+            if !watched.iter().any(|w| w.pid() == p) {
+                watched.extend(Watched::open(p).ok());
             }
         }
-        let watched: Vec<Watched> = pids.iter().filter_map(|&p| Watched::open(p).ok()).collect();
         for w in &watched {
             log(format!("stopping pid {} (SIGTERM)", w.pid()));
             let _ = w.signal(rustix::process::Signal::TERM);
@@ -629,6 +634,12 @@ impl Server {
         }
         let _ = wait_all(&left, Duration::from_secs(5));
         self.reap();
+        if let Some(sup) = sup.as_mut() {
+            if let Err(e) = sup.journal_stopped() {
+                log(format!("journal: {e}"));
+            }
+        }
+        drop(sup);
         // Remove the trigger socket if it is still ours.
         if std::fs::metadata(&self.cfg.trigger_socket)
             .is_ok_and(|m| (m.dev(), m.ino()) == self.trigger_id)

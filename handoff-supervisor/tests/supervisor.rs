@@ -536,6 +536,39 @@ fn crash_respawn_and_restart_adoption() {
     assert!(env.stop().is_some_and(|s| s.success()));
 }
 
+/// A stop ends the daemon, so the journal it leaves names nobody: the next start has no pid to
+/// watch or kill (a pid that may belong to another process by then), and it starts the daemon
+/// cold at once. A handoff afterwards keeps counting handoff ids from where they were.
+#[test]
+fn a_stop_leaves_a_journal_that_names_nobody() {
+    use handoff_proto::JournalRecord;
+    let mut env = Env::new("", None);
+    env.start();
+    env.idle();
+    assert_eq!(
+        env.ctl(&["handoff"]).status.code(),
+        Some(0),
+        "{}",
+        env.log()
+    );
+    let s = env.idle();
+    let serving: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
+    assert!(env.stop().is_some_and(|s| s.success()), "{}", env.log());
+    assert!(!alive(serving), "the daemon outlived the stop");
+    let bytes = std::fs::read(env.dir.join("ctl.sock.journal")).unwrap();
+    let record = handoff_proto::journal::decode(&bytes).unwrap();
+    assert_eq!(
+        record,
+        JournalRecord::Idle {
+            serving: None,
+            last_handoff: handoff_proto::HandoffId(1),
+        },
+        "{}",
+        env.log()
+    );
+    assert!(!env.log().contains("killed pid"), "{}", env.log());
+}
+
 #[test]
 fn a_daemon_that_never_comes_up_is_retried_with_backoff() {
     let mut env = Env::new("", Some(Path::new("/bin/false")));

@@ -1,5 +1,23 @@
 //! The supervisor's engine: the connection to the serving daemon, the successor's channel,
 //! the pidfds of the processes it watches, the journal.
+//!
+//! # Which processes it signals
+//!
+//! Only processes it has proven ([`Proven`]), through their pidfds: the children it spawned
+//! (stamped right after the spawn, while unreaped), the process at the other end of its
+//! control connection (the kernel's `SO_PEERPIDFD`), and a pid named by the journal whose
+//! recorded identity (boot id, start time, pidfs inode) matches the process that has the pid
+//! now. The journal records the identity of every pid it names that was proven this way.
+//!
+//! A journal pid whose identity does not match is another process: it is reported to the
+//! machine as exited and never touched. A journal pid with no identity (a format-1 journal,
+//! or one its writer could not prove) is proven only if it turns out to be the process serving
+//! the control socket at the next connect; otherwise it is reported as exited in the same
+//! way. Reported as exited rather than watched without ever being killed: a stranger with that
+//! pid would otherwise keep the recovery waiting its whole `recovery_wait` for a process that
+//! is not ours, and the process the journal meant, if it is still alive and not serving,
+//! resolves on its own (an uncommitted successor exits at its deadline, an incumbent that is
+//! still reclaiming answers on the control socket and is proven there).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -11,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use handoff_proto::wire::{Message, SUPPORTED_VERSIONS};
 use handoff_proto::{
-    HandoffId, HandoffSpec, JournalRecord, ListenerInfo, ListenerKind, Peer, Pid, SupervisorConfig,
-    SupervisorOutput, Timing, Verdict,
+    HandoffId, HandoffSpec, JournalRecord, ListenerInfo, ListenerKind, Peer, Pid, ProcessIdentity,
+    SupervisorConfig, SupervisorOutput, Timing, Verdict,
 };
 
 use super::Interest;
@@ -23,8 +41,9 @@ use crate::supervisor::{HandoffOutcome, Recovery, SpawnSpec};
 use crate::sys::conn::{Conn, ReadStatus};
 use crate::sys::journal_file;
 use crate::sys::peercred::{peer_credentials, PeerPolicy};
+use crate::sys::proc::{Proven, Unproven};
 use crate::sys::sockcheck;
-use crate::sys::spawn::{self, Watched};
+use crate::sys::spawn;
 use crate::sys::supervisor_lock::{self, SupervisorLock, ENV_SUPERVISOR_LOCK};
 
 const ROLE: &str = "supervisor";
@@ -79,7 +98,15 @@ pub struct SupervisorEngine {
     machine: Option<handoff_proto::Supervisor>,
     inc: Option<Conn>,
     succ: Option<Conn>,
-    watched: BTreeMap<Pid, Watched>,
+    /// Proven processes whose exit the machine waits for.
+    watched: BTreeMap<Pid, Proven>,
+    /// The process serving the control socket at the last connect, proven.
+    peer: Option<Proven>,
+    /// Identities the journal recorded, to check the pids it names against.
+    claims: BTreeMap<Pid, ProcessIdentity>,
+    /// Pids the machine asked to watch that have no identity to check: proven at the next
+    /// connect if they serve the control socket, else reported as exited.
+    unproven: Vec<Pid>,
     children: BTreeMap<Pid, Child>,
     statuses: BTreeMap<Pid, std::process::ExitStatus>,
     successor: Option<Pid>,
@@ -117,6 +144,9 @@ impl SupervisorEngine {
             inc: None,
             succ: None,
             watched: BTreeMap::new(),
+            peer: None,
+            claims: BTreeMap::new(),
+            unproven: Vec::new(),
             children: BTreeMap::new(),
             statuses: BTreeMap::new(),
             successor: None,
@@ -237,6 +267,31 @@ impl SupervisorEngine {
         self.machine.as_ref().and_then(|m| m.incumbent())
     }
 
+    /// The serving daemon as a proven process (a second pidfd on it), when known: signal it
+    /// through this, never through its pid.
+    pub fn serving_process(&self) -> Option<Proven> {
+        let pid = self.serving()?;
+        self.watched.get(&pid)?.try_clone().ok()
+    }
+
+    /// Record that the daemon was stopped: the journal says `Idle { serving: None }` from now
+    /// on, so that the next start has no pid to watch or kill (a pid another process may have
+    /// by then). For a supervisor that stops its daemon and exits; call it once the daemon has
+    /// exited and the engine is no longer driven. Before any recovery ran nothing is known, and
+    /// the journal is left as it is.
+    pub fn journal_stopped(&mut self) -> Result<()> {
+        let Some(m) = self.machine.as_ref() else {
+            return Ok(());
+        };
+        let rec = JournalRecord::Idle {
+            serving: None,
+            last_handoff: m.last_handoff(),
+        };
+        journal_file::write(&self.journal, &rec)?;
+        log!(ROLE, "journal: the daemon was stopped; nobody serves");
+        Ok(())
+    }
+
     /// The build id the serving daemon reported in its `HelloAck`, when known.
     pub fn serving_build(&self) -> Option<&str> {
         self.machine.as_ref().and_then(|m| m.serving_build())
@@ -299,10 +354,27 @@ impl SupervisorEngine {
                 &self.journal,
             ))?);
         }
-        let record = journal_file::read(&self.journal)?;
+        let journal = journal_file::read(&self.journal)?;
         let holds = self.listeners.iter().all(|l| l.fd.is_some());
         self.inc = None;
         self.succ = None;
+        self.peer = None;
+        self.unproven.clear();
+        self.claims = journal
+            .as_ref()
+            .map(|j| j.identities.iter().copied().collect())
+            .unwrap_or_default();
+        if let Some(j) = journal.as_ref().filter(|j| j.format < 2) {
+            log!(
+                ROLE,
+                "journal {} is of format {}, without process identities: the pids it names \
+                 ({:?}) are trusted only if they serve the control socket",
+                self.journal.display(),
+                j.format,
+                j.record.pids()
+            );
+        }
+        let record = journal.map(|j| j.record);
         self.machine = Some(handoff_proto::Supervisor::recover(
             self.config(),
             now,
@@ -524,6 +596,18 @@ impl SupervisorEngine {
     }
 
     fn perform(&mut self, now: Instant) {
+        loop {
+            self.perform_outputs(now);
+            // A pid to watch that no connect proved (the machine asks to watch before it
+            // connects, so one would have): gone, as far as this supervisor can tell.
+            if self.unproven.is_empty() {
+                return;
+            }
+            self.settle_unproven(now, None);
+        }
+    }
+
+    fn perform_outputs(&mut self, now: Instant) {
         while let Some(out) = self.machine.as_mut().and_then(|m| m.poll_output()) {
             match out {
                 SupervisorOutput::Send { to, frame } => {
@@ -563,27 +647,20 @@ impl SupervisorEngine {
                 SupervisorOutput::SpawnSuccessor { handoff } => self.spawn_successor(now, handoff),
                 SupervisorOutput::SpawnColdStart => self.spawn_cold_start(now),
                 SupervisorOutput::Connect => self.connect(now),
-                SupervisorOutput::Watch { pid } => match Watched::open(pid) {
-                    Ok(w) if !w.has_exited().unwrap_or(false) => {
-                        self.watched.insert(pid, w);
-                    }
-                    // Gone, or dead and not yet reaped (a daemon adopted after a restart is
-                    // not our child): report it now. Watching it would not do: the machine
-                    // asks again for a pid whose exit we just reported (an idle supervisor's
-                    // recovery watches the dead incumbent), the new pidfd then often gets the
-                    // number of the one just closed, under the same key, and a driver that
-                    // registers by (key, number) never polls it (the mio driver did not:
-                    // the recovery waited the whole recovery_wait before a cold start).
-                    _ => self.machine_mut().handle_exited(now, pid),
-                },
+                SupervisorOutput::Watch { pid } => self.watch(now, pid),
                 SupervisorOutput::Kill { pid } => {
-                    let r = match self.watched.get(&pid) {
-                        Some(w) => w.kill(),
-                        None => Watched::open(pid).and_then(|w| w.kill()),
-                    };
-                    match r {
-                        Ok(()) => log!(ROLE, "killed pid {pid}"),
-                        Err(e) => log!(ROLE, "kill pid {pid}: {e}"),
+                    let proven = self
+                        .watched
+                        .get(&pid)
+                        .or(self.peer.as_ref().filter(|p| p.pid() == pid));
+                    match proven.map(Proven::kill) {
+                        Some(Ok(())) => log!(ROLE, "killed pid {pid}"),
+                        Some(Err(e)) => log!(ROLE, "kill pid {pid}: {e}"),
+                        None => log!(
+                            ROLE,
+                            "not killing pid {pid}: it is not a process this supervisor has \
+                             proven to be its own"
+                        ),
                     }
                 }
                 SupervisorOutput::WriteJournal(rec) => {
@@ -598,7 +675,8 @@ impl SupervisorEngine {
                         ),
                         JournalRecord::Idle { .. } => (None, "supervisor.idle_journaled"),
                     };
-                    let bytes = handoff_proto::journal::encode(&rec);
+                    let identities = self.identities(&rec);
+                    let bytes = handoff_proto::journal::encode_journal(&rec, &identities);
                     let written = journal_file::write_atomic_with(&self.journal, &bytes, || {
                         if let Some(p) = tmp_point {
                             crash::point(p);
@@ -626,6 +704,8 @@ impl SupervisorEngine {
                     serving,
                     resolution,
                 } => {
+                    // The journal's claims are settled: its pids are watched or gone.
+                    self.claims.clear();
                     log!(ROLE, "recovered: pid {serving} serves ({resolution:?})");
                     self.events.push_back(SupervisorEvent::Recovered(Recovery {
                         serving,
@@ -634,6 +714,95 @@ impl SupervisorEngine {
                 }
             }
         }
+    }
+
+    /// Watch `pid` for the machine if it is proven (see the module docs); otherwise report it
+    /// as exited, now or at the next connect.
+    ///
+    /// A proven process that is dead but not yet reaped (a daemon adopted after a restart is
+    /// not our child) is reported at once too, not watched: the machine asks again for a pid
+    /// whose exit was just reported (an idle supervisor's recovery watches the dead
+    /// incumbent), the new pidfd then often gets the number of the one just closed, under the
+    /// same key, and a driver that registers by (key, number) never polls it (the mio driver
+    /// did not: the recovery waited the whole recovery_wait before a cold start).
+    fn watch(&mut self, now: Instant, pid: Pid) {
+        if self.watched.contains_key(&pid) {
+            return;
+        }
+        if let Some(p) = self.peer.as_ref().filter(|p| p.pid() == pid) {
+            match p.try_clone() {
+                Ok(p) if !p.has_exited().unwrap_or(true) => {
+                    self.watched.insert(pid, p);
+                }
+                Ok(_) => self.machine_mut().handle_exited(now, pid),
+                Err(e) => {
+                    log!(ROLE, "cannot watch pid {pid}: {e}");
+                    self.machine_mut().handle_exited(now, pid);
+                }
+            }
+            return;
+        }
+        let Some(claim) = self.claims.get(&pid).copied() else {
+            if !self.unproven.contains(&pid) {
+                self.unproven.push(pid);
+            }
+            return;
+        };
+        match Proven::verify(pid, &claim) {
+            // A zombie is `Gone` already (see above).
+            Ok(p) => {
+                self.watched.insert(pid, p);
+            }
+            Err(Unproven::Gone { .. }) => self.machine_mut().handle_exited(now, pid),
+            Err(e @ Unproven::Other { .. }) => {
+                log!(
+                    ROLE,
+                    "pid {pid} named by the journal is now another process: left alone ({e})"
+                );
+                self.machine_mut().handle_exited(now, pid);
+            }
+            Err(e) => {
+                log!(
+                    ROLE,
+                    "pid {pid} named by the journal cannot be checked: left alone ({e})"
+                );
+                self.machine_mut().handle_exited(now, pid);
+            }
+        }
+    }
+
+    /// The pids waiting for a proof: the one `serving` the control socket is proven by the
+    /// connection; the others are reported as exited and left alone.
+    fn settle_unproven(&mut self, now: Instant, serving: Option<&Proven>) {
+        for pid in std::mem::take(&mut self.unproven) {
+            match serving.filter(|p| p.pid() == pid).map(Proven::try_clone) {
+                Some(Ok(p)) => {
+                    self.watched.insert(pid, p);
+                }
+                _ => {
+                    log!(
+                        ROLE,
+                        "pid {pid} has no recorded identity and does not serve {}: treated \
+                         as gone and left alone",
+                        self.control_socket.display()
+                    );
+                    self.machine_mut().handle_exited(now, pid);
+                }
+            }
+        }
+    }
+
+    /// The identities of the pids `rec` names that this supervisor has proven.
+    fn identities(&self, rec: &JournalRecord) -> Vec<(Pid, ProcessIdentity)> {
+        rec.pids()
+            .into_iter()
+            .filter_map(|pid| {
+                self.watched
+                    .get(&pid)
+                    .or(self.peer.as_ref().filter(|p| p.pid() == pid))
+                    .map(|p| (pid, p.identity()))
+            })
+            .collect()
     }
 
     fn take_listeners(&mut self, now: Instant, batch: &[ListenerInfo]) {
@@ -703,17 +872,15 @@ impl SupervisorEngine {
                     Ok(c) => self.succ = Some(c),
                     Err(e) => log!(ROLE, "successor channel: {e}"),
                 }
-                match Watched::open(pid) {
-                    Ok(w) => {
-                        self.watched.insert(pid, w);
-                    }
-                    Err(e) => log!(ROLE, "cannot watch successor {pid}: {e}"),
-                }
+                let exited = self.watch_child(&child);
                 self.children.insert(pid, child);
                 self.successor = Some(pid);
                 crash::point("supervisor.successor_spawned");
                 if let Err(e) = self.machine_mut().handle_spawned(now, pid) {
                     log!(ROLE, "internal: {e}");
+                }
+                if exited {
+                    self.machine_mut().handle_exited(now, pid);
                 }
             }
             Err(e) => {
@@ -722,6 +889,23 @@ impl SupervisorEngine {
                 if let Err(e) = self.machine_mut().handle_spawn_failed(now, why) {
                     log!(ROLE, "internal: {e}");
                 }
+            }
+        }
+    }
+
+    /// Prove and watch a child just spawned (not reaped yet, so its pid is its own); `true` if
+    /// it has already exited.
+    fn watch_child(&mut self, child: &Child) -> bool {
+        let pid = child.id();
+        match Proven::child(child) {
+            Ok(p) => {
+                self.watched.insert(pid, p);
+                false
+            }
+            Err(Unproven::Gone { .. }) => true,
+            Err(e) => {
+                log!(ROLE, "cannot watch child {pid}: {e}");
+                false
             }
         }
     }
@@ -772,12 +956,13 @@ impl SupervisorEngine {
                     "nobody serves: started {} cold as pid {pid}",
                     spec.binary.display()
                 );
+                let exited = self.watch_child(&child);
                 self.children.insert(pid, child);
-                if let Ok(w) = Watched::open(pid) {
-                    self.watched.insert(pid, w);
-                }
                 if let Err(e) = self.machine_mut().handle_spawned(now, pid) {
                     log!(ROLE, "internal: {e}");
+                }
+                if exited {
+                    self.machine_mut().handle_exited(now, pid);
                 }
             }
             Err(e) => {
@@ -802,7 +987,8 @@ impl SupervisorEngine {
     }
 
     fn connect(&mut self, now: Instant) {
-        let r = (|| -> std::result::Result<Conn, String> {
+        self.peer = None;
+        let r = (|| -> std::result::Result<(Conn, Proven), String> {
             let sock = UnixStream::connect(&self.control_socket)
                 .map_err(|e| format!("{}: {e}", self.control_socket.display()))?;
             let (pid, uid, _) =
@@ -813,16 +999,32 @@ impl SupervisorEngine {
                     self.control_socket.display()
                 ));
             }
+            // The process that listens on the socket, proven by the kernel.
+            let peer = Proven::peer(sock.as_fd()).map_err(|e| {
+                format!(
+                    "{} is served by pid {pid}, which cannot be proven: {e}",
+                    self.control_socket.display()
+                )
+            })?;
             // The daemon sends descriptors only to return the listeners, never more than
             // are configured (more is a protocol violation).
-            Conn::new(sock)
+            let conn = Conn::new(sock)
                 .map(|c| c.with_fd_budget(self.listeners.len()))
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            Ok((conn, peer))
         })();
+        let (serving, r) = match r {
+            Ok((c, peer)) => (Some(peer), Ok(c)),
+            Err(why) => (None, Err(why)),
+        };
+        self.settle_unproven(now, serving.as_ref());
+        self.peer = serving;
         let m = match r {
             Ok(c) => {
                 self.inc = Some(c);
-                self.machine_mut().handle_connected(now)
+                let pid = self.peer.as_ref().map_or(0, Proven::pid);
+                // The HelloAck must name this pid (the machine refuses it otherwise).
+                self.machine_mut().handle_connected(now, pid)
             }
             Err(why) => self.machine_mut().handle_connect_failed(now, why),
         };

@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use handoff_proto::journal::{self, JournalError};
+use handoff_proto::journal::{self, Journal, JournalError};
 use handoff_proto::JournalRecord;
 use rustix::fs::{Mode, OFlags};
 
@@ -194,13 +194,14 @@ pub fn set_aside(path: &Path, suffix: &str) -> Result<PathBuf, JournalFileError>
     )))
 }
 
-/// Read the journal at `path` ([`read_bytes`]): `Ok(None)` if there is no file, the record if it
-/// decodes, and [`JournalFileError::Decode`] (never a panic) if it does not.
-pub fn read(path: &Path) -> Result<Option<JournalRecord>, JournalFileError> {
+/// Read the journal at `path` ([`read_bytes`]): `Ok(None)` if there is no file, the record and
+/// the identities of its pids if it decodes (either format), and [`JournalFileError::Decode`]
+/// (never a panic) if it does not.
+pub fn read(path: &Path) -> Result<Option<Journal>, JournalFileError> {
     let Some(bytes) = read_bytes(path)? else {
         return Ok(None);
     };
-    journal::decode(&bytes)
+    journal::decode_journal(&bytes)
         .map(Some)
         .map_err(|source| JournalFileError::Decode {
             path: path.to_path_buf(),
@@ -214,6 +215,11 @@ mod tests {
     use crate::sys::testutil::TempDir;
     use handoff_proto::HandoffId;
     use std::os::unix::fs::PermissionsExt;
+
+    /// The record of the journal at `path`.
+    fn read_record(path: &Path) -> Result<Option<JournalRecord>, JournalFileError> {
+        read(path).map(|j| j.map(|j| j.record))
+    }
 
     fn records() -> [JournalRecord; 3] {
         [
@@ -238,16 +244,36 @@ mod tests {
     fn round_trip_and_replacement() {
         let dir = TempDir::new("journal");
         let path = dir.path().join("journal");
-        assert_eq!(read(&path).unwrap(), None);
+        assert_eq!(read_record(&path).unwrap(), None);
         for rec in records() {
             write(&path, &rec).unwrap();
-            assert_eq!(read(&path).unwrap(), Some(rec));
+            assert_eq!(read_record(&path).unwrap(), Some(rec));
             assert!(!tmp_path(&path).exists());
         }
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A missing directory is "no journal" too.
-        assert_eq!(read(&dir.path().join("nonexistent/journal")).unwrap(), None);
+        assert_eq!(
+            read_record(&dir.path().join("nonexistent/journal")).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn identities_come_back_with_the_record() {
+        let dir = TempDir::new("journal-ids");
+        let path = dir.path().join("journal");
+        let [_, rec, _] = records();
+        let id = handoff_proto::ProcessIdentity {
+            boot_id: [7; 16],
+            start_ticks: 99,
+            pidfd_inode: Some(1234),
+        };
+        write_atomic(&path, &journal::encode_journal(&rec, &[(42, id)])).unwrap();
+        let j = read(&path).unwrap().unwrap();
+        assert_eq!((&j.record, j.format), (&rec, 2));
+        assert_eq!(j.identity(42), Some(id));
+        assert_eq!(j.identity(41), None);
     }
 
     #[test]
@@ -257,7 +283,7 @@ mod tests {
         let bytes = journal::encode(&records()[1]);
         for cut in 0..bytes.len() {
             std::fs::write(&path, &bytes[..cut]).unwrap();
-            let err = read(&path).unwrap_err();
+            let err = read_record(&path).unwrap_err();
             assert!(
                 matches!(
                     err,
@@ -274,7 +300,7 @@ mod tests {
         }
         std::fs::write(&path, b"not a journal at all").unwrap();
         assert!(matches!(
-            read(&path),
+            read_record(&path),
             Err(JournalFileError::Decode {
                 source: JournalError::BadMagic,
                 ..
@@ -283,7 +309,7 @@ mod tests {
         // A directory in its place is refused, naming the path.
         let sub = dir.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
-        let err = read(&sub).unwrap_err();
+        let err = read_record(&sub).unwrap_err();
         assert!(matches!(err, JournalFileError::Unsafe(_)), "{err:?}");
         assert!(err.to_string().contains(&sub.display().to_string()));
         assert!(err.to_string().contains("is a directory"), "{err}");
@@ -300,17 +326,17 @@ mod tests {
         let partial = journal::encode(&second);
         std::fs::write(tmp_path(&path), &partial[..partial.len() / 2]).unwrap();
         std::fs::set_permissions(tmp_path(&path), std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(read(&path).unwrap(), Some(first));
+        assert_eq!(read_record(&path).unwrap(), Some(first));
         // The next write replaces the leftover and leaves none behind.
         write(&path, &second).unwrap();
-        assert_eq!(read(&path).unwrap(), Some(second));
+        assert_eq!(read_record(&path).unwrap(), Some(second));
         assert!(!tmp_path(&path).exists());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A leftover with no journal at all still reads as "no journal".
         let other = dir.path().join("other");
         std::fs::write(tmp_path(&other), b"HOJ1").unwrap();
-        assert_eq!(read(&other).unwrap(), None);
+        assert_eq!(read_record(&other).unwrap(), None);
     }
 
     /// Run `f` on a thread and wait at most 5 s for it: a call that blocks is the failure.
@@ -365,7 +391,11 @@ mod tests {
         let path = dir.path().join("journal");
         mkfifo(&path);
         let p = path.clone();
-        refused(bounded("reading a FIFO", move || read(&p)), &path, "FIFO");
+        refused(
+            bounded("reading a FIFO", move || read_record(&p)),
+            &path,
+            "FIFO",
+        );
     }
 
     #[test]
@@ -375,7 +405,7 @@ mod tests {
         write(&real, &records()[0]).unwrap();
         let path = dir.path().join("journal");
         std::os::unix::fs::symlink(&real, &path).unwrap();
-        refused(read(&path), &path, "is a symbolic link");
+        refused(read_record(&path), &path, "is a symbolic link");
     }
 
     #[test]
@@ -384,14 +414,14 @@ mod tests {
         let path = dir.path().join("journal");
         write(&path, &records()[0]).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        refused(read(&path), &path, "writable by group or others");
+        refused(read_record(&path), &path, "writable by group or others");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read(&path).unwrap(), Some(records()[0].clone()));
+        assert_eq!(read_record(&path).unwrap(), Some(records()[0].clone()));
         // Larger than any journal: refused before it is read (a sparse file, no disk used).
         let big = dir.path().join("big");
         let f = File::create(&big).unwrap();
         f.set_len(MAX_JOURNAL_LEN + 1).unwrap();
-        refused(read(&big), &big, "larger than");
+        refused(read_record(&big), &big, "larger than");
     }
 
     #[test]
@@ -402,13 +432,13 @@ mod tests {
         let path = sub.join("journal");
         write(&path, &records()[0]).unwrap();
         std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777)).unwrap();
-        refused(read(&path), &path, "writable by group or others");
+        refused(read_record(&path), &path, "writable by group or others");
         let err = write(&path, &records()[1]).unwrap_err().to_string();
         assert!(err.contains("writable by group or others"), "{err}");
         // The sticky bit (as on /tmp): nobody else can rename or remove our files.
         std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o1777)).unwrap();
         write(&path, &records()[1]).unwrap();
-        assert_eq!(read(&path).unwrap(), Some(records()[1].clone()));
+        assert_eq!(read_record(&path).unwrap(), Some(records()[1].clone()));
     }
 
     #[test]
@@ -427,11 +457,11 @@ mod tests {
             rustix::fs::makedev(1, 3),
         )
         .unwrap();
-        refused(read(&path), &path, "character device");
+        refused(read_record(&path), &path, "character device");
         std::fs::remove_file(&path).unwrap();
         write(&path, &records()[0]).unwrap();
         std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
-        refused(read(&path), &path, "owned by uid 65534");
+        refused(read_record(&path), &path, "owned by uid 65534");
     }
 
     /// A file planted at `<journal>.tmp` is never written through: the write succeeds, the
@@ -445,7 +475,7 @@ mod tests {
         plant(&tmp_path(&path), &victim);
         let p = path.clone();
         bounded("writing the journal", move || write(&p, &records()[1])).unwrap();
-        assert_eq!(read(&path).unwrap(), Some(records()[1].clone()));
+        assert_eq!(read_record(&path).unwrap(), Some(records()[1].clone()));
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         let mode = std::fs::metadata(&victim).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o644);
@@ -483,7 +513,7 @@ mod tests {
         assert_eq!(second, dir.path().join("journal.corrupt-7-1"));
         assert_eq!(std::fs::read(&first).unwrap(), b"one");
         assert_eq!(std::fs::read(&second).unwrap(), b"two");
-        assert_eq!(read(&path).unwrap(), None);
+        assert_eq!(read_record(&path).unwrap(), None);
         let err = set_aside(&path, "corrupt-7").unwrap_err();
         assert!(matches!(err, JournalFileError::Io { .. }), "{err:?}");
     }

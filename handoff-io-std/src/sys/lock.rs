@@ -40,6 +40,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use handoff_proto::{HandoffId, LockRecord, LockResult, Pid};
+
+use crate::sys::proc::{Proven, Unproven};
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
@@ -48,10 +50,16 @@ use crate::sys::fscheck::{Dir, Rules, Unsafe};
 /// How long [`DataDirLock::acquire_or_break_stale`] waits for a dead holder's lock to go.
 pub const STALE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Whether a process with this pid exists (`/proc/<pid>` is there). A zombie counts as
-/// alive; its locks are already released.
-fn pid_alive(pid: Pid) -> bool {
-    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+/// Whether `pid` (from a lock record) holds the lock on `path` now, as far as can be told: a
+/// process proven by its own descriptors to hold it (see [`Proven::lock_holder`]). Exited, or
+/// holding none (its pid reused by another process, say): `false`. `/proc/<pid>/fdinfo` not
+/// readable: `true`, so that the caller does not wait for a holder it cannot see.
+fn owner_holds(pid: Pid, path: &Path) -> bool {
+    match Proven::lock_holder(pid, path) {
+        Ok(_) => true,
+        Err(Unproven::Gone { .. } | Unproven::NotHolder { .. } | Unproven::Other { .. }) => false,
+        Err(_) => true,
+    }
 }
 
 /// Name of the lock file inside the data directory.
@@ -120,13 +128,14 @@ pub enum LockError {
         /// The holder's record, best-effort.
         record: Option<LockRecord>,
     },
-    /// The recorded owner is dead but the lock stayed held: some other process holds a
-    /// descriptor of the lock file (inherited, or opened by hand).
-    #[error("data-directory lock is held though its recorded owner {owner} is dead; holders per /proc/locks: {holders:?}")]
+    /// The recorded owner does not hold the lock (it exited, or its pid is another process's
+    /// now) but the lock stayed held: some other process holds a descriptor of the lock file
+    /// (inherited, or opened by hand).
+    #[error("data-directory lock is held though its recorded owner {owner} does not hold it (exited, or its pid is another process now); pids that took a lock on it per /proc/locks (they may have exited since): {holders:?}")]
     Stale {
-        /// The dead owner named by the lock record.
+        /// The owner named by the lock record.
         owner: Pid,
-        /// Pids holding a lock on the file, from `/proc/locks`.
+        /// Pids that took a lock on the file, from `/proc/locks`.
         holders: Vec<Pid>,
     },
     /// Opening, locking, reading or writing the lock file failed.
@@ -239,17 +248,20 @@ impl DataDirLock {
     /// A `flock` is released by the kernel when its holder's last descriptor closes, so a
     /// dead holder normally leaves the lock free. It can stay held a little longer while the
     /// dying process is torn down, or for good if a child inherited the descriptor. So: if the
-    /// lock is held and the pid in the lock record is no longer running, retry for up to
-    /// [`STALE_WAIT`]; if that pid is alive (or unknown), fail at once with
-    /// [`LockError::Held`]. A lock that stays held with its recorded owner dead is reported
-    /// with the pids `/proc/locks` shows holding it ([`LockError::Stale`]). No live holder is
-    /// ever broken.
+    /// lock is held and the pid in the lock record does not hold it (it exited, or the pid
+    /// names another process now: checked through that process's own descriptors, never by
+    /// its pid alone), retry for up to [`STALE_WAIT`]; if that pid holds it (or the record is
+    /// unreadable), fail at once with [`LockError::Held`]. A lock that stays held while its
+    /// recorded owner does not hold it is reported with the pids `/proc/locks` shows
+    /// ([`LockError::Stale`]). No holder is ever broken.
     pub fn acquire_or_break_stale(dir: &Path) -> Result<DataDirLock, LockError> {
         let until = std::time::Instant::now() + STALE_WAIT;
         loop {
             match try_acquire(dir) {
                 Ok(a) => return Ok(a.lock),
-                Err(LockError::Held { record: Some(rec) }) if !pid_alive(rec.owner) => {
+                Err(LockError::Held { record: Some(rec) })
+                    if !owner_holds(rec.owner, &lock_file_path(dir)) =>
+                {
                     if std::time::Instant::now() >= until {
                         let holders = holders(&lock_file_path(dir)).unwrap_or_default();
                         return Err(LockError::Stale {
@@ -383,10 +395,12 @@ fn write_record(file: &File, rec: &LockRecord) -> io::Result<()> {
 /// short file across two snapshots), and a miss is confirmed by [`PROC_LOCKS_SCANS`] scans.
 /// A hit is always real (as of that snapshot).
 ///
-/// Limits: `/proc/locks` shows the pid that *took* the lock (a child that inherited the
-/// descriptor and outlived it is not shown), pids as seen from this process's pid namespace,
-/// and on a filesystem whose `st_dev` differs from its superblock's device (a btrfs subvolume)
-/// it never matches. Every one of these errs towards `false`, i.e. towards not killing.
+/// Limits: `/proc/locks` shows the pid that *took* the lock, even after that process exited
+/// while another one (which inherited the descriptor) holds the lock on, so a hit may name a
+/// dead process, or whoever got its pid since; pids are as seen from this process's pid
+/// namespace; and on a filesystem whose `st_dev` differs from its superblock's device (a btrfs
+/// subvolume) it never matches. So this is a diagnostic, not a proof that `pid` holds the lock:
+/// [`kill_if_holder`] does not rely on it.
 pub fn holds_lock(pid: Pid, path: &Path) -> io::Result<bool> {
     let st = rustix::fs::stat(path)?;
     let dev = st.st_dev;
@@ -410,16 +424,25 @@ pub(crate) fn holds_flock(pid: Pid, major: u32, minor: u32, ino: u64) -> io::Res
     Ok(false)
 }
 
-/// SIGKILL `pid` if, and only if, `/proc/locks` shows it holding a lock on the file at `path`
-/// ([`holds_lock`]); `Ok(false)` if it does not (a reused pid is never hit).
+/// SIGKILL `pid` if, and only if, it holds a lock on the file at `path`: `Ok(true)` if it was
+/// killed, `Ok(false)` if it has exited or holds none (a reused pid is never hit).
+///
+/// Proven by the process's own descriptors, not by `/proc/locks` (which names whoever took
+/// the lock, possibly long gone): a pidfd is opened on `pid`, its `/proc/<pid>/fdinfo` must
+/// show an open file description holding a `flock` on the file, the pidfd's process must still
+/// be alive after that scan, and the signal goes through that pidfd
+/// ([`Proven::lock_holder`]). An error (the process cannot be inspected, say) kills nobody.
 pub fn kill_if_holder(pid: Pid, path: &Path) -> io::Result<bool> {
-    if !holds_lock(pid, path)? {
-        return Ok(false);
+    match Proven::lock_holder(pid, path) {
+        Ok(holder) => {
+            holder.kill()?;
+            Ok(true)
+        }
+        Err(Unproven::Gone { .. } | Unproven::NotHolder { .. } | Unproven::Other { .. }) => {
+            Ok(false)
+        }
+        Err(Unproven::Io { source, .. }) => Err(source),
     }
-    let p = rustix::process::Pid::from_raw(pid as i32)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid 0"))?;
-    rustix::process::kill_process(p, rustix::process::Signal::KILL)?;
-    Ok(true)
 }
 
 /// The pids `/proc/locks` shows holding a `flock` on the file at `path` (one scan).

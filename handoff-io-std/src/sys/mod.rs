@@ -6,8 +6,8 @@
 //! - [`fdpass`]: send and receive bytes with listener descriptors (`SCM_RIGHTS`).
 //! - [`sockcheck`]: check that a received descriptor is the listener kind announced, and put
 //!   it in the mode this process needs.
-//! - [`lock`]: the data-directory `flock`, its lock record, and the `/proc/locks` guard used
-//!   before killing a lock holder.
+//! - [`lock`]: the data-directory `flock`, its lock record, and killing a lock holder only
+//!   once it is proven to hold the lock ([`proc::Proven::lock_holder`]).
 //! - [`fscheck`]: opening the files this layer trusts (journal, lock file, control socket path)
 //!   relative to a checked directory, never through a link, checked with `fstat`.
 //! - [`journal_file`]: atomic replacement and reading of the supervisor's journal.
@@ -17,6 +17,8 @@
 //!   3, 4, … (`LISTEN_FDS`); watching and killing processes through pidfds.
 //! - [`supervisor_lock`]: the supervisor's identity, a `flock` it holds for its whole life,
 //!   and the daemon's check that a control connection comes from its holder.
+//! - [`proc`]: process identity: a pid read from a file identifies nobody until proven
+//!   ([`proc::Proven`]); signals go only through pidfds of proven processes.
 //!
 //! Linux only. Every descriptor created or received here is close-on-exec, so nothing leaks
 //! into a spawned successor by accident: a descriptor is made inheritable only by [`spawn`],
@@ -33,6 +35,7 @@ pub mod fscheck;
 pub mod journal_file;
 pub mod lock;
 pub mod peercred;
+pub mod proc;
 pub mod sockcheck;
 pub mod spawn;
 pub mod supervisor_lock;
@@ -83,6 +86,47 @@ pub(crate) mod testutil {
         rustix::io::fcntl_getfd(fd)
             .expect("F_GETFD")
             .contains(rustix::io::FdFlags::CLOEXEC)
+    }
+
+    /// Whether a test that needs root may run: not root is one line on stderr and a skip,
+    /// unless `HANDOFF_REQUIRE_ROOT_TESTS=1`, which makes it a failure.
+    pub(crate) fn root(test: &str) -> bool {
+        if rustix::process::geteuid().is_root() {
+            return true;
+        }
+        if std::env::var("HANDOFF_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+            panic!("{test} needs root; HANDOFF_REQUIRE_ROOT_TESTS=1");
+        }
+        eprintln!("SKIPPED {test}: needs root");
+        false
+    }
+
+    /// Spawn `make()` as pid `pid` (free now, reaped): `pid - 1` is written to
+    /// `/proc/sys/kernel/ns_last_pid` (root), and the spawn retried, bounded, while another
+    /// process takes the pid first.
+    pub(crate) fn spawn_at_pid(
+        pid: u32,
+        make: impl Fn() -> std::process::Command,
+    ) -> std::process::Child {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+                    .expect("write ns_last_pid");
+                let mut c = make().spawn().expect("spawn");
+                if c.id() == pid {
+                    return c;
+                }
+                drop(c.stdin.take());
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "no process could get pid {pid}"
+            );
+            std::thread::yield_now();
+        }
     }
 
     /// `(st_dev, st_ino)` of `fd`: equal for two descriptors of the same socket or file.

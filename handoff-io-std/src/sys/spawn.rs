@@ -894,6 +894,10 @@ pub struct Watched {
 impl Watched {
     /// Watch the process `pid`. No such process (`ESRCH`): an [`io::ErrorKind::NotFound`]
     /// error naming the pid. Pid 0, or a pid above `i32::MAX`: `InvalidInput`.
+    ///
+    /// The pidfd refers to whoever has `pid` now: for a child not yet reaped, that is the
+    /// child; for a pid read from a file, it may be anybody (see [`crate::sys::proc::Proven`]
+    /// for opening one on a process proven to be the one meant).
     pub fn open(pid: u32) -> io::Result<Watched> {
         let raw = i32::try_from(pid)
             .ok()
@@ -916,6 +920,19 @@ impl Watched {
                 format!("pidfd_open({pid}): {e}"),
             )),
         }
+    }
+
+    /// A pidfd the kernel handed out (`SO_PEERPIDFD`), for the process with pid `pid`.
+    pub(crate) fn from_pidfd(pid: u32, pidfd: OwnedFd) -> Watched {
+        Watched { pid, pidfd }
+    }
+
+    /// A second handle on the same process (a close-on-exec duplicate of the pidfd).
+    pub fn try_clone(&self) -> io::Result<Watched> {
+        Ok(Watched {
+            pid: self.pid,
+            pidfd: fcntl_dupfd_cloexec(&self.pidfd, 0)?,
+        })
     }
 
     /// The pid this watches (the number it was opened with).

@@ -358,7 +358,7 @@ impl Sim {
                     self.inc_conn = Some(conn);
                     self.sup_inc_open = true;
                     self.sup
-                        .handle_connected(now)
+                        .handle_connected(now, INC)
                         .expect("the connection was asked for");
                 }
                 SupervisorOutput::WriteJournal(record) => {

@@ -908,14 +908,14 @@ impl World {
                         if let Machine::Incumbent(m) = &mut self.proc_mut(owner).m {
                             m.handle_connected(now, ConnId(id)).expect("fresh id");
                         }
-                        Ok(())
+                        Ok(owner)
                     }
                     None => Err(()),
                 };
                 let now = at(self.now);
                 let sup = self.sup.as_mut().expect("performing");
                 let r = match ev {
-                    Ok(()) => sup.m.handle_connected(now),
+                    Ok(owner) => sup.m.handle_connected(now, owner),
                     Err(()) => sup.m.handle_connect_failed(now, "refused".into()),
                 };
                 if let Err(e) = r {
