@@ -191,14 +191,19 @@ impl Config {
             None => Ok(Duration::from_secs(default)),
             Some(s) => {
                 let x = *s.get_ref();
-                if !(x.is_finite() && x > 0.0 && x <= 86_400.0) {
-                    return Err(err(
+                // At least a millisecond (a smaller value would round to a zero duration);
+                // NaN fails the range test too.
+                let bad = || {
+                    err(
                         key,
                         s.span(),
-                        format!("{x} is not a number of seconds in (0, 86400]"),
-                    ));
+                        format!("{x} is not a number of seconds in [0.001, 86400]"),
+                    )
+                };
+                if !(0.001..=86_400.0).contains(&x) {
+                    return Err(bad());
                 }
-                Ok(Duration::from_secs_f64(x))
+                Duration::try_from_secs_f64(x).map_err(|_| bad())
             }
         };
         let drain_grace = secs("drain_grace_secs", &raw.drain_grace_secs, 25)?;
@@ -493,6 +498,37 @@ kind = "unix"
             e.contains("`listeners.name` (line 13)") && e.contains("twice"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn durations_out_of_range_are_refused_naming_key_and_line() {
+        // The tiny ones first: they used to be accepted (as a zero drain grace).
+        for bad in [
+            "1e-12", "0.0009", "inf", "-inf", "nan", "1e20", "86400.5", "0", "-0.0", "-1",
+        ] {
+            let text = GOOD.replace(
+                "drain_grace_secs = 25",
+                &format!("drain_grace_secs = {bad}"),
+            );
+            let r = Config::parse(&text);
+            assert!(
+                r.is_err(),
+                "drain_grace_secs = {bad}: accepted as {:?}",
+                r.map(|c| c.drain_grace)
+            );
+            let e = error(&text);
+            assert!(
+                e.contains("`drain_grace_secs` (line 5)")
+                    && e.contains("is not a number of seconds in [0.001, 86400]"),
+                "{bad}: {e}"
+            );
+            let e =
+                error(&GOOD.replace("deadline_secs    = 60", &format!("deadline_secs = {bad}")));
+            assert!(e.contains("`deadline_secs` (line 6)"), "{bad}: {e}");
+        }
+        let c = Config::parse(&GOOD.replace("drain_grace_secs = 25", "drain_grace_secs = 0.001"))
+            .unwrap();
+        assert_eq!(c.drain_grace, Duration::from_millis(1));
     }
 
     #[test]

@@ -596,6 +596,70 @@ fn bad_config_is_reported_with_key_and_line() {
     assert_eq!(out.status.code(), Some(4));
 }
 
+#[test]
+fn bad_flag_values_get_one_line_and_the_usage_exit_code() {
+    // Each bad --timeout: one error line naming the flag and the value, then the usage line;
+    // the usage exit code (4); no panic. Nothing is connected to (the socket does not exist).
+    for v in [
+        "1e20",
+        "18446744073709551616",
+        "inf",
+        "-inf",
+        "NaN",
+        "-1",
+        "0",
+        "-0",
+        "1e-300",
+        "0.0001",
+        "abc",
+        "",
+        "1s",
+    ] {
+        let out = Command::new(CTL)
+            .args(["--socket", "/nonexistent/t", "--timeout", v, "status"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(4), "--timeout {v:?}: {err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "--timeout {v:?}: {err}");
+        assert!(
+            lines[0].starts_with(&format!("handoffctl: --timeout {v:?}: ")),
+            "--timeout {v:?}: {err}"
+        );
+        assert!(lines[1].starts_with("usage: handoffctl "), "{err}");
+    }
+    let out = Command::new(CTL)
+        .args(["--socket", "/nonexistent/t", "status", "--timeout"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("handoffctl: --timeout needs a value\n")
+    );
+    // The supervisor's flags: a missing value is named too (usage exit code 2).
+    for args in [&["--config"][..], &["--config", ""], &["--check", "-c"]] {
+        let out = Command::new(SUP).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.starts_with("handoff-supervisor: --config needs a file\n")
+                || err.starts_with("handoff-supervisor: -c needs a file\n"),
+            "{args:?}: {err}"
+        );
+    }
+    // Good values get past the arguments: the missing socket is what fails (exit 3).
+    for v in ["0.001", "1", "2.5", "86400", "31536000"] {
+        let out = Command::new(CTL)
+            .args(["--socket", "/nonexistent/t", "--timeout", v, "status"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(3), "--timeout {v:?}: {err}");
+        assert!(err.contains("cannot reach /nonexistent/t"), "{err}");
+    }
+}
+
 /// Copy an executable through `cp`, a process of its own: had this (multi-threaded) test
 /// process written the copy, a child forked meanwhile by another test could still hold the
 /// descriptor open for writing when the copy is executed (ETXTBSY).
