@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::{UnixListener, UnixStream as StdUnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use handoff_io_mio::{Supervisor, SupervisorEvent, Tokens};
 use handoff_io_std::engine::SupervisorEngine;
 use handoff_io_std::error::Error as HandoffError;
 use handoff_io_std::supervisor::SpawnSpec;
+use handoff_io_std::sys::conn::connect_nonblocking;
 use handoff_io_std::sys::peercred::{bind_unix_listener_0600, peer_credentials};
 use handoff_io_std::sys::spawn::{wait_any, Watched};
 use handoff_io_std::{InheritedListeners, ListenerKind};
@@ -175,7 +176,8 @@ fn listeners(
 /// somebody listens on is `AddrInUse`.
 fn bind_unix(p: &Path) -> io::Result<UnixListener> {
     match UnixListener::bind(p) {
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => match StdUnixStream::connect(p) {
+        // Never a blocking connect: a listener that does not accept would hang us here.
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => match connect_nonblocking(p) {
             Ok(_) => Err(e),
             Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
                 std::fs::remove_file(p)?;
@@ -220,12 +222,22 @@ impl Server {
         notifier: Notifier,
     ) -> Result<Server, Fatal> {
         raise_nofile_limit();
-        // Another supervisor listening on the trigger socket: do not steal it.
-        if StdUnixStream::connect(&cfg.trigger_socket).is_ok() {
-            return Err(Fatal(format!(
-                "trigger socket {} is in use by a running supervisor",
-                cfg.trigger_socket.display()
-            )));
+        // Another supervisor listening on the trigger socket: do not steal it. Never a
+        // blocking connect: one that does not accept (its queue full) would hang us here.
+        match connect_nonblocking(&cfg.trigger_socket) {
+            Ok(_) => {
+                return Err(Fatal(format!(
+                    "trigger socket {} is in use by a running supervisor",
+                    cfg.trigger_socket.display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(Fatal(format!(
+                    "trigger socket {} is in use by a supervisor that does not answer: {e}",
+                    cfg.trigger_socket.display()
+                )))
+            }
+            Err(_) => {}
         }
         let spec = cold_spec(&cfg, cfg.binary.clone());
         let engine = SupervisorEngine::new(&cfg.control_socket)

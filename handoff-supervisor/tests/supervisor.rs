@@ -660,6 +660,247 @@ fn bad_flag_values_get_one_line_and_the_usage_exit_code() {
     }
 }
 
+/// Raise this process's soft `RLIMIT_NOFILE` to at least `need` (up to the hard limit).
+fn raise_own_nofile(need: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current.is_some_and(|c| c < need) {
+        l.current = l.maximum.map(|m| m.max(need).min(m));
+        setrlimit(Resource::Nofile, l).expect("raise RLIMIT_NOFILE");
+    }
+}
+
+/// A process's state letter from `/proc/<pid>/stat` (`T`: stopped).
+fn proc_state(pid: u32) -> Option<char> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s[s.rfind(')')? + 2..].chars().next())
+}
+
+/// `status` on a fresh connection, answered within `limit`, or why not.
+fn status_within(path: &Path, limit: Duration) -> Result<String, String> {
+    let mut s = UnixStream::connect(path).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(b"status\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"\n") {
+        match s.read(&mut buf) {
+            Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&got))),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("no answer within {limit:?}: {e}")),
+        }
+    }
+    Ok(String::from_utf8_lossy(&got).trim_end().to_string())
+}
+
+/// SIGCONT on drop: a stopped daemon is resumed whatever the test's end.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+#[test]
+fn a_stopped_daemon_with_a_full_accept_queue_freezes_nothing() {
+    let mut env = Env::new("", None);
+    let cfg = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("drain_grace_secs = 5", "drain_grace_secs = 1")
+        .replace("deadline_secs = 20", "deadline_secs = 5");
+    std::fs::write(&env.config, cfg).unwrap();
+    env.start();
+    let s = env.idle();
+    let daemon: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
+    let _resume = Resume(daemon);
+    signal(daemon, "STOP");
+    let end = Instant::now() + Duration::from_secs(10);
+    while proc_state(daemon) != Some('T') {
+        assert!(Instant::now() < end, "daemon {daemon} did not stop");
+        std::thread::yield_now();
+    }
+    // Fill the stopped daemon's control socket's accept queue (bounded).
+    let held = fill_accept_queue(&env.dir.join("ctl.sock"));
+    eprintln!(
+        "{} connections fill the control socket's accept queue",
+        held.len()
+    );
+
+    // A handoff: it must connect to the incumbent's control socket.
+    let mut h = Command::new(CTL)
+        .arg("--socket")
+        .arg(env.trigger())
+        .args(["--timeout", "60", "handoff"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Meanwhile the supervisor answers `status` at once, every time, until the handoff ends.
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut answered = 0;
+    let mut states = Vec::new();
+    while h.try_wait().unwrap().is_none() {
+        let s = status_within(&env.trigger(), Duration::from_secs(3)).unwrap_or_else(|e| {
+            let _ = h.kill();
+            panic!(
+                "status after {answered} answers: {e}; states {states:?}; log:\n{}",
+                env.log()
+            )
+        });
+        answered += 1;
+        let state = s.split(' ').next().unwrap_or("").to_string();
+        if states.last() != Some(&state) {
+            states.push(state);
+        }
+        assert!(Instant::now() < end, "the handoff did not end in 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = h.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!(
+        "status answered {answered} times during the handoff ({states:?}); handoffctl: {stdout}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", env.log());
+    assert!(
+        stdout.contains(" committed=false abort_reason=Some(IncumbentUnreachable(")
+            && stdout.contains("accept queue is full"),
+        "{stdout}"
+    );
+    // After it, too: the recovery that follows meets the same full queue, and the status
+    // tells what happened.
+    let s = status_within(&env.trigger(), Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("status after the handoff: {e}; log:\n{}", env.log()));
+    assert_eq!(field(&s, "last"), Some("rolled_back"), "{s}");
+    assert!(
+        field(&s, "abort_reason").is_some_and(|r| r.contains("accept%20queue%20is%20full")),
+        "{s}"
+    );
+    // SIGTERM is handled: the supervisor stops (the stopped daemon is killed after the grace).
+    let st = env.stop().expect("the supervisor stops on SIGTERM");
+    assert!(st.success(), "{st:?}\n{}", env.log());
+    drop(held);
+}
+
+/// Wait (bounded) for `c` to exit; `None` (and it is killed) if it does not.
+fn exit_within(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let exited = handoff_io_std::sys::spawn::Watched::open(c.id())
+        .map(|w| {
+            !handoff_io_std::sys::spawn::wait_any(&[&w], limit)
+                .unwrap_or_default()
+                .is_empty()
+        })
+        .unwrap_or(true);
+    if !exited {
+        let _ = c.kill();
+        let _ = c.wait();
+        return None;
+    }
+    c.wait().ok()
+}
+
+/// Connections to the Unix socket at `path` until its accept queue is full (bounded).
+fn fill_accept_queue(path: &Path) -> Vec<UnixStream> {
+    raise_own_nofile(20_000);
+    let mut held = Vec::new();
+    loop {
+        assert!(held.len() < 100_000, "the accept queue never filled");
+        match handoff_io_std::sys::conn::connect_nonblocking(path) {
+            Ok(c) => held.push(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return held,
+            Err(e) => panic!("connect {} (after {}): {e}", path.display(), held.len()),
+        }
+    }
+}
+
+#[test]
+fn a_new_supervisor_is_not_hung_by_full_accept_queues() {
+    let mut env = Env::new("", None);
+    env.start();
+    let s = env.idle();
+    let daemon: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
+    let sup = env.sup.as_ref().unwrap().id();
+    // The supervisor and its daemon stop; the trigger socket's and the daemon's listener's
+    // accept queues fill up.
+    let _resume = (Resume(sup), Resume(daemon));
+    for p in [sup, daemon] {
+        signal(p, "STOP");
+        let end = Instant::now() + Duration::from_secs(10);
+        while proc_state(p) != Some('T') {
+            assert!(Instant::now() < end, "pid {p} did not stop");
+            std::thread::yield_now();
+        }
+    }
+    let held_trigger = fill_accept_queue(&env.trigger());
+    let held_kv = fill_accept_queue(&env.dir.join("kv.sock"));
+    eprintln!(
+        "accept queues full: trigger socket after {}, listener after {}",
+        held_trigger.len(),
+        held_kv.len()
+    );
+
+    // A second supervisor on the same trigger socket: refused at once, not hung.
+    let run = |config: &Path| {
+        Command::new(SUP)
+            .arg("--config")
+            .arg(config)
+            .env("HANDOFF_LOG", "on")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(config.with_extension("log")).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut second = run(&env.config);
+    let st = exit_within(&mut second, Duration::from_secs(10));
+    let log = std::fs::read_to_string(env.config.with_extension("log")).unwrap_or_default();
+    assert_eq!(
+        st.and_then(|s| s.code()),
+        Some(1),
+        "exit {st:?}; log:\n{log}"
+    );
+    assert!(
+        log.contains("is in use by a supervisor that does not answer: its accept queue is full"),
+        "{log}"
+    );
+
+    // One with a trigger and control socket of its own but the same listener: it sees the
+    // listener is held (someone listens, not accepting), comes up and answers.
+    let other = env.dir.join("other.toml");
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("trig.sock", "trig2.sock")
+        .replace("ctl.sock", "ctl2.sock");
+    std::fs::write(&other, text).unwrap();
+    let mut third = run(&other);
+    let trig2 = env.dir.join("trig2.sock");
+    let end = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        if let Ok(s) = status_within(&trig2, Duration::from_secs(3)) {
+            break s;
+        }
+        if Instant::now() >= end {
+            let _ = third.kill();
+            let _ = third.wait();
+            panic!(
+                "the third supervisor never answered; log:\n{}",
+                std::fs::read_to_string(other.with_extension("log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(s.starts_with("state=recovering "), "{s}");
+    let log = std::fs::read_to_string(other.with_extension("log")).unwrap_or_default();
+    assert!(
+        log.contains("address in use; expecting it from the serving daemon"),
+        "{log}"
+    );
+    signal(third.id(), "TERM");
+    let st = exit_within(&mut third, Duration::from_secs(10));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}");
+}
+
 /// Copy an executable through `cp`, a process of its own: had this (multi-threaded) test
 /// process written the copy, a child forked meanwhile by another test could still hold the
 /// descriptor open for writing when the copy is executed (ETXTBSY).
