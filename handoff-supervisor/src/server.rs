@@ -33,13 +33,18 @@ use crate::trigger::{self, Command, LineBuf, LineError};
 
 /// A client sending nothing for this long (while no answer is pending) is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A line must be complete this long after its first byte arrived, however the bytes trickle
+/// in (they do not extend it); a client still sending it then is told so and closed.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(5);
 pub use crate::trigger::MAX_LINE;
 /// Unanswered input a client may pipeline.
 const MAX_INPUT: usize = 4 * MAX_LINE;
 /// Answers a client has not read yet; beyond this it is cut off.
 const MAX_OUTPUT: usize = 1 << 20;
 /// Clients served at once. When all places are taken, a new client takes the place of the
-/// one idle the longest; only if none is idle is it refused (`error: too many clients`).
+/// one idle the longest, or else of the one whose unfinished line started first; only if
+/// every client waits for a handoff or is being closed is it refused
+/// (`error: too many clients`).
 pub const MAX_CLIENTS: usize = 64;
 /// First and last wait between two recovery attempts.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -82,6 +87,9 @@ struct Client {
     inbuf: LineBuf,
     outbuf: Vec<u8>,
     last_active: Instant,
+    /// When the first byte of the unfinished line (the bytes after the last newline) arrived;
+    /// `None` when there is none. The line must be complete [`LINE_TIMEOUT`] later.
+    line_started: Option<Instant>,
     /// A `handoff` of this client runs: its answer comes with the outcome.
     waiting: bool,
     read_closed: bool,
@@ -358,13 +366,16 @@ impl Server {
                 t = t.map(|t| t.max(g));
             }
         }
-        let idle = self
+        let clients = self
             .clients
             .values()
             .filter(|c| !c.waiting)
-            .map(|c| c.last_active + IDLE_TIMEOUT)
+            .map(|c| match c.line_started {
+                Some(l) if !c.closing => (c.last_active + IDLE_TIMEOUT).min(l + LINE_TIMEOUT),
+                _ => c.last_active + IDLE_TIMEOUT,
+            })
             .min();
-        [t, idle].into_iter().flatten().min()
+        [t, clients].into_iter().flatten().min()
     }
 
     /// Let time pass for the engine; while recovering, no more often than the backoff allows
@@ -466,6 +477,10 @@ impl Server {
                 if let Some(cl) = self.clients.get_mut(&k) {
                     cl.waiting = false;
                     cl.last_active = Instant::now();
+                    // Its unfinished line had no deadline while it waited.
+                    if cl.line_started.is_some() {
+                        cl.line_started = Some(cl.last_active);
+                    }
                     queue(cl, &line);
                 }
                 // Go on with what it sent meanwhile, and flush the answer.
@@ -707,6 +722,7 @@ impl Server {
                     inbuf: LineBuf::new(),
                     outbuf: Vec::new(),
                     last_active: Instant::now(),
+                    line_started: None,
                     waiting: false,
                     read_closed: false,
                     closing: false,
@@ -729,7 +745,15 @@ impl Server {
                 Ok(0) => c.read_closed = true,
                 Ok(n) => {
                     c.inbuf.push(&buf[..n]);
-                    c.last_active = Instant::now();
+                    let now = Instant::now();
+                    c.last_active = now;
+                    // A newline ends the unfinished line; what follows the last one starts a
+                    // new line now. More bytes of the same line do not move its start.
+                    if buf[..n].contains(&b'\n') {
+                        c.line_started = (buf[n - 1] != b'\n').then_some(now);
+                    } else {
+                        c.line_started.get_or_insert(now);
+                    }
                     if c.inbuf.len() > MAX_INPUT {
                         queue(c, "error: too much input");
                         c.closing = true;
@@ -856,38 +880,68 @@ impl Server {
     }
 
     /// Make room for a new client: close the one idle the longest (nothing to read, nothing
-    /// to write, no handoff waiting), telling it why. Connections that send nothing thus hold
-    /// a place only until a new client needs it, not for [`IDLE_TIMEOUT`]. A candidate's
-    /// socket is read first: a client whose command arrived while we were accepting others
-    /// is not idle. Whether one was closed.
+    /// to write, no handoff waiting), or else the one whose unfinished line started first,
+    /// telling it why. Connections that send nothing, or a line a byte at a time, thus hold a
+    /// place only until a new client needs it, not for [`IDLE_TIMEOUT`] or [`LINE_TIMEOUT`].
+    /// A candidate's socket is read first: a client whose command arrived while we were
+    /// accepting others is answered, and is not idle if more of it is pending. Whether one
+    /// was closed.
     fn evict_idle(&mut self) -> bool {
-        let idle =
-            |c: &Client| !c.waiting && !c.closing && c.inbuf.is_empty() && c.outbuf.is_empty();
-        let mut candidates: Vec<(Instant, usize)> = self
+        // Neither waiting for a handoff, nor closing, nor holding an answer not yet written.
+        let evictable = |c: &Client| !c.waiting && !c.closing && c.outbuf.is_empty();
+        let idle = |c: &Client| evictable(c) && c.inbuf.is_empty();
+        let partial = |c: &Client| evictable(c) && !c.inbuf.is_empty();
+        let mut idle_ones: Vec<(Instant, usize)> = self
             .clients
             .iter()
             .filter(|(_, c)| idle(c))
             .map(|(k, c)| (c.last_active, *k))
             .collect();
-        candidates.sort_unstable();
-        for (_, key) in candidates {
+        idle_ones.sort_unstable();
+        for (_, key) in idle_ones {
             self.client_ready(key, false);
-            let Some(c) = self.clients.get_mut(&key) else {
+            let Some(c) = self.clients.get(&key) else {
                 return true; // It was done (or broken) and is closed: its place is free.
             };
-            if !idle(c) {
-                continue;
+            if idle(c) {
+                self.evict(key, "closed the longest idle connection");
+                return true;
             }
-            let _ = c
-                .stream
-                .write(b"error: too many clients: closed the longest idle connection\n");
-            let _ = c.stream.shutdown(std::net::Shutdown::Write);
-            self.close(key);
-            return true;
+        }
+        let mut partial_ones: Vec<(Instant, usize)> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| partial(c))
+            .map(|(k, c)| (c.line_started.unwrap_or(c.last_active), *k))
+            .collect();
+        partial_ones.sort_unstable();
+        for (_, key) in partial_ones {
+            self.client_ready(key, false);
+            let Some(c) = self.clients.get(&key) else {
+                return true;
+            };
+            if evictable(c) {
+                self.evict(key, "closed the connection with the oldest unfinished line");
+                return true;
+            }
         }
         false
     }
 
+    /// Close client `key` to make room, with a line saying why (best effort: its socket may
+    /// not take it).
+    fn evict(&mut self, key: usize, why: &str) {
+        if let Some(c) = self.clients.get_mut(&key) {
+            let _ = c
+                .stream
+                .write(format!("error: too many clients: {why}\n").as_bytes());
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
+        self.close(key);
+    }
+
+    /// Close the clients idle for [`IDLE_TIMEOUT`], and tell those whose line is not
+    /// complete [`LINE_TIMEOUT`] after its first byte, then close them.
     fn client_timeouts(&mut self) {
         let now = Instant::now();
         let idle: Vec<usize> = self
@@ -898,6 +952,24 @@ impl Server {
             .collect();
         for k in idle {
             self.close(k);
+        }
+        let late: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| {
+                !c.waiting && !c.closing && c.line_started.is_some_and(|t| now >= t + LINE_TIMEOUT)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in late {
+            if let Some(c) = self.clients.get_mut(&k) {
+                queue(
+                    c,
+                    &format!("error: line not completed within {LINE_TIMEOUT:?}"),
+                );
+                c.closing = true;
+            }
+            self.flush(k);
         }
     }
 }

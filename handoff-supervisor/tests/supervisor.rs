@@ -901,6 +901,87 @@ fn a_new_supervisor_is_not_hung_by_full_accept_queues() {
     assert!(st.is_some_and(|s| s.success()), "{st:?}");
 }
 
+#[test]
+fn trickling_clients_lock_nobody_out_and_each_line_has_a_deadline() {
+    use handoff_supervisor::server::{LINE_TIMEOUT, MAX_CLIENTS};
+    let mut env = Env::new("", None);
+    env.start();
+    env.idle();
+    // More clients than places, each with the first byte of a line that never ends.
+    let n = MAX_CLIENTS + 8;
+    let mut tricklers: Vec<(UnixStream, Instant)> = (0..n)
+        .map(|_| {
+            let mut c = UnixStream::connect(env.trigger()).unwrap();
+            c.write_all(b"s").unwrap();
+            (c, Instant::now())
+        })
+        .collect();
+    // A real client still gets its answer: one of them makes room.
+    let s = status_within(&env.trigger(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("status among {n} trickling clients: {e}"));
+    assert!(s.starts_with("state=idle "), "{s}");
+    // They go on trickling, a byte at a time: each is closed at its line's deadline (or was
+    // closed to make room), however recently its last byte came.
+    for (c, _) in &tricklers {
+        c.set_nonblocking(true).unwrap();
+    }
+    let mut endings: Vec<Option<(Duration, String)>> = vec![None; n];
+    let end = Instant::now() + LINE_TIMEOUT + Duration::from_secs(10);
+    while endings.iter().any(Option::is_none) {
+        assert!(
+            Instant::now() < end,
+            "{} of {n} trickling clients still open {:?} after their first byte; log:\n{}",
+            endings.iter().filter(|e| e.is_none()).count(),
+            LINE_TIMEOUT + Duration::from_secs(10),
+            env.log()
+        );
+        for (i, (c, first)) in tricklers.iter_mut().enumerate() {
+            if endings[i].is_some() {
+                continue;
+            }
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            let closed = loop {
+                match c.read(&mut buf) {
+                    Ok(0) => break true,
+                    Ok(k) => got.extend_from_slice(&buf[..k]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+                    Err(_) => break true,
+                }
+            };
+            if closed || !got.is_empty() {
+                endings[i] = Some((first.elapsed(), String::from_utf8_lossy(&got).into_owned()));
+            } else {
+                let _ = c.write(b"t");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let mut evicted = 0;
+    let mut timed_out = 0;
+    for (after, text) in endings.into_iter().flatten() {
+        if text
+            == "error: too many clients: closed the connection with the oldest unfinished line\n"
+        {
+            evicted += 1;
+        } else {
+            assert_eq!(
+                text,
+                format!("error: line not completed within {LINE_TIMEOUT:?}\n"),
+                "after {after:?}"
+            );
+            assert!(after >= LINE_TIMEOUT, "closed after {after:?}");
+            timed_out += 1;
+        }
+    }
+    eprintln!(
+        "{n} trickling clients: {evicted} closed to make room, {timed_out} at the line deadline"
+    );
+    assert!(evicted >= 1 && timed_out >= 1, "{evicted} {timed_out}");
+    let s = status_within(&env.trigger(), Duration::from_secs(5)).unwrap();
+    assert!(s.starts_with("state=idle "), "{s}");
+}
+
 /// Copy an executable through `cp`, a process of its own: had this (multi-threaded) test
 /// process written the copy, a child forked meanwhile by another test could still hold the
 /// descriptor open for writing when the copy is executed (ETXTBSY).
