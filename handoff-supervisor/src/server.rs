@@ -197,6 +197,57 @@ fn bind_unix(p: &Path) -> io::Result<UnixListener> {
     }
 }
 
+/// Give the trigger socket just bound (ours, mode 0600) its configured group and mode; its
+/// `(device, inode)`. The file is opened without following a symlink (`O_PATH|O_NOFOLLOW`)
+/// and checked (a socket, ours, mode 0600) before anything is changed, and the changes go
+/// through that descriptor: whatever replaced the path meanwhile is refused, never changed.
+fn trigger_access(path: &Path, group: Option<u32>, mode: u32) -> io::Result<(u64, u64)> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    let me = rustix::process::geteuid().as_raw();
+    let kind = FileType::from_raw_mode(st.st_mode);
+    if kind != FileType::Socket || st.st_uid != me || st.st_mode & 0o7777 != 0o600 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "not the socket just bound: a {kind:?} of uid {} with mode {:#o} (expected a \
+                 socket of uid {me} with mode 0o600)",
+                st.st_uid,
+                st.st_mode & 0o7777
+            ),
+        ));
+    }
+    if let Some(gid) = group {
+        rustix::fs::chownat(
+            &fd,
+            "",
+            None,
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::EMPTY_PATH,
+        )?;
+    }
+    if mode != 0o600 {
+        // An O_PATH descriptor takes no fchmod; its /proc link names exactly its inode.
+        rustix::fs::chmod(
+            format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)).as_str(),
+            Mode::from_raw_mode(mode),
+        )?;
+    }
+    if group.is_some() || mode != 0o600 {
+        log(format!(
+            "trigger socket {}: group {}, mode {mode:#o}",
+            path.display(),
+            group.map_or("ours".to_string(), |g| g.to_string())
+        ));
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
 /// Raise the soft limit on open descriptors to the hard limit. The supervisor holds every
 /// configured listener (and passes them on in batches), and trigger clients come on top; the
 /// usual soft limit of 1,024 is below what a daemon with many listeners needs. The daemons it
@@ -267,7 +318,10 @@ impl Server {
         std_trigger
             .set_nonblocking(true)
             .map_err(fatal("trigger socket"))?;
-        let meta = std::fs::metadata(&cfg.trigger_socket).map_err(fatal("trigger socket"))?;
+        let trigger_id =
+            trigger_access(&cfg.trigger_socket, cfg.trigger_group, cfg.trigger_mode).map_err(
+                fatal(format!("trigger socket {}", cfg.trigger_socket.display())),
+            )?;
         let mut trigger = MioUnixListener::from_std(std_trigger);
         let poll = Poll::new().map_err(fatal("epoll"))?;
         poll.registry()
@@ -286,7 +340,7 @@ impl Server {
             poll,
             sup: Some(sup),
             trigger,
-            trigger_id: (meta.dev(), meta.ino()),
+            trigger_id,
             signals,
             clients: BTreeMap::new(),
             notifier,

@@ -784,8 +784,8 @@ fn a_stopped_daemon_with_a_full_accept_queue_freezes_nothing() {
     drop(held);
 }
 
-/// Wait (bounded) for `c` to exit; `None` (and it is killed) if it does not.
-fn exit_within(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+/// Wait (bounded) for `c` to exit; `None` if it does not (it runs on).
+fn exited_within(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let exited = handoff_io_std::sys::spawn::Watched::open(c.id())
         .map(|w| {
             !handoff_io_std::sys::spawn::wait_any(&[&w], limit)
@@ -793,12 +793,21 @@ fn exit_within(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatu
                 .is_empty()
         })
         .unwrap_or(true);
-    if !exited {
+    if exited {
+        c.wait().ok()
+    } else {
+        None
+    }
+}
+
+/// Wait (bounded) for `c` to exit; `None` (and it is killed) if it does not.
+fn exit_within(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let st = exited_within(c, limit);
+    if st.is_none() {
         let _ = c.kill();
         let _ = c.wait();
-        return None;
     }
-    c.wait().ok()
+    st
 }
 
 /// Connections to the Unix socket at `path` until its accept queue is full (bounded).
@@ -980,6 +989,101 @@ fn trickling_clients_lock_nobody_out_and_each_line_has_a_deadline() {
     assert!(evicted >= 1 && timed_out >= 1, "{evicted} {timed_out}");
     let s = status_within(&env.trigger(), Duration::from_secs(5)).unwrap();
     assert!(s.starts_with("state=idle "), "{s}");
+}
+
+/// Whether tests that need root run here: as root, yes; otherwise they skip (one line on
+/// stderr), unless `HANDOFF_REQUIRE_ROOT_TESTS=1` makes them fail.
+fn root_or_skip(what: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").as_deref() != Some("1".as_ref()),
+        "{what} needs root, and HANDOFF_REQUIRE_ROOT_TESTS=1"
+    );
+    eprintln!("skipped: {what} needs root (it runs handoffctl as other uids through setpriv)");
+    false
+}
+
+/// `handoffctl --socket <trigger> status` as `uid`:`gid` (no supplementary groups).
+fn status_as(env: &Env, ctl: &Path, uid: u32, gid: u32) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg(ctl)
+        .arg("--socket")
+        .arg(env.trigger())
+        .arg("status")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn trigger_group_and_mode_admit_another_uid_and_only_it() {
+    use std::os::unix::fs::MetadataExt;
+    if !root_or_skip("trigger_group_and_mode_admit_another_uid_and_only_it") {
+        return;
+    }
+    // Not configured: uid 1000 is refused at the socket (0600, ours), and listing it in
+    // trigger_uids alone is refused when the configuration is read.
+    let mut env = Env::new("", None);
+    let ctl = env.dir.join("handoffctl");
+    copy_executable(Path::new(CTL), &ctl);
+    env.start();
+    env.idle();
+    let out = status_as(&env, &ctl, 1000, 1000);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(err.contains("Permission denied"), "{err}");
+    let mut listed = Env::new("trigger_uids = [0, 1000]", None);
+    listed.start();
+    // Had it started, its drop stops it (and the daemon) gracefully.
+    let st = exited_within(listed.sup.as_mut().unwrap(), Duration::from_secs(10));
+    let err = listed.log();
+    assert_eq!(st.and_then(|s| s.code()), Some(2), "{st:?}: {err}");
+    listed.sup = None;
+    assert!(
+        err.contains("`trigger_uids` (line 7): uid 1000 cannot connect"),
+        "{err}"
+    );
+    drop(env);
+
+    // Configured: the socket is root:1000 0660; uid 1000 connects and is answered.
+    let mut env = Env::new(
+        "trigger_uids = [0, 1000]\ntrigger_group = \"1000\"\ntrigger_mode = 0o660",
+        None,
+    );
+    let ctl = env.dir.join("handoffctl");
+    copy_executable(Path::new(CTL), &ctl);
+    env.start();
+    env.idle();
+    let meta = std::fs::symlink_metadata(env.trigger()).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (0, 1000, 0o660)
+    );
+    let out = status_as(&env, &ctl, 1000, 1000);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", env.log());
+    assert!(stdout.starts_with("state=idle "), "{stdout}");
+    // uid 1000 outside group 1000, or another uid outside it: refused at the socket.
+    for (uid, gid) in [(1000, 1001), (1001, 1001)] {
+        let out = status_as(&env, &ctl, uid, gid);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(3), "{uid}:{gid}: {out:?}");
+        assert!(err.contains("Permission denied"), "{uid}:{gid}: {err}");
+    }
+    // In the group but not in trigger_uids: connected, then refused by SO_PEERCRED.
+    let out = status_as(&env, &ctl, 1001, 1000);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(err.contains("error: not allowed"), "{err}");
+    assert!(
+        env.log().contains("trigger client refused: pid "),
+        "{}",
+        env.log()
+    );
 }
 
 /// Copy an executable through `cp`, a process of its own: had this (multi-threaded) test
