@@ -854,6 +854,12 @@ impl Server {
                 }
             }
         }
+        if let Some(c) = self.clients.get_mut(&key) {
+            // The last line, taken without a newline at the close: no line is unfinished.
+            if c.inbuf.is_empty() {
+                c.line_started = None;
+            }
+        }
         self.flush(key);
     }
 
