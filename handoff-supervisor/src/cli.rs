@@ -31,7 +31,13 @@ pub fn cli(args: impl IntoIterator<Item = String>) -> ExitCode {
     let mut args = args.into_iter();
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--config" | "-c" => config = args.next().map(PathBuf::from),
+            "--config" | "-c" => match args.next() {
+                Some(v) if !v.is_empty() => config = Some(PathBuf::from(v)),
+                _ => {
+                    eprintln!("handoff-supervisor: {a} needs a file\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
             "--check" => check = true,
             "-h" | "--help" => {
                 println!("{USAGE}");

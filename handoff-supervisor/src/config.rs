@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! control_socket   = "/run/my-daemon/handoff.sock"    # the daemon's control socket
-//! trigger_socket   = "/run/my-daemon/handoff.trigger" # our line-protocol socket (mode 0600)
+//! trigger_socket   = "/run/my-daemon/handoff.trigger" # our line-protocol socket
 //! binary           = "/usr/local/bin/my-daemon"       # cold starts, `handoff` with no path, SIGHUP
 //! args             = ["--data", "/var/lib/my-daemon"] # optional
 //! env              = { RUST_LOG = "info" }            # optional: the daemon's environment
@@ -10,6 +10,8 @@
 //! deadline_secs    = 60                               # optional, default 60
 //! journal          = "/run/my-daemon/handoff.journal" # optional, default <control_socket>.journal
 //! trigger_uids     = [0, 1000]                        # optional, default: our uid and root
+//! trigger_group    = "my-daemon-ops"                  # optional: the trigger socket's group
+//! trigger_mode     = 0o660                            # optional, default 0o600 (0o660 with a group)
 //! allowed_binaries = ["/usr/local/bin/my-daemon-v2"]  # optional: also allowed as targets
 //! binary_dir       = "/usr/local/lib/my-daemon"       # optional: any file directly in it too
 //!
@@ -33,6 +35,13 @@
 //! `HANDOFF_LISTENER_COUNT` for a successor; `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID` for a
 //! cold start). Anything else the daemon needs goes in `env`. `NOTIFY_SOCKET` is never passed
 //! on: the supervisor speaks `sd_notify` itself.
+//!
+//! Who may trigger: a client must first be able to connect to the trigger socket (it is ours,
+//! with `trigger_mode`, group `trigger_group` or ours), and is then admitted only if its uid
+//! (`SO_PEERCRED`) is in `trigger_uids`. A uid listed there that the socket's mode cannot let
+//! in (not root, not ours, and the mode gives neither the group nor others write permission)
+//! is an error when the file is read. Whether a uid is in `trigger_group` is not checked: the
+//! user database may change after the file is read.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -71,12 +80,22 @@ struct Raw {
     drain_grace_secs: Option<Spanned<f64>>,
     deadline_secs: Option<Spanned<f64>>,
     journal: Option<Spanned<PathBuf>>,
-    trigger_uids: Option<Vec<u32>>,
+    trigger_uids: Option<Spanned<Vec<u32>>>,
+    trigger_group: Option<Spanned<Group>>,
+    trigger_mode: Option<Spanned<i64>>,
     #[serde(default)]
     allowed_binaries: Vec<Spanned<PathBuf>>,
     binary_dir: Option<Spanned<PathBuf>>,
     #[serde(default)]
     listeners: Vec<RawListener>,
+}
+
+/// `trigger_group`: a name, or a gid (a number, or a string of digits).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Group {
+    Gid(u32),
+    Name(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +148,10 @@ pub struct Config {
     pub journal: PathBuf,
     /// Uids admitted on the trigger socket.
     pub trigger_uids: Vec<u32>,
+    /// The trigger socket's group (`None`: ours).
+    pub trigger_group: Option<u32>,
+    /// The trigger socket's permission bits: 0o600 plus any of 0o066.
+    pub trigger_mode: u32,
     /// Binaries a handoff may go to, besides `binary`.
     pub allowed_binaries: Vec<PathBuf>,
     /// A directory whose files a handoff may go to.
@@ -156,6 +179,18 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// The gid of group `name` in `/etc/group`.
+fn group_gid(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let n = f.next()?;
+        let _password = f.next()?;
+        let gid = f.next()?.parse().ok()?;
+        (n == name).then_some(gid)
+    })
+}
 
 /// 1-based line of byte `offset` in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
@@ -205,14 +240,19 @@ impl Config {
             None => Ok(Duration::from_secs(default)),
             Some(s) => {
                 let x = *s.get_ref();
-                if !(x.is_finite() && x > 0.0 && x <= 86_400.0) {
-                    return Err(err(
+                // At least a millisecond (a smaller value would round to a zero duration);
+                // NaN fails the range test too.
+                let bad = || {
+                    err(
                         key,
                         s.span(),
-                        format!("{x} is not a number of seconds in (0, 86400]"),
-                    ));
+                        format!("{x} is not a number of seconds in [0.001, 86400]"),
+                    )
+                };
+                if !(0.001..=86_400.0).contains(&x) {
+                    return Err(bad());
                 }
-                Ok(Duration::from_secs_f64(x))
+                Duration::try_from_secs_f64(x).map_err(|_| bad())
             }
         };
         let drain_grace = secs("drain_grace_secs", &raw.drain_grace_secs, 25)?;
@@ -358,9 +398,82 @@ impl Config {
                 addr,
             });
         }
-        let trigger_uids = raw
-            .trigger_uids
-            .unwrap_or_else(|| handoff_io_std::PeerPolicy::default().allowed_uids);
+        let trigger_group = match &raw.trigger_group {
+            None => None,
+            Some(g) => Some(match g.get_ref() {
+                Group::Gid(gid) => *gid,
+                Group::Name(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => n
+                    .parse()
+                    .map_err(|_| err("trigger_group", g.span(), format!("{n:?} is not a gid")))?,
+                Group::Name(n) => group_gid(n).ok_or_else(|| {
+                    err(
+                        "trigger_group",
+                        g.span(),
+                        format!("no group named {n:?} in /etc/group"),
+                    )
+                })?,
+            }),
+        };
+        let trigger_mode = match &raw.trigger_mode {
+            None if trigger_group.is_some() => 0o660,
+            None => 0o600,
+            Some(m) => {
+                let v = *m.get_ref();
+                // Owner read and write, plus any read or write for the group and others;
+                // nothing else (execute, setuid, sticky mean nothing on a socket).
+                let ok = u32::try_from(v).ok().filter(|v| v & !0o066 == 0o600);
+                let Some(mode) = ok else {
+                    return Err(err(
+                        "trigger_mode",
+                        m.span(),
+                        format!(
+                            "{} is not 0o600 plus any of 0o060 (group) and 0o006 (others)",
+                            if v < 0 {
+                                format!("{v}")
+                            } else {
+                                format!("{v:#o}")
+                            }
+                        ),
+                    ));
+                };
+                if trigger_group.is_some() && mode & 0o020 == 0 {
+                    return Err(err(
+                        "trigger_mode",
+                        m.span(),
+                        format!(
+                            "{mode:#o} gives the group no write permission: trigger_group would \
+                             let nobody in (use 0o660)"
+                        ),
+                    ));
+                }
+                mode
+            }
+        };
+        let trigger_uids = match &raw.trigger_uids {
+            None => handoff_io_std::PeerPolicy::default().allowed_uids,
+            Some(u) => {
+                // The socket is ours (we bind it): root and we always get in; anyone else
+                // only through the group's or others' write permission.
+                let owner = rustix::process::geteuid().as_raw();
+                let opened = trigger_mode & 0o022 != 0;
+                if let Some(uid) = u
+                    .get_ref()
+                    .iter()
+                    .find(|&&x| x != 0 && x != owner && !opened)
+                {
+                    return Err(err(
+                        "trigger_uids",
+                        u.span(),
+                        format!(
+                            "uid {uid} cannot connect to the trigger socket (owned by uid \
+                             {owner}, mode {trigger_mode:#o}): set trigger_group to a group of \
+                             uid {uid} (the mode becomes 0o660), or trigger_mode"
+                        ),
+                    ));
+                }
+                u.get_ref().clone()
+            }
+        };
         Ok(Config {
             control_socket,
             trigger_socket,
@@ -371,6 +484,8 @@ impl Config {
             deadline,
             journal,
             trigger_uids,
+            trigger_group,
+            trigger_mode,
             allowed_binaries,
             binary_dir,
             listeners,
@@ -472,6 +587,7 @@ args = ["-a", "b"]
 env = { A = "1", B = "two" }
 journal = "/tmp/j"
 trigger_uids = [0, 1000]
+trigger_group = "1000"
 allowed_binaries = ["/bin/false"]
 binary_dir = "/opt/d"
 "#,
@@ -545,6 +661,119 @@ kind = "unix"
             e.contains("`listeners.name` (line 13)") && e.contains("twice"),
             "{e}"
         );
+    }
+
+    /// GOOD with `keys` added after `deadline_secs` (line 6): the added keys are lines 7...
+    fn with(keys: &str) -> String {
+        GOOD.replace(
+            "deadline_secs    = 60\n",
+            &format!("deadline_secs    = 60\n{keys}\n"),
+        )
+    }
+
+    #[test]
+    fn the_trigger_socket_group_and_mode_are_configurable() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!((c.trigger_group, c.trigger_mode), (None, 0o600));
+        let c = Config::parse(&with("trigger_group = \"4321\"\ntrigger_mode = 0o660")).unwrap();
+        assert_eq!((c.trigger_group, c.trigger_mode), (Some(4321), 0o660));
+        // By name (root is group 0 everywhere); a group alone opens the socket to it.
+        let c = Config::parse(&with("trigger_group = \"root\"")).unwrap();
+        assert_eq!((c.trigger_group, c.trigger_mode), (Some(0), 0o660));
+        let c = Config::parse(&with("trigger_group = 4321")).unwrap();
+        assert_eq!(c.trigger_group, Some(4321));
+        for m in ["0o600", "0o660", "0o606", "0o666", "0o620", "0o644"] {
+            let c = Config::parse(&with(&format!("trigger_mode = {m}"))).unwrap();
+            assert_eq!(format!("{:#o}", c.trigger_mode), m);
+        }
+        for bad in [
+            "0o700",
+            "0o400",
+            "0o4660",
+            "0o1660",
+            "0o664 + 1",
+            "-1",
+            "0o10000000000",
+            "0o661",
+        ] {
+            let r = Config::parse(&with(&format!("trigger_mode = {bad}")));
+            let e = r.map(|c| c.trigger_mode).unwrap_err().to_string();
+            assert!(
+                e.contains("trigger_mode") && e.contains("line 7"),
+                "{bad}: {e}"
+            );
+        }
+        let e = error(&with("trigger_group = \"no such group here\""));
+        assert!(e.contains("`trigger_group` (line 7)"), "{e}");
+        let e = error(&with("trigger_group = \"\""));
+        assert!(e.contains("`trigger_group` (line 7)"), "{e}");
+        // A group given no write permission would admit nobody.
+        let e = error(&with("trigger_group = \"4321\"\ntrigger_mode = 0o600"));
+        assert!(e.contains("`trigger_mode` (line 8)"), "{e}");
+    }
+
+    #[test]
+    fn trigger_uids_the_socket_cannot_admit_are_refused_naming_key_and_line() {
+        let me = rustix::process::geteuid().as_raw();
+        let stranger = if me == 4_242_424 {
+            4_242_425
+        } else {
+            4_242_424
+        };
+        // The socket is ours and 0600: a uid other than ours or root cannot even connect.
+        let e = error(&with(&format!("trigger_uids = [0, {stranger}]")));
+        assert!(
+            e.contains("`trigger_uids` (line 7)")
+                && e.contains(&format!("uid {stranger} cannot connect"))
+                && e.contains("trigger_mode"),
+            "{e}"
+        );
+        // Ours and root are always fine.
+        Config::parse(&with(&format!("trigger_uids = [0, {me}]"))).unwrap();
+        // Opened to a group, or to everyone (the peer check still admits only the list).
+        Config::parse(&with(&format!(
+            "trigger_uids = [0, {stranger}]\ntrigger_group = \"4321\""
+        )))
+        .unwrap();
+        Config::parse(&with(&format!(
+            "trigger_uids = [0, {stranger}]\ntrigger_mode = 0o606"
+        )))
+        .unwrap();
+        Config::parse(&with(&format!(
+            "trigger_uids = [0, {stranger}]\ntrigger_mode = 0o660"
+        )))
+        .unwrap();
+    }
+
+    #[test]
+    fn durations_out_of_range_are_refused_naming_key_and_line() {
+        // The tiny ones first: they used to be accepted (as a zero drain grace).
+        for bad in [
+            "1e-12", "0.0009", "inf", "-inf", "nan", "1e20", "86400.5", "0", "-0.0", "-1",
+        ] {
+            let text = GOOD.replace(
+                "drain_grace_secs = 25",
+                &format!("drain_grace_secs = {bad}"),
+            );
+            let r = Config::parse(&text);
+            assert!(
+                r.is_err(),
+                "drain_grace_secs = {bad}: accepted as {:?}",
+                r.map(|c| c.drain_grace)
+            );
+            let e = error(&text);
+            assert!(
+                e.contains("`drain_grace_secs` (line 5)")
+                    && e.contains("is not a number of seconds in [0.001, 86400]"),
+                "{bad}: {e}"
+            );
+            let e =
+                error(&GOOD.replace("deadline_secs    = 60", &format!("deadline_secs = {bad}")));
+            assert!(e.contains("`deadline_secs` (line 6)"), "{bad}: {e}");
+        }
+        let c = Config::parse(&GOOD.replace("drain_grace_secs = 25", "drain_grace_secs = 0.001"))
+            .unwrap();
+        assert_eq!(c.drain_grace, Duration::from_millis(1));
     }
 
     #[test]

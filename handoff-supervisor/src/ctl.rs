@@ -39,6 +39,25 @@ struct Args {
     target: Option<String>,
 }
 
+/// The shortest `--timeout`: a socket timeout that rounds to zero would mean "no timeout".
+const MIN_TIMEOUT_SECS: f64 = 0.001;
+/// The longest `--timeout` (a year): far beyond any handoff's deadline.
+const MAX_TIMEOUT_SECS: f64 = 31_536_000.0;
+
+/// A flag's value as a number of seconds in [`MIN_TIMEOUT_SECS`, `MAX_TIMEOUT_SECS`], or a
+/// one-line error naming the flag and the value.
+fn seconds(flag: &str, v: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!("{flag} {v:?}: not a number of seconds in [{MIN_TIMEOUT_SECS}, {MAX_TIMEOUT_SECS}]")
+    };
+    let secs: f64 = v.parse().map_err(|_| bad())?;
+    // NaN fails both comparisons.
+    if !(MIN_TIMEOUT_SECS..=MAX_TIMEOUT_SECS).contains(&secs) {
+        return Err(bad());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
 fn parse_args(argv: &[String]) -> Result<Args, String> {
     let mut socket = None;
     let mut config = None;
@@ -58,12 +77,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--json" => json = true,
             "--timeout" => {
                 let v = value("--timeout")?;
-                let secs: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
-                    .ok_or_else(|| format!("--timeout {v:?}: not a positive number"))?;
-                timeout = Some(Duration::from_secs_f64(secs));
+                timeout = Some(seconds("--timeout", &v)?);
             }
             "-h" | "--help" => return Err(String::new()),
             s if s.starts_with("--") => return Err(format!("unknown option {s}")),
@@ -388,6 +402,15 @@ mod tests {
         assert!(parse_args(&argv("--socket /t frobnicate")).is_err());
         assert!(parse_args(&argv("--socket /t --bogus status")).is_err());
         assert!(parse_args(&argv("--socket /t --timeout 0 status")).is_err());
+        for bad in ["1e20", "inf", "NaN", "-1", "1e-300", "x"] {
+            let e = parse_args(&argv(&format!("--socket /t --timeout {bad} status"))).unwrap_err();
+            assert!(
+                e.starts_with(&format!("--timeout {bad:?}: not a number of seconds in [")),
+                "{e}"
+            );
+        }
+        let a = parse_args(&argv("--socket /t --timeout 2.5 status")).unwrap();
+        assert_eq!(a.timeout, Some(Duration::from_millis(2500)));
         assert_eq!(parse_args(&argv("--help")).unwrap_err(), "");
     }
 

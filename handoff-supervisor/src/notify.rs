@@ -53,6 +53,8 @@ impl Notifier {
             return Ok(());
         };
         let sock = UnixDatagram::unbound()?;
+        // A receiver whose queue is full must not stop the supervisor's loop: fail instead.
+        sock.set_nonblocking(true)?;
         let addr = match target {
             Target::Path(p) => SocketAddr::from_pathname(p)?,
             Target::Abstract(n) => SocketAddr::from_abstract_name(n)?,
@@ -76,6 +78,24 @@ pub fn status(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_receiver_that_does_not_read_makes_send_fail_not_block() {
+        let name = format!("hsup-notify-full-{}", std::process::id());
+        // Bound, never read: its queue fills.
+        let _rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
+        let n = Notifier::at(&format!("@{name}"));
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = (0..100_000).find_map(|_| n.send("STATUS=x").err());
+            let _ = tx.send(r);
+        });
+        let err = done
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("send blocked on a full receiver for 10 s")
+            .expect("100,000 notifications all queued");
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+    }
 
     #[test]
     fn sends_to_a_path_and_an_abstract_name() {

@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::{UnixListener, UnixStream as StdUnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use handoff_io_mio::{Supervisor, SupervisorEvent, Tokens};
 use handoff_io_std::engine::SupervisorEngine;
 use handoff_io_std::error::Error as HandoffError;
 use handoff_io_std::supervisor::SpawnSpec;
+use handoff_io_std::sys::conn::connect_nonblocking;
 use handoff_io_std::sys::peercred::{
     bind_unix_listener_0600, bind_unix_listener_unless_live, peer_credentials,
 };
@@ -35,13 +36,18 @@ use crate::trigger::{self, Command, LineBuf, LineError};
 
 /// A client sending nothing for this long (while no answer is pending) is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A line must be complete this long after its first byte arrived, however the bytes trickle
+/// in (they do not extend it); a client still sending it then is told so and closed.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(5);
 pub use crate::trigger::MAX_LINE;
 /// Unanswered input a client may pipeline.
 const MAX_INPUT: usize = 4 * MAX_LINE;
 /// Answers a client has not read yet; beyond this it is cut off.
 const MAX_OUTPUT: usize = 1 << 20;
 /// Clients served at once. When all places are taken, a new client takes the place of the
-/// one idle the longest; only if none is idle is it refused (`error: too many clients`).
+/// one idle the longest, or else of the one whose unfinished line started first; only if
+/// every client waits for a handoff or is being closed is it refused
+/// (`error: too many clients`).
 pub const MAX_CLIENTS: usize = 64;
 /// First and last wait between two recovery attempts.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -84,6 +90,9 @@ struct Client {
     inbuf: LineBuf,
     outbuf: Vec<u8>,
     last_active: Instant,
+    /// When the first byte of the unfinished line (the bytes after the last newline) arrived;
+    /// `None` when there is none. The line must be complete [`LINE_TIMEOUT`] later.
+    line_started: Option<Instant>,
     /// A `handoff` of this client runs: its answer comes with the outcome.
     waiting: bool,
     read_closed: bool,
@@ -181,6 +190,57 @@ fn bind_unix(p: &Path) -> io::Result<UnixListener> {
     bind_unix_listener_unless_live(p)
 }
 
+/// Give the trigger socket just bound (ours, mode 0600) its configured group and mode; its
+/// `(device, inode)`. The file is opened without following a symlink (`O_PATH|O_NOFOLLOW`)
+/// and checked (a socket, ours, mode 0600) before anything is changed, and the changes go
+/// through that descriptor: whatever replaced the path meanwhile is refused, never changed.
+fn trigger_access(path: &Path, group: Option<u32>, mode: u32) -> io::Result<(u64, u64)> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    let me = rustix::process::geteuid().as_raw();
+    let kind = FileType::from_raw_mode(st.st_mode);
+    if kind != FileType::Socket || st.st_uid != me || st.st_mode & 0o7777 != 0o600 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "not the socket just bound: a {kind:?} of uid {} with mode {:#o} (expected a \
+                 socket of uid {me} with mode 0o600)",
+                st.st_uid,
+                st.st_mode & 0o7777
+            ),
+        ));
+    }
+    if let Some(gid) = group {
+        rustix::fs::chownat(
+            &fd,
+            "",
+            None,
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::EMPTY_PATH,
+        )?;
+    }
+    if mode != 0o600 {
+        // An O_PATH descriptor takes no fchmod; its /proc link names exactly its inode.
+        rustix::fs::chmod(
+            format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)).as_str(),
+            Mode::from_raw_mode(mode),
+        )?;
+    }
+    if group.is_some() || mode != 0o600 {
+        log(format!(
+            "trigger socket {}: group {}, mode {mode:#o}",
+            path.display(),
+            group.map_or("ours".to_string(), |g| g.to_string())
+        ));
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
 /// Raise the soft limit on open descriptors to the hard limit. The supervisor holds every
 /// configured listener (and passes them on in batches), and trigger clients come on top; the
 /// usual soft limit of 1,024 is below what a daemon with many listeners needs. The daemons it
@@ -214,12 +274,22 @@ impl Server {
         notifier: Notifier,
     ) -> Result<Server, Fatal> {
         raise_nofile_limit();
-        // Another supervisor listening on the trigger socket: do not steal it.
-        if StdUnixStream::connect(&cfg.trigger_socket).is_ok() {
-            return Err(Fatal(format!(
-                "trigger socket {} is in use by a running supervisor",
-                cfg.trigger_socket.display()
-            )));
+        // Another supervisor listening on the trigger socket: do not steal it. Never a
+        // blocking connect: one that does not accept (its queue full) would hang us here.
+        match connect_nonblocking(&cfg.trigger_socket) {
+            Ok(_) => {
+                return Err(Fatal(format!(
+                    "trigger socket {} is in use by a running supervisor",
+                    cfg.trigger_socket.display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(Fatal(format!(
+                    "trigger socket {} is in use by a supervisor that does not answer: {e}",
+                    cfg.trigger_socket.display()
+                )))
+            }
+            Err(_) => {}
         }
         let spec = cold_spec(&cfg, cfg.binary.clone());
         let engine = SupervisorEngine::new(&cfg.control_socket)
@@ -241,7 +311,10 @@ impl Server {
         std_trigger
             .set_nonblocking(true)
             .map_err(fatal("trigger socket"))?;
-        let meta = std::fs::metadata(&cfg.trigger_socket).map_err(fatal("trigger socket"))?;
+        let trigger_id =
+            trigger_access(&cfg.trigger_socket, cfg.trigger_group, cfg.trigger_mode).map_err(
+                fatal(format!("trigger socket {}", cfg.trigger_socket.display())),
+            )?;
         let mut trigger = MioUnixListener::from_std(std_trigger);
         let poll = Poll::new().map_err(fatal("epoll"))?;
         poll.registry()
@@ -260,7 +333,7 @@ impl Server {
             poll,
             sup: Some(sup),
             trigger,
-            trigger_id: (meta.dev(), meta.ino()),
+            trigger_id,
             signals,
             clients: BTreeMap::new(),
             notifier,
@@ -340,13 +413,16 @@ impl Server {
                 t = t.map(|t| t.max(g));
             }
         }
-        let idle = self
+        let clients = self
             .clients
             .values()
             .filter(|c| !c.waiting)
-            .map(|c| c.last_active + IDLE_TIMEOUT)
+            .map(|c| match c.line_started {
+                Some(l) if !c.closing => (c.last_active + IDLE_TIMEOUT).min(l + LINE_TIMEOUT),
+                _ => c.last_active + IDLE_TIMEOUT,
+            })
             .min();
-        [t, idle].into_iter().flatten().min()
+        [t, clients].into_iter().flatten().min()
     }
 
     /// Let time pass for the engine; while recovering, no more often than the backoff allows
@@ -448,6 +524,10 @@ impl Server {
                 if let Some(cl) = self.clients.get_mut(&k) {
                     cl.waiting = false;
                     cl.last_active = Instant::now();
+                    // Its unfinished line had no deadline while it waited.
+                    if cl.line_started.is_some() {
+                        cl.line_started = Some(cl.last_active);
+                    }
                     queue(cl, &line);
                 }
                 // Go on with what it sent meanwhile, and flush the answer.
@@ -699,6 +779,7 @@ impl Server {
                     inbuf: LineBuf::new(),
                     outbuf: Vec::new(),
                     last_active: Instant::now(),
+                    line_started: None,
                     waiting: false,
                     read_closed: false,
                     closing: false,
@@ -721,7 +802,15 @@ impl Server {
                 Ok(0) => c.read_closed = true,
                 Ok(n) => {
                     c.inbuf.push(&buf[..n]);
-                    c.last_active = Instant::now();
+                    let now = Instant::now();
+                    c.last_active = now;
+                    // A newline ends the unfinished line; what follows the last one starts a
+                    // new line now. More bytes of the same line do not move its start.
+                    if buf[..n].contains(&b'\n') {
+                        c.line_started = (buf[n - 1] != b'\n').then_some(now);
+                    } else {
+                        c.line_started.get_or_insert(now);
+                    }
                     if c.inbuf.len() > MAX_INPUT {
                         queue(c, "error: too much input");
                         c.closing = true;
@@ -766,6 +855,12 @@ impl Server {
                 if let Some(c) = self.clients.get_mut(&key) {
                     queue(c, &answer);
                 }
+            }
+        }
+        if let Some(c) = self.clients.get_mut(&key) {
+            // The last line, taken without a newline at the close: no line is unfinished.
+            if c.inbuf.is_empty() {
+                c.line_started = None;
             }
         }
         self.flush(key);
@@ -848,38 +943,68 @@ impl Server {
     }
 
     /// Make room for a new client: close the one idle the longest (nothing to read, nothing
-    /// to write, no handoff waiting), telling it why. Connections that send nothing thus hold
-    /// a place only until a new client needs it, not for [`IDLE_TIMEOUT`]. A candidate's
-    /// socket is read first: a client whose command arrived while we were accepting others
-    /// is not idle. Whether one was closed.
+    /// to write, no handoff waiting), or else the one whose unfinished line started first,
+    /// telling it why. Connections that send nothing, or a line a byte at a time, thus hold a
+    /// place only until a new client needs it, not for [`IDLE_TIMEOUT`] or [`LINE_TIMEOUT`].
+    /// A candidate's socket is read first: a client whose command arrived while we were
+    /// accepting others is answered, and is not idle if more of it is pending. Whether one
+    /// was closed.
     fn evict_idle(&mut self) -> bool {
-        let idle =
-            |c: &Client| !c.waiting && !c.closing && c.inbuf.is_empty() && c.outbuf.is_empty();
-        let mut candidates: Vec<(Instant, usize)> = self
+        // Neither waiting for a handoff, nor closing, nor holding an answer not yet written.
+        let evictable = |c: &Client| !c.waiting && !c.closing && c.outbuf.is_empty();
+        let idle = |c: &Client| evictable(c) && c.inbuf.is_empty();
+        let partial = |c: &Client| evictable(c) && !c.inbuf.is_empty();
+        let mut idle_ones: Vec<(Instant, usize)> = self
             .clients
             .iter()
             .filter(|(_, c)| idle(c))
             .map(|(k, c)| (c.last_active, *k))
             .collect();
-        candidates.sort_unstable();
-        for (_, key) in candidates {
+        idle_ones.sort_unstable();
+        for (_, key) in idle_ones {
             self.client_ready(key, false);
-            let Some(c) = self.clients.get_mut(&key) else {
+            let Some(c) = self.clients.get(&key) else {
                 return true; // It was done (or broken) and is closed: its place is free.
             };
-            if !idle(c) {
-                continue;
+            if idle(c) {
+                self.evict(key, "closed the longest idle connection");
+                return true;
             }
-            let _ = c
-                .stream
-                .write(b"error: too many clients: closed the longest idle connection\n");
-            let _ = c.stream.shutdown(std::net::Shutdown::Write);
-            self.close(key);
-            return true;
+        }
+        let mut partial_ones: Vec<(Instant, usize)> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| partial(c))
+            .map(|(k, c)| (c.line_started.unwrap_or(c.last_active), *k))
+            .collect();
+        partial_ones.sort_unstable();
+        for (_, key) in partial_ones {
+            self.client_ready(key, false);
+            let Some(c) = self.clients.get(&key) else {
+                return true;
+            };
+            if evictable(c) {
+                self.evict(key, "closed the connection with the oldest unfinished line");
+                return true;
+            }
         }
         false
     }
 
+    /// Close client `key` to make room, with a line saying why (best effort: its socket may
+    /// not take it).
+    fn evict(&mut self, key: usize, why: &str) {
+        if let Some(c) = self.clients.get_mut(&key) {
+            let _ = c
+                .stream
+                .write(format!("error: too many clients: {why}\n").as_bytes());
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
+        self.close(key);
+    }
+
+    /// Close the clients idle for [`IDLE_TIMEOUT`], and tell those whose line is not
+    /// complete [`LINE_TIMEOUT`] after its first byte, then close them.
     fn client_timeouts(&mut self) {
         let now = Instant::now();
         let idle: Vec<usize> = self
@@ -890,6 +1015,24 @@ impl Server {
             .collect();
         for k in idle {
             self.close(k);
+        }
+        let late: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| {
+                !c.waiting && !c.closing && c.line_started.is_some_and(|t| now >= t + LINE_TIMEOUT)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in late {
+            if let Some(c) = self.clients.get_mut(&k) {
+                queue(
+                    c,
+                    &format!("error: line not completed within {LINE_TIMEOUT:?}"),
+                );
+                c.closing = true;
+            }
+            self.flush(k);
         }
     }
 }

@@ -629,6 +629,496 @@ fn bad_config_is_reported_with_key_and_line() {
     assert_eq!(out.status.code(), Some(4));
 }
 
+#[test]
+fn bad_flag_values_get_one_line_and_the_usage_exit_code() {
+    // Each bad --timeout: one error line naming the flag and the value, then the usage line;
+    // the usage exit code (4); no panic. Nothing is connected to (the socket does not exist).
+    for v in [
+        "1e20",
+        "18446744073709551616",
+        "inf",
+        "-inf",
+        "NaN",
+        "-1",
+        "0",
+        "-0",
+        "1e-300",
+        "0.0001",
+        "abc",
+        "",
+        "1s",
+    ] {
+        let out = Command::new(CTL)
+            .args(["--socket", "/nonexistent/t", "--timeout", v, "status"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(4), "--timeout {v:?}: {err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "--timeout {v:?}: {err}");
+        assert!(
+            lines[0].starts_with(&format!("handoffctl: --timeout {v:?}: ")),
+            "--timeout {v:?}: {err}"
+        );
+        assert!(lines[1].starts_with("usage: handoffctl "), "{err}");
+    }
+    let out = Command::new(CTL)
+        .args(["--socket", "/nonexistent/t", "status", "--timeout"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("handoffctl: --timeout needs a value\n")
+    );
+    // The supervisor's flags: a missing value is named too (usage exit code 2).
+    for args in [&["--config"][..], &["--config", ""], &["--check", "-c"]] {
+        let out = Command::new(SUP).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.starts_with("handoff-supervisor: --config needs a file\n")
+                || err.starts_with("handoff-supervisor: -c needs a file\n"),
+            "{args:?}: {err}"
+        );
+    }
+    // Good values get past the arguments: the missing socket is what fails (exit 3).
+    for v in ["0.001", "1", "2.5", "86400", "31536000"] {
+        let out = Command::new(CTL)
+            .args(["--socket", "/nonexistent/t", "--timeout", v, "status"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(3), "--timeout {v:?}: {err}");
+        assert!(err.contains("cannot reach /nonexistent/t"), "{err}");
+    }
+}
+
+/// Raise this process's soft `RLIMIT_NOFILE` to at least `need` (up to the hard limit).
+fn raise_own_nofile(need: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current.is_some_and(|c| c < need) {
+        l.current = l.maximum.map(|m| m.max(need).min(m));
+        setrlimit(Resource::Nofile, l).expect("raise RLIMIT_NOFILE");
+    }
+}
+
+/// A process's state letter from `/proc/<pid>/stat` (`T`: stopped).
+fn proc_state(pid: u32) -> Option<char> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s[s.rfind(')')? + 2..].chars().next())
+}
+
+/// `status` on a fresh connection, answered within `limit`, or why not.
+fn status_within(path: &Path, limit: Duration) -> Result<String, String> {
+    let mut s = UnixStream::connect(path).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(b"status\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"\n") {
+        match s.read(&mut buf) {
+            Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&got))),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("no answer within {limit:?}: {e}")),
+        }
+    }
+    Ok(String::from_utf8_lossy(&got).trim_end().to_string())
+}
+
+/// SIGCONT on drop: a stopped daemon is resumed whatever the test's end.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+#[test]
+fn a_stopped_daemon_with_a_full_accept_queue_freezes_nothing() {
+    let mut env = Env::new("", None);
+    let cfg = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("drain_grace_secs = 5", "drain_grace_secs = 1")
+        .replace("deadline_secs = 20", "deadline_secs = 5");
+    std::fs::write(&env.config, cfg).unwrap();
+    env.start();
+    let s = env.idle();
+    let daemon: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
+    let _resume = Resume(daemon);
+    signal(daemon, "STOP");
+    let end = Instant::now() + Duration::from_secs(10);
+    while proc_state(daemon) != Some('T') {
+        assert!(Instant::now() < end, "daemon {daemon} did not stop");
+        std::thread::yield_now();
+    }
+    // Fill the stopped daemon's control socket's accept queue (bounded).
+    let held = fill_accept_queue(&env.dir.join("ctl.sock"));
+    eprintln!(
+        "{} connections fill the control socket's accept queue",
+        held.len()
+    );
+
+    // A handoff: it must connect to the incumbent's control socket.
+    let mut h = Command::new(CTL)
+        .arg("--socket")
+        .arg(env.trigger())
+        .args(["--timeout", "60", "handoff"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Meanwhile the supervisor answers `status` at once, every time, until the handoff ends.
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut answered = 0;
+    let mut states = Vec::new();
+    while h.try_wait().unwrap().is_none() {
+        let s = status_within(&env.trigger(), Duration::from_secs(3)).unwrap_or_else(|e| {
+            let _ = h.kill();
+            panic!(
+                "status after {answered} answers: {e}; states {states:?}; log:\n{}",
+                env.log()
+            )
+        });
+        answered += 1;
+        let state = s.split(' ').next().unwrap_or("").to_string();
+        if states.last() != Some(&state) {
+            states.push(state);
+        }
+        assert!(Instant::now() < end, "the handoff did not end in 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = h.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!(
+        "status answered {answered} times during the handoff ({states:?}); handoffctl: {stdout}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", env.log());
+    assert!(
+        stdout.contains(" committed=false abort_reason=Some(IncumbentUnreachable(")
+            && stdout.contains("accept queue is full"),
+        "{stdout}"
+    );
+    // After it, too: the recovery that follows meets the same full queue, and the status
+    // tells what happened.
+    let s = status_within(&env.trigger(), Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("status after the handoff: {e}; log:\n{}", env.log()));
+    assert_eq!(field(&s, "last"), Some("rolled_back"), "{s}");
+    assert!(
+        field(&s, "abort_reason").is_some_and(|r| r.contains("accept%20queue%20is%20full")),
+        "{s}"
+    );
+    // SIGTERM is handled: the supervisor stops (the stopped daemon is killed after the grace).
+    let st = env.stop().expect("the supervisor stops on SIGTERM");
+    assert!(st.success(), "{st:?}\n{}", env.log());
+    drop(held);
+}
+
+/// Wait (bounded) for `c` to exit; `None` if it does not (it runs on).
+fn exited_within(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let exited = handoff_io_std::sys::spawn::Watched::open(c.id())
+        .map(|w| {
+            !handoff_io_std::sys::spawn::wait_any(&[&w], limit)
+                .unwrap_or_default()
+                .is_empty()
+        })
+        .unwrap_or(true);
+    if exited {
+        c.wait().ok()
+    } else {
+        None
+    }
+}
+
+/// Wait (bounded) for `c` to exit; `None` (and it is killed) if it does not.
+fn exit_within(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let st = exited_within(c, limit);
+    if st.is_none() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    st
+}
+
+/// Connections to the Unix socket at `path` until its accept queue is full (bounded).
+fn fill_accept_queue(path: &Path) -> Vec<UnixStream> {
+    raise_own_nofile(20_000);
+    let mut held = Vec::new();
+    loop {
+        assert!(held.len() < 100_000, "the accept queue never filled");
+        match handoff_io_std::sys::conn::connect_nonblocking(path) {
+            Ok(c) => held.push(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return held,
+            Err(e) => panic!("connect {} (after {}): {e}", path.display(), held.len()),
+        }
+    }
+}
+
+#[test]
+fn a_new_supervisor_is_not_hung_by_full_accept_queues() {
+    let mut env = Env::new("", None);
+    env.start();
+    let s = env.idle();
+    let daemon: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
+    let sup = env.sup.as_ref().unwrap().id();
+    // The supervisor and its daemon stop; the trigger socket's and the daemon's listener's
+    // accept queues fill up.
+    let _resume = (Resume(sup), Resume(daemon));
+    for p in [sup, daemon] {
+        signal(p, "STOP");
+        let end = Instant::now() + Duration::from_secs(10);
+        while proc_state(p) != Some('T') {
+            assert!(Instant::now() < end, "pid {p} did not stop");
+            std::thread::yield_now();
+        }
+    }
+    let held_trigger = fill_accept_queue(&env.trigger());
+    let held_kv = fill_accept_queue(&env.dir.join("kv.sock"));
+    eprintln!(
+        "accept queues full: trigger socket after {}, listener after {}",
+        held_trigger.len(),
+        held_kv.len()
+    );
+
+    // A second supervisor on the same trigger socket: refused at once, not hung.
+    let run = |config: &Path| {
+        Command::new(SUP)
+            .arg("--config")
+            .arg(config)
+            .env("HANDOFF_LOG", "on")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(config.with_extension("log")).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut second = run(&env.config);
+    let st = exit_within(&mut second, Duration::from_secs(10));
+    let log = std::fs::read_to_string(env.config.with_extension("log")).unwrap_or_default();
+    assert_eq!(
+        st.and_then(|s| s.code()),
+        Some(1),
+        "exit {st:?}; log:\n{log}"
+    );
+    assert!(
+        log.contains("is in use by a supervisor that does not answer: its accept queue is full"),
+        "{log}"
+    );
+
+    // One with a trigger and control socket of its own but the same listener: it sees the
+    // listener is held (someone listens, not accepting), comes up and answers.
+    let other = env.dir.join("other.toml");
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("trig.sock", "trig2.sock")
+        .replace("ctl.sock", "ctl2.sock");
+    std::fs::write(&other, text).unwrap();
+    let mut third = run(&other);
+    let trig2 = env.dir.join("trig2.sock");
+    let end = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        if let Ok(s) = status_within(&trig2, Duration::from_secs(3)) {
+            break s;
+        }
+        if Instant::now() >= end {
+            let _ = third.kill();
+            let _ = third.wait();
+            panic!(
+                "the third supervisor never answered; log:\n{}",
+                std::fs::read_to_string(other.with_extension("log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(s.starts_with("state=recovering "), "{s}");
+    let log = std::fs::read_to_string(other.with_extension("log")).unwrap_or_default();
+    assert!(
+        log.contains("address in use; expecting it from the serving daemon"),
+        "{log}"
+    );
+    signal(third.id(), "TERM");
+    let st = exit_within(&mut third, Duration::from_secs(10));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}");
+}
+
+#[test]
+fn trickling_clients_lock_nobody_out_and_each_line_has_a_deadline() {
+    use handoff_supervisor::server::{LINE_TIMEOUT, MAX_CLIENTS};
+    let mut env = Env::new("", None);
+    env.start();
+    env.idle();
+    // More clients than places, each with the first byte of a line that never ends.
+    let n = MAX_CLIENTS + 8;
+    let mut tricklers: Vec<(UnixStream, Instant)> = (0..n)
+        .map(|_| {
+            let mut c = UnixStream::connect(env.trigger()).unwrap();
+            c.write_all(b"s").unwrap();
+            (c, Instant::now())
+        })
+        .collect();
+    // A real client still gets its answer: one of them makes room.
+    let s = status_within(&env.trigger(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("status among {n} trickling clients: {e}"));
+    assert!(s.starts_with("state=idle "), "{s}");
+    // They go on trickling, a byte at a time: each is closed at its line's deadline (or was
+    // closed to make room), however recently its last byte came.
+    for (c, _) in &tricklers {
+        c.set_nonblocking(true).unwrap();
+    }
+    let mut endings: Vec<Option<(Duration, String)>> = vec![None; n];
+    let end = Instant::now() + LINE_TIMEOUT + Duration::from_secs(10);
+    while endings.iter().any(Option::is_none) {
+        assert!(
+            Instant::now() < end,
+            "{} of {n} trickling clients still open {:?} after their first byte; log:\n{}",
+            endings.iter().filter(|e| e.is_none()).count(),
+            LINE_TIMEOUT + Duration::from_secs(10),
+            env.log()
+        );
+        for (i, (c, first)) in tricklers.iter_mut().enumerate() {
+            if endings[i].is_some() {
+                continue;
+            }
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            let closed = loop {
+                match c.read(&mut buf) {
+                    Ok(0) => break true,
+                    Ok(k) => got.extend_from_slice(&buf[..k]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+                    Err(_) => break true,
+                }
+            };
+            if closed || !got.is_empty() {
+                endings[i] = Some((first.elapsed(), String::from_utf8_lossy(&got).into_owned()));
+            } else {
+                let _ = c.write(b"t");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let mut evicted = 0;
+    let mut timed_out = 0;
+    for (after, text) in endings.into_iter().flatten() {
+        if text
+            == "error: too many clients: closed the connection with the oldest unfinished line\n"
+        {
+            evicted += 1;
+        } else {
+            assert_eq!(
+                text,
+                format!("error: line not completed within {LINE_TIMEOUT:?}\n"),
+                "after {after:?}"
+            );
+            assert!(after >= LINE_TIMEOUT, "closed after {after:?}");
+            timed_out += 1;
+        }
+    }
+    eprintln!(
+        "{n} trickling clients: {evicted} closed to make room, {timed_out} at the line deadline"
+    );
+    assert!(evicted >= 1 && timed_out >= 1, "{evicted} {timed_out}");
+    let s = status_within(&env.trigger(), Duration::from_secs(5)).unwrap();
+    assert!(s.starts_with("state=idle "), "{s}");
+}
+
+/// Whether tests that need root run here: as root, yes; otherwise they skip (one line on
+/// stderr), unless `HANDOFF_REQUIRE_ROOT_TESTS=1` makes them fail.
+fn root_or_skip(what: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").as_deref() != Some("1".as_ref()),
+        "{what} needs root, and HANDOFF_REQUIRE_ROOT_TESTS=1"
+    );
+    eprintln!("skipped: {what} needs root (it runs handoffctl as other uids through setpriv)");
+    false
+}
+
+/// `handoffctl --socket <trigger> status` as `uid`:`gid` (no supplementary groups).
+fn status_as(env: &Env, ctl: &Path, uid: u32, gid: u32) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg(ctl)
+        .arg("--socket")
+        .arg(env.trigger())
+        .arg("status")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn trigger_group_and_mode_admit_another_uid_and_only_it() {
+    use std::os::unix::fs::MetadataExt;
+    if !root_or_skip("trigger_group_and_mode_admit_another_uid_and_only_it") {
+        return;
+    }
+    // Not configured: uid 1000 is refused at the socket (0600, ours), and listing it in
+    // trigger_uids alone is refused when the configuration is read.
+    let mut env = Env::new("", None);
+    let ctl = env.dir.join("handoffctl");
+    copy_executable(Path::new(CTL), &ctl);
+    env.start();
+    env.idle();
+    let out = status_as(&env, &ctl, 1000, 1000);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(err.contains("Permission denied"), "{err}");
+    let mut listed = Env::new("trigger_uids = [0, 1000]", None);
+    listed.start();
+    // Had it started, its drop stops it (and the daemon) gracefully.
+    let st = exited_within(listed.sup.as_mut().unwrap(), Duration::from_secs(10));
+    let err = listed.log();
+    assert_eq!(st.and_then(|s| s.code()), Some(2), "{st:?}: {err}");
+    listed.sup = None;
+    assert!(
+        err.contains("`trigger_uids` (line 7): uid 1000 cannot connect"),
+        "{err}"
+    );
+    drop(env);
+
+    // Configured: the socket is root:1000 0660; uid 1000 connects and is answered.
+    let mut env = Env::new(
+        "trigger_uids = [0, 1000]\ntrigger_group = \"1000\"\ntrigger_mode = 0o660",
+        None,
+    );
+    let ctl = env.dir.join("handoffctl");
+    copy_executable(Path::new(CTL), &ctl);
+    env.start();
+    env.idle();
+    let meta = std::fs::symlink_metadata(env.trigger()).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (0, 1000, 0o660)
+    );
+    let out = status_as(&env, &ctl, 1000, 1000);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", env.log());
+    assert!(stdout.starts_with("state=idle "), "{stdout}");
+    // uid 1000 outside group 1000, or another uid outside it: refused at the socket.
+    for (uid, gid) in [(1000, 1001), (1001, 1001)] {
+        let out = status_as(&env, &ctl, uid, gid);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(3), "{uid}:{gid}: {out:?}");
+        assert!(err.contains("Permission denied"), "{uid}:{gid}: {err}");
+    }
+    // In the group but not in trigger_uids: connected, then refused by SO_PEERCRED.
+    let out = status_as(&env, &ctl, 1001, 1000);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(err.contains("error: not allowed"), "{err}");
+    assert!(
+        env.log().contains("trigger client refused: pid "),
+        "{}",
+        env.log()
+    );
+}
+
 /// Copy an executable through `cp`, a process of its own: had this (multi-threaded) test
 /// process written the copy, a child forked meanwhile by another test could still hold the
 /// descriptor open for writing when the copy is executed (ETXTBSY).

@@ -352,6 +352,7 @@ drain_grace_secs = 2.5
 deadline_secs = 30
 journal = "/var/lib/kvd/handoff.journal"
 trigger_uids = [0, 1000]
+trigger_group = "1000"
 allowed_binaries = ["/usr/local/bin/kvd-v2"]
 binary_dir = "/usr/local/lib/kvd"
 

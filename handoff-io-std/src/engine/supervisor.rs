@@ -989,7 +989,7 @@ impl SupervisorEngine {
     fn connect(&mut self, now: Instant) {
         self.peer = None;
         let r = (|| -> std::result::Result<(Conn, Proven), String> {
-            let sock = UnixStream::connect(&self.control_socket)
+            let sock = crate::sys::conn::connect_nonblocking(&self.control_socket)
                 .map_err(|e| format!("{}: {e}", self.control_socket.display()))?;
             let (pid, uid, _) =
                 peer_credentials(sock.as_fd()).map_err(|e| format!("peer credentials: {e}"))?;
