@@ -1,8 +1,11 @@
 //! The supervisor's journal: one record, replaced atomically before every irreversible step,
 //! and the pure recovery decision a restarted supervisor takes from it.
 //!
-//! The driver writes [`encode_journal`]'s bytes to a temporary file, fsyncs it, renames it over
-//! the journal and fsyncs the directory; the machine waits for that before it goes on.
+//! The driver writes [`encode_journal`]'s bytes to a temporary file it creates exclusively,
+//! fsyncs it and renames it over the journal; the machine waits for that before it goes on.
+//! The directory is not fsynced: a process crash cannot lose the rename, and after a machine
+//! crash no process the record names is alive, so recovery starts the daemon cold whichever
+//! record it reads (the fsync before the rename keeps either record whole).
 //!
 //! # Pids and identities
 //!

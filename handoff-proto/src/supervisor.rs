@@ -186,8 +186,8 @@ pub enum SupervisorOutput {
         /// Whom.
         pid: Pid,
     },
-    /// Replace the journal atomically (tmp, fsync, rename, fsync dir), then feed
-    /// [`Supervisor::handle_journal_written`].
+    /// Replace the journal atomically (an exclusive tmp, fsync, rename; [`crate::journal`] says
+    /// why the directory is not fsynced), then feed [`Supervisor::handle_journal_written`].
     WriteJournal(JournalRecord),
     /// A handoff ended.
     Outcome(Outcome),
