@@ -9,6 +9,7 @@
 //! exits 0 when its stdin closes.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -362,6 +363,13 @@ fn stale_lock_owner_pid_reused_by_a_stranger_is_not_killed() {
     let data = dir.path().join("data");
     std::fs::create_dir(&data).expect("mkdir");
     let lock = handoff::sys::lock::lock_file_path(&data);
+    // Created as the daemon creates it (0600): a looser lock file is refused outright.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&lock)
+        .expect("create the lock file");
     let mut holder = Command::new("/bin/sh")
         .args([
             "-c",
