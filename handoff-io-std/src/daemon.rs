@@ -38,7 +38,7 @@ use crate::log::log;
 use crate::sys::conn::Waker;
 use crate::sys::lock::DataDirLock;
 use crate::sys::peercred::{bind_unix_listener_0600, PeerPolicy};
-use crate::sys::supervisor_lock::{LockId, ENV_SUPERVISOR_LOCK};
+use crate::sys::supervisor_lock::{Admission, LockId, ENV_SUPERVISOR_LOCK};
 
 const ROLE: &str = "incumbent";
 
@@ -66,7 +66,7 @@ pub struct Incumbent {
     pub(crate) policy: PeerPolicy,
     /// The supervisor lock whose holder alone may talk on the control socket; `None`: any
     /// peer the policy admits.
-    pub(crate) supervisor: Option<LockId>,
+    pub(crate) supervisor: Option<Admission>,
     pub(crate) exit_on_retire: bool,
 }
 
@@ -100,8 +100,9 @@ impl Incumbent {
         listeners: Vec<Held>,
     ) -> Result<Incumbent> {
         // Read before binding: a daemon that cannot tell its supervisor must not serve.
-        let supervisor =
-            LockId::from_env().map_err(|detail| Error::invalid(ENV_SUPERVISOR_LOCK, detail))?;
+        let supervisor = LockId::from_env()
+            .map_err(|detail| Error::invalid(ENV_SUPERVISOR_LOCK, detail))?
+            .map(Admission::new);
         if supervisor.is_none() {
             log!(
                 ROLE,

@@ -70,10 +70,13 @@ fn presize_fd_table(channel: &UnixStream) {
 /// there that is not a connected `AF_UNIX` stream socket is refused and left open: it may be
 /// someone else's.
 fn take_channel() -> Result<UnixStream> {
-    crate::inherit::successor_channel_from_env().map_err(|detail| Error::Channel {
+    let chan = crate::inherit::successor_channel_from_env().map_err(|detail| Error::Channel {
         what: ENV_CHANNEL_FD.into(),
         detail,
-    })
+    })?;
+    // Its peer spawned us: the supervisor this successor will admit at once as incumbent.
+    crate::sys::supervisor_lock::remember_spawner(std::os::fd::AsFd::as_fd(&chan));
+    Ok(chan)
 }
 
 #[cfg(test)]

@@ -20,7 +20,6 @@ use crate::log::log;
 use crate::sys::conn::{Conn, ReadStatus};
 use crate::sys::lock::{self, LockError};
 use crate::sys::peercred::peer_credentials;
-use crate::sys::supervisor_lock;
 
 const ROLE: &str = "incumbent";
 
@@ -248,7 +247,7 @@ impl IncumbentEngine {
 
     /// Whether this peer may talk to us: a uid the policy admits and, under a handoff
     /// supervisor, the holder of its supervisor lock.
-    fn admit(&self, sock: &UnixStream) -> Result<(), String> {
+    fn admit(&mut self, sock: &UnixStream) -> Result<(), String> {
         if self.conns.len() >= MAX_CONNS {
             return Err(format!("{MAX_CONNS} connections already open"));
         }
@@ -259,8 +258,9 @@ impl IncumbentEngine {
                 "peer pid {pid} has uid {uid}, which is not allowed"
             ));
         }
-        if let Some(id) = self.inc.supervisor {
-            supervisor_lock::check_peer(sock.as_fd(), pid, id)
+        if let Some(admission) = self.inc.supervisor.as_mut() {
+            admission
+                .admit(sock.as_fd(), pid)
                 .map_err(|why| format!("{why}: not the supervisor (uid {uid})"))?;
         }
         Ok(())

@@ -317,7 +317,7 @@ fn fdinfo_lock_id(fd: BorrowedFd<'_>) -> Option<LockId> {
 /// this check could fool. `/proc/locks` must show `pid` holding a `flock` on `id`, and then the
 /// pidfd must show the process still alive: a process that had exited (its pid free to be
 /// reused, maybe by the supervisor) is refused.
-pub fn check_peer(sock: BorrowedFd<'_>, pid: Pid, id: LockId) -> Result<(), String> {
+pub fn check_peer(sock: BorrowedFd<'_>, pid: Pid, id: LockId) -> Result<OwnedFd, String> {
     let pidfd = match crate::sys::spawn::peer_pidfd(sock) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::Unsupported => {
@@ -342,7 +342,68 @@ pub fn check_peer(sock: BorrowedFd<'_>, pid: Pid, id: LockId) -> Result<(), Stri
             "peer pid {pid} exited after connecting (its pid may name another process now)"
         ));
     }
-    Ok(())
+    Ok(pidfd)
+}
+
+/// The pidfd of the process that spawned this successor, taken from its channel (see
+/// [`remember_spawner`]), for the [`Admission`] the successor makes once it is the incumbent.
+static SPAWNER: std::sync::Mutex<Option<(Pid, OwnedFd)>> = std::sync::Mutex::new(None);
+
+/// Remember the peer of a successor's channel, the socketpair its supervisor made and handed
+/// it at spawn: by construction the process that spawned this successor, which is the
+/// supervisor holding the lock. Proven by the kernel (`SO_PEERPIDFD`); where that is not
+/// available nothing is remembered, and the first connection takes the slow check.
+pub(crate) fn remember_spawner(channel: BorrowedFd<'_>) {
+    let Ok((pid, _, _)) = crate::sys::peercred::peer_credentials(channel) else {
+        return;
+    };
+    if let Ok(pidfd) = crate::sys::spawn::peer_pidfd(channel) {
+        if let Ok(mut s) = SPAWNER.lock() {
+            *s = Some((pid, pidfd));
+        }
+    }
+}
+
+/// A daemon's admission of control connections under a supervisor lock: [`check_peer`], with
+/// the supervisor it has proven remembered.
+///
+/// [`check_peer`] reads `/proc/locks`, and the kernel makes that reading wait for an RCU grace
+/// period after the lock table changed (measured: about 10 ms right after a handoff's
+/// `flock`s, 0.03 ms otherwise). A handoff's critical path must not pay that, so the process
+/// proven once, by that check or as the spawner of this successor ([`remember_spawner`]), is
+/// remembered by a pidfd: while that process lives its pid is its own, so a peer with that pid
+/// is that process, admitted at once. Any other peer takes the full check, and becomes the one
+/// remembered if it passes (a restarted supervisor).
+#[derive(Debug)]
+pub struct Admission {
+    id: LockId,
+    known: Option<(Pid, OwnedFd)>,
+}
+
+impl Admission {
+    /// The admission for the lock `id`, seeded with the spawner of this successor if
+    /// [`remember_spawner`] saw one.
+    pub fn new(id: LockId) -> Admission {
+        let known = SPAWNER.lock().ok().and_then(|mut s| s.take());
+        Admission { id, known }
+    }
+
+    /// The lock whose holder is admitted.
+    pub fn id(&self) -> LockId {
+        self.id
+    }
+
+    /// Whether the peer of `sock`, whose `SO_PEERCRED` pid is `pid`, is the supervisor.
+    pub fn admit(&mut self, sock: BorrowedFd<'_>, pid: Pid) -> Result<(), String> {
+        if let Some((known, pidfd)) = &self.known {
+            if *known == pid && matches!(has_exited(pidfd), Ok(false)) {
+                return Ok(());
+            }
+        }
+        let pidfd = check_peer(sock, pid, self.id)?;
+        self.known = Some((pid, pidfd));
+        Ok(())
+    }
 }
 
 /// Whether the process of `pidfd` has exited (readable pidfd). Does not block.
@@ -527,6 +588,32 @@ mod tests {
             err.contains(&format!("peer pid {me} does not hold")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn admission_remembers_the_proven_supervisor_and_checks_anyone_else() {
+        let dir = TempDir::new("suplock-admission");
+        let held = SupervisorLock::acquire(&dir.path().join("s.lock")).expect("lock");
+        let (a, _b) = socketpair_cloexec().expect("pair");
+        let me = std::process::id();
+        let mut admission = Admission {
+            id: held.id(),
+            known: None,
+        };
+        // A pid that is not the peer's holds nothing: the full check refuses it.
+        let err = admission.admit(a.as_fd(), 1).expect_err("pid 1");
+        assert!(err.contains("does not hold"), "{err}");
+        assert!(admission.known.is_none());
+        // The holder passes the full check and is remembered by its pidfd.
+        admission.admit(a.as_fd(), me).expect("the holder");
+        assert_eq!(admission.known.as_ref().map(|k| k.0), Some(me));
+        // Remembered while it lives, so no /proc/locks reading on the next connection: it is
+        // admitted even once the lock is gone (the full check would refuse it).
+        drop(held);
+        check_peer(a.as_fd(), me, admission.id()).expect_err("the full check refuses");
+        admission.admit(a.as_fd(), me).expect("remembered");
+        // Anyone else still takes the full check.
+        admission.admit(a.as_fd(), 1).expect_err("pid 1 again");
     }
 
     #[test]
