@@ -320,6 +320,33 @@ pub(crate) fn open_error(path: &Path, e: Errno, rules: &Rules) -> io::Error {
     e.into()
 }
 
+/// Open the file at `path` read-write for a `flock`, creating it (mode 0600) if it is missing:
+/// reached through its directory, opened and checked ([`Dir::of`]); an existing entry is
+/// checked against `rules` before it is opened (a FIFO or a device is never opened), the open
+/// never follows a link nor blocks (`O_NOFOLLOW | O_NONBLOCK | O_NOCTTY`, close-on-exec), and
+/// the descriptor is checked against `rules` again. The descriptor and its status.
+pub(crate) fn open_or_create(path: &Path, rules: &Rules) -> io::Result<(OwnedFd, Stat)> {
+    let (dir, name) = Dir::of(path)?;
+    if let Some(st) = dir.stat(name)? {
+        rules.check(path, &st)?;
+    }
+    let fd = rustix::fs::openat(
+        dir.fd(),
+        name,
+        OFlags::RDWR
+            | OFlags::CREATE
+            | OFlags::CLOEXEC
+            | OFlags::NOFOLLOW
+            | OFlags::NONBLOCK
+            | OFlags::NOCTTY,
+        Mode::RUSR | Mode::WUSR,
+    )
+    .map_err(|e| open_error(path, e, rules))?;
+    let st = rustix::fs::fstat(&fd)?;
+    rules.check(path, &st)?;
+    Ok((fd, st))
+}
+
 /// Open the existing file `name` of `dir` for reading, checked against `rules` before and
 /// after the open: `None` if there is no such file. Never blocks on a FIFO, never opens a
 /// device or follows a link.

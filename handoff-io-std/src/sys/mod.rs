@@ -42,7 +42,8 @@ pub mod supervisor_lock;
 
 #[cfg(test)]
 pub(crate) mod testutil {
-    //! A fresh temporary directory per test, made with `std` only.
+    //! Helpers of the crate's tests: a fresh temporary directory per test (made with `std`
+    //! only), descriptor checks, and the rule for tests that need root ([`root`]).
 
     use std::io;
     use std::os::fd::AsFd;
@@ -88,16 +89,18 @@ pub(crate) mod testutil {
             .contains(rustix::io::FdFlags::CLOEXEC)
     }
 
-    /// Whether a test that needs root may run: not root is one line on stderr and a skip,
-    /// unless `HANDOFF_REQUIRE_ROOT_TESTS=1`, which makes it a failure.
-    pub(crate) fn root(test: &str) -> bool {
+    /// Whether the test `test`, which needs root for `why` ("a file of another uid"), may run:
+    /// `true` as root. Otherwise one line on stderr (`SKIPPED <test>: needs root (<why>)`) and
+    /// `false`, for the test to return at once; with `HANDOFF_REQUIRE_ROOT_TESTS=1` (CI), a
+    /// panic instead, so that a run that must prove the root-only tests cannot skip them.
+    pub(crate) fn root(test: &str, why: &str) -> bool {
         if rustix::process::geteuid().is_root() {
             return true;
         }
-        if std::env::var("HANDOFF_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-            panic!("{test} needs root; HANDOFF_REQUIRE_ROOT_TESTS=1");
+        if std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
+            panic!("{test} needs root ({why}), and HANDOFF_REQUIRE_ROOT_TESTS=1");
         }
-        eprintln!("SKIPPED {test}: needs root");
+        eprintln!("SKIPPED {test}: needs root ({why})");
         false
     }
 
