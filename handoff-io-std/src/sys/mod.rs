@@ -89,6 +89,27 @@ pub(crate) mod testutil {
             .contains(rustix::io::FdFlags::CLOEXEC)
     }
 
+    /// Wait (30 s at most, on a pidfd) for `child`, which writes its output to `out`, to
+    /// exit: that output. A child that runs on is killed; one that runs on or fails is a panic
+    /// showing its output, `what` saying which.
+    pub(crate) fn finish(mut child: std::process::Child, out: &Path, what: &str) -> String {
+        use crate::sys::spawn::{wait_any, Watched};
+        let bound = std::time::Duration::from_secs(30);
+        let w = Watched::open(child.id()).expect("a pidfd on our child");
+        if wait_any(&[&w], bound).expect("wait_any") != [0] {
+            let _ = w.kill();
+            let _ = child.wait();
+            panic!("{what}: the child did not exit within {bound:?}");
+        }
+        let status = child.wait().expect("wait");
+        let text = std::fs::read_to_string(out).unwrap_or_default();
+        assert!(
+            status.success(),
+            "{what}: child {status}\n--- child output ---\n{text}"
+        );
+        text
+    }
+
     /// Whether the test `test`, which needs root for `why` ("a file of another uid"), may run:
     /// `true` as root. Otherwise one line on stderr (`SKIPPED <test>: needs root (<why>)`) and
     /// `false`, for the test to return at once; with `HANDOFF_REQUIRE_ROOT_TESTS=1` (CI), a

@@ -1174,18 +1174,8 @@ mod tests {
     }
 
     /// Wait (bounded) for `child` to exit, reap it, and return its output file.
-    fn finish(mut child: Child, out: &Path) -> String {
-        let w = Watched::open(child.id()).unwrap();
-        let done = wait_any(&[&w], BOUND).unwrap();
-        if done != [0] {
-            let _ = w.kill();
-            let _ = child.wait();
-            panic!("child did not exit within {BOUND:?}");
-        }
-        let status = child.wait().unwrap();
-        let text = std::fs::read_to_string(out).unwrap_or_default();
-        assert!(status.success(), "child: {status}\n--- output ---\n{text}");
-        text
+    fn finish(child: Child, out: &Path) -> String {
+        crate::sys::testutil::finish(child, out, "spawn")
     }
 
     /// The descriptors of an `ls -l /proc/PID/fd` listing: number → link target.
