@@ -498,9 +498,12 @@ mod tests {
         let me = std::process::id();
         // The peer (this process) holds it.
         check_peer(a.as_fd(), me, id).expect("admitted");
-        // Another file: not the supervisor lock.
+        // Another file, which nobody locks: not the supervisor lock. (A made-up inode number
+        // could be a file another test of this process holds a flock on.)
+        let unlocked = dir.path().join("unlocked");
+        std::fs::write(&unlocked, b"").expect("write");
         let other = LockId {
-            ino: id.ino + 1,
+            ino: std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&unlocked).unwrap()),
             ..id
         };
         let err = check_peer(a.as_fd(), me, other).expect_err("another lock");
