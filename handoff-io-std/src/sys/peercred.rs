@@ -495,8 +495,14 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
         let _c = UnixStream::connect(&path).unwrap();
         first.accept().unwrap();
-        // Stale: replaced.
+        // Stale: replaced. (A child another test is forking holds a copy of the listener
+        // until its exec, and the listener is live until then: wait for that, bounded.)
         drop(first);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while UnixStream::connect(&path).is_ok() {
+            assert!(std::time::Instant::now() < until, "the listener stays live");
+            std::thread::yield_now();
+        }
         let second = bind_unix_listener_unless_live(&path).unwrap();
         let _c = UnixStream::connect(&path).unwrap();
         second.accept().unwrap();
