@@ -1,5 +1,5 @@
-//! Opening the files this layer trusts (the supervisor's journal, the data-directory lock, the
-//! control socket's path) when the process may run as root.
+//! Opening the files this layer trusts (the supervisor's journal, the supervisor lock, the
+//! data-directory lock, the control socket's path) when the process may run as root.
 //!
 //! Every such file is reached relative to its directory, opened once and checked
 //! ([`Dir::of`]): the directory must belong to this process's effective uid or to root, and

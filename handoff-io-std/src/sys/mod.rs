@@ -8,7 +8,7 @@
 //!   it in the mode this process needs.
 //! - [`lock`]: the data-directory `flock`, its lock record, and killing a lock holder only
 //!   once it is proven to hold the lock ([`proc::Proven::lock_holder`]).
-//! - [`fscheck`]: opening the files this layer trusts (journal, lock file, control socket path)
+//! - [`fscheck`]: opening the files this layer trusts (journal, lock files, control socket path)
 //!   relative to a checked directory, never through a link, checked with `fstat`.
 //! - [`journal_file`]: atomic replacement and reading of the supervisor's journal.
 //! - [`peercred`]: peer credentials of a control connection, and binding the control socket

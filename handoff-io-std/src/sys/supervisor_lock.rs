@@ -6,7 +6,7 @@
 //! mode 0600 and must be a regular file owned by the supervisor's uid, with no permission for
 //! group or others (anyone who can open a file can `flock` it) and a single name, in a
 //! directory nobody else may write; it is opened like every file this layer trusts
-//! ([`fscheck`](crate::sys::fscheck)).
+//! ([`fscheck`]).
 //!
 //! The supervisor tells every daemon it starts (successor or cold start) which file that is,
 //! in [`ENV_SUPERVISOR_LOCK`]: its device and inode as `/proc/locks` prints them
