@@ -1027,7 +1027,7 @@ mod tests {
     /// inherits a listener by accident.
     #[test]
     fn a_failed_check_leaves_nothing_inheritable() {
-        use crate::sys::spawn::{spawn_with_listeners, wait_any, Command as Spawn, Watched};
+        use crate::sys::spawn::{spawn_with_listeners, Command as Spawn};
         let dir = TempDir::new("inherit-leak");
         let file = dir.path().join("data.txt");
         std::fs::write(&file, b"not a socket").unwrap();
@@ -1048,19 +1048,8 @@ mod tests {
                 .env("HANDOFF_INHERIT_FILE", &file)
                 .inherit_stdio(false);
             let listeners = [("http", tcp.as_fd()), ("bad", bad), ("admin", unix.as_fd())];
-            let mut child = spawn_with_listeners(&cmd, &listeners).unwrap();
-            let w = Watched::open(child.id()).unwrap();
-            if wait_any(&[&w], Duration::from_secs(30)).unwrap() != [0] {
-                let _ = w.kill();
-                let _ = child.wait();
-                panic!("{case}: the child did not exit within 30 s");
-            }
-            let status = child.wait().unwrap();
-            let out = std::fs::read_to_string(&log).unwrap_or_default();
-            assert!(
-                status.success(),
-                "{case}: child {status}\n--- child output ---\n{out}"
-            );
+            let child = spawn_with_listeners(&cmd, &listeners).unwrap();
+            let out = crate::sys::testutil::finish(child, &log, case);
             assert!(out.contains("nothing leaked: "), "{case}: {out}");
         }
     }

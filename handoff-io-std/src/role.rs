@@ -82,10 +82,9 @@ fn take_channel() -> Result<UnixStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::spawn::{spawn_successor, wait_any, Command, Watched};
+    use crate::sys::spawn::{spawn_successor, Command};
     use std::net::UdpSocket;
     use std::os::fd::AsFd;
-    use std::time::Duration;
 
     const CHILD_ENV: &str = "HOIS_ROLE_CHILD";
     const CHILD_TEST: &str = "role::tests::child_side_wrong_channel";
@@ -136,20 +135,9 @@ mod tests {
             .env(CHILD_ENV, "1")
             .env("CHILD_LOG", &log)
             .inherit_stdio(false);
-        let mut child = spawn_successor(&cmd, udp.as_fd()).unwrap();
-        let w = Watched::open(child.id()).unwrap();
-        if wait_any(&[&w], Duration::from_secs(30)).unwrap() != [0] {
-            let _ = w.kill();
-            let _ = child.wait();
-            panic!("the child did not exit within 30 s");
-        }
-        let status = child.wait().unwrap();
-        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        let child = spawn_successor(&cmd, udp.as_fd()).unwrap();
+        let out = crate::sys::testutil::finish(child, &log, "wrong channel type");
         let _ = std::fs::remove_file(&log);
-        assert!(
-            status.success(),
-            "child: {status}\n--- child output ---\n{out}"
-        );
         assert!(out.contains("left open: "), "{out}");
     }
 }

@@ -2061,14 +2061,7 @@ fn supervisor_random_runs_reach_every_phase() {
 /// sent `Commit` to the successor (pid 200); `successor_acks` also feeds the successor's
 /// `CommitAck`, after which `Commit` goes to the incumbent. Returns the outputs of the last step.
 fn supervisor_at_commit(now: Instant, successor_acks: bool) -> (Supervisor, Vec<SupervisorOutput>) {
-    let cfg = SupervisorConfig {
-        pid: 1,
-        build_id: "s".into(),
-        versions: SUPPORTED_VERSIONS,
-        timing: Timing::default(),
-        listeners: Vec::new(),
-        recovery_wait: Duration::from_secs(2),
-    };
+    let cfg = plain_cfg();
     let h = HandoffId(1);
     let mut s = Supervisor::with_incumbent(cfg, INCUMBENT, HandoffId(0));
     let spec = HandoffSpec {

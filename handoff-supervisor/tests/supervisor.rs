@@ -6,188 +6,13 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const CTL: &str = env!("CARGO_BIN_EXE_handoffctl");
-const SUP: &str = env!("CARGO_BIN_EXE_handoff-supervisor");
-
-/// `target/<profile>/testd`, built if it is not there yet.
-fn testd() -> PathBuf {
-    common::workspace_bin("handoff-tests", "testd")
-}
-
-struct Env {
-    dir: PathBuf,
-    config: PathBuf,
-    sup: Option<Child>,
-    /// Every daemon pid seen, killed at the end whatever happens.
-    seen: Vec<u32>,
-}
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-impl Env {
-    /// A directory with a config for testd; `extra` is appended to the top-level keys.
-    fn new(extra: &str, binary: Option<&Path>) -> Env {
-        let dir = PathBuf::from(format!(
-            "/tmp/hsup-t{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("data")).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let binary = binary.map_or_else(testd, Path::to_path_buf);
-        let d = dir.display();
-        let text = format!(
-            "control_socket = \"{d}/ctl.sock\"\n\
-             trigger_socket = \"{d}/trig.sock\"\n\
-             binary = \"{}\"\n\
-             drain_grace_secs = 5\n\
-             deadline_secs = 20\n\
-             env = {{ TESTD_DATA = \"{d}/data\", TESTD_SOCK = \"{d}/ctl.sock\" }}\n\
-             {extra}\n\
-             [[listeners]]\nname = \"kv\"\naddr = \"{d}/kv.sock\"\nkind = \"unix\"\n",
-            binary.display()
-        );
-        let config = dir.join("handoff.toml");
-        std::fs::write(&config, text).unwrap();
-        Env {
-            dir,
-            config,
-            sup: None,
-            seen: Vec::new(),
-        }
-    }
-
-    fn trigger(&self) -> PathBuf {
-        self.dir.join("trig.sock")
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("sup.log"))
-            .unwrap();
-        let child = Command::new(SUP)
-            .arg("--config")
-            .arg(&self.config)
-            // The tests read the library's log lines: never let the caller's setting hide them.
-            .env("HANDOFF_LOG", "on")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.sup = Some(child);
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("sup.log")).unwrap_or_default()
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(CTL)
-            .arg("--socket")
-            .arg(self.trigger())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn status(&mut self) -> Option<String> {
-        let out = self.ctl(&["status"]);
-        let s = String::from_utf8(out.stdout).ok()?;
-        let pid = field(&s, "serving_pid").and_then(|p| p.parse().ok());
-        if let Some(p) = pid {
-            if !self.seen.contains(&p) {
-                self.seen.push(p);
-            }
-        }
-        out.status.success().then(|| s.trim_end().to_string())
-    }
-
-    /// Wait (bounded) until `status` satisfies `f`.
-    fn wait_status(&mut self, what: &str, f: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(s) = self.status() {
-                if f(&s) {
-                    return s;
-                }
-            }
-            assert!(
-                Instant::now() < end,
-                "timed out waiting for {what}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn idle(&mut self) -> String {
-        self.wait_status("state=idle", |s| s.starts_with("state=idle "))
-    }
-
-    /// SIGTERM the supervisor and wait for it (bounded).
-    fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut c = self.sup.take()?;
-        signal(c.id(), "TERM");
-        // Wait for its exit on a pidfd, bounded; kill it if it does not go.
-        let exited = handoff_io_std::sys::spawn::Watched::open(c.id())
-            .map(|w| {
-                !handoff_io_std::sys::spawn::wait_any(&[&w], Duration::from_secs(15))
-                    .unwrap_or_default()
-                    .is_empty()
-            })
-            .unwrap_or(true);
-        if !exited {
-            let _ = c.kill();
-            let _ = c.wait();
-            return None;
-        }
-        c.wait().ok()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // A graceful stop stops the daemon too (bounded; SIGKILL after).
-        let _ = self.stop();
-        for p in &self.seen {
-            signal(*p, "KILL");
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
-}
-
-fn field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
-    status
-        .split(' ')
-        .filter_map(|w| w.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.trim_end())
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s[s.rfind(')')? + 2..].chars().next())
-        .is_some_and(|state| state != 'Z' && state != 'X')
-}
+use common::{
+    alive, copy_executable, exit_within, exited_within, field, root, signal, testd, Env, CTL, SUP,
+};
 
 /// `PING` over the daemon's Unix listener: the pid that answers.
 fn ping(env: &Env) -> u32 {
@@ -241,7 +66,7 @@ const KEYS: [&str; 12] = [
 
 #[test]
 fn handoff_through_handoffctl_commits() {
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     env.start();
     let s = env.idle();
     let first: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
@@ -343,7 +168,7 @@ fn handoff_through_handoffctl_commits() {
 #[test]
 fn trigger_while_busy_gets_busy() {
     // The incumbent drains for 1.5 s: the handoff is in progress long enough.
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     let cfg = std::fs::read_to_string(&env.config)
         .unwrap()
         .replace("TESTD_SOCK", "TESTD_DRAIN_MS = \"1500\", TESTD_SOCK");
@@ -384,7 +209,7 @@ fn trigger_while_busy_gets_busy() {
 
 #[test]
 fn only_allowed_binaries() {
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     // A second name for testd, allowed by `allowed_binaries`.
     let v2 = env.dir.join("testd-v2");
     std::os::unix::fs::symlink(testd(), &v2).unwrap();
@@ -430,7 +255,7 @@ fn only_allowed_binaries() {
 
 #[test]
 fn trigger_socket_is_0600_and_checks_peers() {
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     env.start();
     env.idle();
     let mode = std::fs::metadata(env.trigger())
@@ -438,6 +263,12 @@ fn trigger_socket_is_0600_and_checks_peers() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    if !root(
+        "trigger_socket_is_0600_and_checks_peers",
+        "it runs handoffctl as nobody through setpriv",
+    ) {
+        return;
+    }
     // handoffctl where `nobody` can run it.
     let ctl = env.dir.join("handoffctl");
     copy_executable(Path::new(CTL), &ctl);
@@ -468,7 +299,7 @@ fn trigger_socket_is_0600_and_checks_peers() {
 
 #[test]
 fn slow_and_bad_clients_do_not_block_others() {
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     env.start();
     env.idle();
     // A client that sent half a line and waits.
@@ -497,7 +328,7 @@ fn slow_and_bad_clients_do_not_block_others() {
 
 #[test]
 fn crash_respawn_and_restart_adoption() {
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     env.start();
     let s = env.idle();
     let first: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
@@ -542,7 +373,7 @@ fn crash_respawn_and_restart_adoption() {
 #[test]
 fn a_stop_leaves_a_journal_that_names_nobody() {
     use handoff_proto::JournalRecord;
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     env.start();
     env.idle();
     assert_eq!(
@@ -571,7 +402,7 @@ fn a_stop_leaves_a_journal_that_names_nobody() {
 
 #[test]
 fn a_daemon_that_never_comes_up_is_retried_with_backoff() {
-    let mut env = Env::new("", Some(Path::new("/bin/false")));
+    let mut env = Env::new("t", "", Some(Path::new("/bin/false")));
     env.start();
     env.wait_status("recovering", |s| s.starts_with("state=recovering "));
     // Watch the first four cold starts arrive (bounded) and time the gaps between them. The
@@ -608,7 +439,7 @@ fn a_daemon_that_never_comes_up_is_retried_with_backoff() {
 
 #[test]
 fn bad_config_is_reported_with_key_and_line() {
-    let env = Env::new("colour = \"red\"", None);
+    let env = Env::new("t", "colour = \"red\"", None);
     let out = Command::new(SUP)
         .arg("--config")
         .arg(&env.config)
@@ -739,7 +570,7 @@ impl Drop for Resume {
 
 #[test]
 fn a_stopped_daemon_with_a_full_accept_queue_freezes_nothing() {
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     let cfg = std::fs::read_to_string(&env.config)
         .unwrap()
         .replace("drain_grace_secs = 5", "drain_grace_secs = 1")
@@ -817,32 +648,6 @@ fn a_stopped_daemon_with_a_full_accept_queue_freezes_nothing() {
     drop(held);
 }
 
-/// Wait (bounded) for `c` to exit; `None` if it does not (it runs on).
-fn exited_within(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let exited = handoff_io_std::sys::spawn::Watched::open(c.id())
-        .map(|w| {
-            !handoff_io_std::sys::spawn::wait_any(&[&w], limit)
-                .unwrap_or_default()
-                .is_empty()
-        })
-        .unwrap_or(true);
-    if exited {
-        c.wait().ok()
-    } else {
-        None
-    }
-}
-
-/// Wait (bounded) for `c` to exit; `None` (and it is killed) if it does not.
-fn exit_within(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let st = exited_within(c, limit);
-    if st.is_none() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    st
-}
-
 /// Connections to the Unix socket at `path` until its accept queue is full (bounded).
 fn fill_accept_queue(path: &Path) -> Vec<UnixStream> {
     raise_own_nofile(20_000);
@@ -859,7 +664,7 @@ fn fill_accept_queue(path: &Path) -> Vec<UnixStream> {
 
 #[test]
 fn a_new_supervisor_is_not_hung_by_full_accept_queues() {
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     env.start();
     let s = env.idle();
     let daemon: u32 = field(&s, "serving_pid").unwrap().parse().unwrap();
@@ -946,7 +751,7 @@ fn a_new_supervisor_is_not_hung_by_full_accept_queues() {
 #[test]
 fn trickling_clients_lock_nobody_out_and_each_line_has_a_deadline() {
     use handoff_supervisor::server::{LINE_TIMEOUT, MAX_CLIENTS};
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     env.start();
     env.idle();
     // More clients than places, each with the first byte of a line that never ends.
@@ -1024,20 +829,6 @@ fn trickling_clients_lock_nobody_out_and_each_line_has_a_deadline() {
     assert!(s.starts_with("state=idle "), "{s}");
 }
 
-/// Whether tests that need root run here: as root, yes; otherwise they skip (one line on
-/// stderr), unless `HANDOFF_REQUIRE_ROOT_TESTS=1` makes them fail.
-fn root_or_skip(what: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").as_deref() != Some("1".as_ref()),
-        "{what} needs root, and HANDOFF_REQUIRE_ROOT_TESTS=1"
-    );
-    eprintln!("skipped: {what} needs root (it runs handoffctl as other uids through setpriv)");
-    false
-}
-
 /// `handoffctl --socket <trigger> status` as `uid`:`gid` (no supplementary groups).
 fn status_as(env: &Env, ctl: &Path, uid: u32, gid: u32) -> Output {
     Command::new("setpriv")
@@ -1055,12 +846,15 @@ fn status_as(env: &Env, ctl: &Path, uid: u32, gid: u32) -> Output {
 #[test]
 fn trigger_group_and_mode_admit_another_uid_and_only_it() {
     use std::os::unix::fs::MetadataExt;
-    if !root_or_skip("trigger_group_and_mode_admit_another_uid_and_only_it") {
+    if !root(
+        "trigger_group_and_mode_admit_another_uid_and_only_it",
+        "it runs handoffctl as other uids through setpriv",
+    ) {
         return;
     }
     // Not configured: uid 1000 is refused at the socket (0600, ours), and listing it in
     // trigger_uids alone is refused when the configuration is read.
-    let mut env = Env::new("", None);
+    let mut env = Env::new("t", "", None);
     let ctl = env.dir.join("handoffctl");
     copy_executable(Path::new(CTL), &ctl);
     env.start();
@@ -1069,7 +863,7 @@ fn trigger_group_and_mode_admit_another_uid_and_only_it() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(err.contains("Permission denied"), "{err}");
-    let mut listed = Env::new("trigger_uids = [0, 1000]", None);
+    let mut listed = Env::new("t", "trigger_uids = [0, 1000]", None);
     listed.start();
     // Had it started, its drop stops it (and the daemon) gracefully.
     let st = exited_within(listed.sup.as_mut().unwrap(), Duration::from_secs(10));
@@ -1084,6 +878,7 @@ fn trigger_group_and_mode_admit_another_uid_and_only_it() {
 
     // Configured: the socket is root:1000 0660; uid 1000 connects and is answered.
     let mut env = Env::new(
+        "t",
         "trigger_uids = [0, 1000]\ntrigger_group = \"1000\"\ntrigger_mode = 0o660",
         None,
     );
@@ -1116,22 +911,5 @@ fn trigger_group_and_mode_admit_another_uid_and_only_it() {
         env.log().contains("trigger client refused: pid "),
         "{}",
         env.log()
-    );
-}
-
-/// Copy an executable through `cp`, a process of its own: had this (multi-threaded) test
-/// process written the copy, a child forked meanwhile by another test could still hold the
-/// descriptor open for writing when the copy is executed (ETXTBSY).
-fn copy_executable(from: &std::path::Path, to: &std::path::Path) {
-    let status = std::process::Command::new("cp")
-        .arg(from)
-        .arg(to)
-        .status()
-        .expect("run cp");
-    assert!(
-        status.success(),
-        "cp {} {}: {status}",
-        from.display(),
-        to.display()
     );
 }

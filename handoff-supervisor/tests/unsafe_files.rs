@@ -4,8 +4,9 @@
 //! - `a_corrupt_journal_is_set_aside_and_the_daemon_starts`: a journal that does not decode is
 //!   moved to `<journal>.corrupt-<unix time>` with one log line, and the daemon starts.
 //! - `an_unsafe_journal_stops_the_supervisor_with_status_78`: a symbolic link, a FIFO, a file
-//!   others may write, an oversized file, one of another uid: refused at once with one line
-//!   naming the problem and exit status 78, which the systemd unit does not restart.
+//!   others may write, an oversized file (and, as root,
+//!   `a_journal_of_another_uid_stops_the_supervisor_with_status_78`): refused at once with one
+//!   line naming the problem and exit status 78, which the systemd unit does not restart.
 //! - `a_regular_file_at_the_trigger_socket_or_a_listener_path_is_kept`: only sockets are
 //!   replaced.
 
@@ -14,198 +15,12 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use handoff_io_std::sys::spawn::{wait_any, Watched};
+use common::{root, Env};
 
-const CTL: &str = env!("CARGO_BIN_EXE_handoffctl");
-const SUP: &str = env!("CARGO_BIN_EXE_handoff-supervisor");
 /// How long a refusal may take (a FIFO that blocks the start-up fails here).
 const BOUND: Duration = Duration::from_secs(10);
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-struct Env {
-    dir: PathBuf,
-    config: PathBuf,
-    sup: Option<Child>,
-    starts: u32,
-    /// Daemon pids seen, killed at the end whatever happens.
-    seen: Vec<u32>,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = PathBuf::from(format!(
-            "/tmp/hsup-uf{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("data")).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        let testd = common::workspace_bin("handoff-tests", "testd");
-        let d = dir.display();
-        let text = format!(
-            "control_socket = \"{d}/ctl.sock\"\n\
-             trigger_socket = \"{d}/trig.sock\"\n\
-             binary = \"{}\"\n\
-             drain_grace_secs = 5\n\
-             deadline_secs = 20\n\
-             env = {{ TESTD_DATA = \"{d}/data\", TESTD_SOCK = \"{d}/ctl.sock\" }}\n\
-             [[listeners]]\nname = \"kv\"\naddr = \"{d}/kv.sock\"\nkind = \"unix\"\n",
-            testd.display()
-        );
-        let config = dir.join("handoff.toml");
-        fs::write(&config, text).unwrap();
-        Env {
-            dir,
-            config,
-            sup: None,
-            starts: 0,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The default journal: `<control socket>.journal`.
-    fn journal(&self) -> PathBuf {
-        self.dir.join("ctl.sock.journal")
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.join(format!("sup-{}.log", self.starts))
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn start(&mut self) {
-        self.starts += 1;
-        let log = fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(SUP)
-            .arg("--config")
-            .arg(&self.config)
-            .env("HANDOFF_LOG", "on")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.sup = Some(child);
-    }
-
-    /// Start the supervisor and wait (bounded) for it to exit: its status and its log.
-    fn start_and_wait_exit(&mut self) -> (ExitStatus, String) {
-        self.start();
-        let mut c = self.sup.take().unwrap();
-        let w = Watched::open(c.id()).unwrap();
-        if wait_any(&[&w], BOUND).unwrap().is_empty() {
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!(
-                "the supervisor did not exit within {BOUND:?}; log:\n{}",
-                self.log()
-            );
-        }
-        (c.wait().unwrap(), self.log())
-    }
-
-    /// Wait (bounded) until `handoffctl status` shows a serving daemon: the status line.
-    fn idle(&mut self) -> String {
-        let end = Instant::now() + Duration::from_secs(15);
-        loop {
-            let out = Command::new(CTL)
-                .arg("--socket")
-                .arg(self.dir.join("trig.sock"))
-                .arg("status")
-                .output()
-                .unwrap();
-            let s = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
-            if let Some(pid) = field(&s, "serving_pid").and_then(|p| p.parse().ok()) {
-                if !self.seen.contains(&pid) {
-                    self.seen.push(pid);
-                }
-                if s.starts_with("state=idle ") {
-                    return s;
-                }
-            }
-            let exited = self.sup.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            assert!(
-                exited.is_none() && Instant::now() < end,
-                "no daemon serving (supervisor exit: {exited:?}); log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM the supervisor and wait for it (bounded; SIGKILL after).
-    fn stop(&mut self) -> Option<ExitStatus> {
-        let mut c = self.sup.take()?;
-        signal(c.id(), "TERM");
-        let exited = Watched::open(c.id())
-            .map(|w| {
-                !wait_any(&[&w], Duration::from_secs(15))
-                    .unwrap_or_default()
-                    .is_empty()
-            })
-            .unwrap_or(true);
-        if !exited {
-            let _ = c.kill();
-            let _ = c.wait();
-            return None;
-        }
-        c.wait().ok()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.stop();
-        // Whoever holds the data directory is a daemon of this test.
-        let lock = handoff_io_std::sys::lock::lock_file_path(&self.dir.join("data"));
-        self.seen
-            .extend(handoff_io_std::sys::lock::holders(&lock).unwrap_or_default());
-        for p in &self.seen {
-            signal(*p, "KILL");
-        }
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
-}
-
-fn field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
-    status
-        .split(' ')
-        .filter_map(|w| w.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.trim_end())
-}
-
-/// Whether this test may do what only root can; `false` (skip, said on one line) if not,
-/// unless `HANDOFF_REQUIRE_ROOT_TESTS=1`.
-fn root(what: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_none_or(|v| v != "1"),
-        "{what} needs root (HANDOFF_REQUIRE_ROOT_TESTS=1)"
-    );
-    eprintln!("SKIPPED: {what} needs root");
-    false
-}
 
 /// The log's lines that contain `what`.
 fn lines_with<'a>(log: &'a str, what: &str) -> Vec<&'a str> {
@@ -214,7 +29,7 @@ fn lines_with<'a>(log: &'a str, what: &str) -> Vec<&'a str> {
 
 #[test]
 fn a_corrupt_journal_is_set_aside_and_the_daemon_starts() {
-    let mut env = Env::new();
+    let mut env = Env::new("uf", "", None);
     let journal = env.journal();
     let garbage = b"not a journal at all".to_vec();
     fs::write(&journal, &garbage).unwrap();
@@ -223,7 +38,7 @@ fn a_corrupt_journal_is_set_aside_and_the_daemon_starts() {
     env.start();
     let s = env.idle();
     eprintln!("started over a corrupt journal: {s}");
-    let log = env.log();
+    let log = env.last_log();
     let said = lines_with(&log, "corrupt");
     assert_eq!(said.len(), 1, "one line about the journal; log:\n{log}");
     let line = said[0];
@@ -256,96 +71,94 @@ fn a_corrupt_journal_is_set_aside_and_the_daemon_starts() {
     env.start();
     env.idle();
     assert!(
-        lines_with(&env.log(), "corrupt").is_empty(),
+        lines_with(&env.last_log(), "corrupt").is_empty(),
         "{}",
-        env.log()
+        env.last_log()
     );
 }
 
-#[test]
-fn an_unsafe_journal_stops_the_supervisor_with_status_78() {
-    let mut env = Env::new();
-    let journal = env.journal();
-    // A valid journal elsewhere, to link to.
+/// An environment whose supervisor wrote a journal, moved since to `good.journal` (returned):
+/// the journal's path is free, and a valid journal is at hand to copy or link to.
+fn env_with_a_good_journal() -> (Env, PathBuf) {
+    let mut env = Env::new("uf", "", None);
     env.start();
     env.idle();
     assert!(env.stop().expect("stops").success());
     let good = env.dir.join("good.journal");
-    fs::rename(&journal, &good).unwrap();
-    let good_bytes = fs::read(&good).unwrap();
+    fs::rename(env.journal(), &good).unwrap();
+    (env, good)
+}
 
-    type Plant = Box<dyn Fn(&Path, &Path)>;
-    let mut cases: Vec<(&str, &str, Plant)> = vec![
-        (
-            "a symbolic link",
-            "is a symbolic link",
-            Box::new(|j, good| std::os::unix::fs::symlink(good, j).unwrap()),
-        ),
-        (
-            "a FIFO",
-            "FIFO",
-            Box::new(|j, _| {
-                rustix::fs::mknodat(
-                    rustix::fs::CWD,
-                    j,
-                    rustix::fs::FileType::Fifo,
-                    rustix::fs::Mode::from_raw_mode(0o600),
-                    0,
-                )
-                .unwrap()
-            }),
-        ),
-        (
-            "writable by others",
-            "writable by group or others",
-            Box::new(|j, good| {
-                fs::copy(good, j).unwrap();
-                fs::set_permissions(j, fs::Permissions::from_mode(0o666)).unwrap();
-            }),
-        ),
-        (
-            "too large",
-            "larger than",
-            Box::new(|j, _| {
-                let f = fs::File::create(j).unwrap();
-                f.set_len(64 << 20).unwrap();
-            }),
-        ),
-    ];
-    if root("a journal of another uid") {
-        cases.push((
-            "of another uid",
-            "owned by uid 65534",
-            Box::new(|j, good| {
-                fs::copy(good, j).unwrap();
-                std::os::unix::fs::chown(j, Some(65534), Some(65534)).unwrap();
-            }),
-        ));
-    }
-    for (what, says, plant) in cases {
-        plant(&journal, &good);
-        let before = fs::symlink_metadata(&journal).unwrap();
-        let (st, log) = env.start_and_wait_exit();
-        let refusal = lines_with(&log, "handoff-supervisor: journal ");
-        eprintln!("{what}: {st:?}: {refusal:?}");
-        assert_eq!(st.code(), Some(78), "{what}; log:\n{log}");
-        assert_eq!(refusal.len(), 1, "{what}; log:\n{log}");
-        assert!(
-            refusal[0].contains(&journal.display().to_string()) && refusal[0].contains(says),
-            "{what}: {}",
-            refusal[0]
-        );
-        // Nothing touched, nothing started.
-        let after = fs::symlink_metadata(&journal).unwrap();
-        assert_eq!(
-            (before.file_type(), before.len(), before.permissions()),
-            (after.file_type(), after.len(), after.permissions()),
-            "{what}"
-        );
-        assert!(!log.contains("nobody serves"), "{what}; log:\n{log}");
-        fs::remove_file(&journal).unwrap();
-    }
-    assert_eq!(fs::read(&good).unwrap(), good_bytes);
+/// With `plant(journal, good)` done, the supervisor is refused at once: exit status 78, one
+/// line naming the journal and saying `says`, the journal untouched, no daemon started. The
+/// planted file is removed after.
+fn assert_refused(
+    env: &mut Env,
+    good: &Path,
+    what: &str,
+    says: &str,
+    plant: impl Fn(&Path, &Path),
+) {
+    let journal = env.journal();
+    let good_bytes = fs::read(good).unwrap();
+    plant(&journal, good);
+    let before = fs::symlink_metadata(&journal).unwrap();
+    let (st, log) = env.start_and_wait_exit(BOUND);
+    let refusal = lines_with(&log, "handoff-supervisor: journal ");
+    eprintln!("{what}: {st:?}: {refusal:?}");
+    assert_eq!(st.code(), Some(78), "{what}; log:\n{log}");
+    assert_eq!(refusal.len(), 1, "{what}; log:\n{log}");
+    assert!(
+        refusal[0].contains(&journal.display().to_string()) && refusal[0].contains(says),
+        "{what}: {}",
+        refusal[0]
+    );
+    // Nothing touched, nothing started.
+    let after = fs::symlink_metadata(&journal).unwrap();
+    assert_eq!(
+        (before.file_type(), before.len(), before.permissions()),
+        (after.file_type(), after.len(), after.permissions()),
+        "{what}"
+    );
+    assert!(!log.contains("nobody serves"), "{what}; log:\n{log}");
+    fs::remove_file(&journal).unwrap();
+    assert_eq!(fs::read(good).unwrap(), good_bytes, "{what}");
+}
+
+#[test]
+fn an_unsafe_journal_stops_the_supervisor_with_status_78() {
+    let (mut env, good) = env_with_a_good_journal();
+    assert_refused(
+        &mut env,
+        &good,
+        "a symbolic link",
+        "is a symbolic link",
+        |j, good| std::os::unix::fs::symlink(good, j).unwrap(),
+    );
+    assert_refused(&mut env, &good, "a FIFO", "FIFO", |j, _| {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            j,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap()
+    });
+    assert_refused(
+        &mut env,
+        &good,
+        "writable by others",
+        "writable by group or others",
+        |j, good| {
+            fs::copy(good, j).unwrap();
+            fs::set_permissions(j, fs::Permissions::from_mode(0o666)).unwrap();
+        },
+    );
+    assert_refused(&mut env, &good, "too large", "larger than", |j, _| {
+        let f = fs::File::create(j).unwrap();
+        f.set_len(64 << 20).unwrap();
+    });
     // systemd must not restart a supervisor that refused its journal.
     let unit = fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("handoff-supervisor.service"),
@@ -359,14 +172,35 @@ fn an_unsafe_journal_stops_the_supervisor_with_status_78() {
 }
 
 #[test]
+fn a_journal_of_another_uid_stops_the_supervisor_with_status_78() {
+    if !root(
+        "a_journal_of_another_uid_stops_the_supervisor_with_status_78",
+        "a journal chowned to another uid",
+    ) {
+        return;
+    }
+    let (mut env, good) = env_with_a_good_journal();
+    assert_refused(
+        &mut env,
+        &good,
+        "of another uid",
+        "owned by uid 65534",
+        |j, good| {
+            fs::copy(good, j).unwrap();
+            std::os::unix::fs::chown(j, Some(65534), Some(65534)).unwrap();
+        },
+    );
+}
+
+#[test]
 fn a_regular_file_at_the_trigger_socket_or_a_listener_path_is_kept() {
-    let mut env = Env::new();
+    let mut env = Env::new("uf", "", None);
     for name in ["kv.sock", "trig.sock"] {
         let path = env.dir.join(name);
         // (The listener's stale socket, from the start before, goes.)
         let _ = fs::remove_file(&path);
         fs::write(&path, b"precious").unwrap();
-        let (st, log) = env.start_and_wait_exit();
+        let (st, log) = env.start_and_wait_exit(BOUND);
         eprintln!("a regular file at {name}: {st:?}: {}", log.trim_end());
         assert!(!st.success(), "{log}");
         assert!(

@@ -509,6 +509,150 @@ pub fn wait_gone(pid: u32) -> bool {
     }
 }
 
+/// Whether the test `test`, which needs root for `why` ("it writes ns_last_pid"), may run:
+/// `true` as root. Otherwise one line on stderr (`SKIPPED <test>: needs root (<why>)`) and
+/// `false`, for the test to return at once; with `HANDOFF_REQUIRE_ROOT_TESTS=1` (CI), a panic
+/// instead, so that a run that must prove the root-only tests cannot skip them.
+pub fn root(test: &str, why: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
+        panic!("{test} needs root ({why}), and HANDOFF_REQUIRE_ROOT_TESTS=1");
+    }
+    eprintln!("SKIPPED {test}: needs root ({why})");
+    false
+}
+
+/// The supervisor as a process of its own, `testsup`, so that a test can really kill it: a
+/// [`Site`] (a directory, a control socket, a data directory) and the events every `testsup`
+/// started on it prints, with the daemons it starts (`listening addr=…`, `recovered pid=…`,
+/// `draining pid=…`: one per line, on their shared stdout).
+pub mod testsup {
+    use std::io::{BufRead, BufReader};
+    use std::path::PathBuf;
+    use std::process::{Child, ChildStdin, Command, Stdio};
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::time::Instant;
+
+    use super::{bin, Driver, TempDir, BOUND};
+
+    /// A running `testsup`: it ends when its stdin closes.
+    #[derive(Debug)]
+    pub struct Sup {
+        /// The process.
+        pub child: Child,
+        /// Its commands (`handoff <fail>`).
+        pub stdin: ChildStdin,
+    }
+
+    /// A directory with a data directory and a control socket (`ctl.sock`), and the events of
+    /// the `testsup` processes started on it. Dropped, it kills whoever holds the data
+    /// directory's lock (a daemon of a test that failed half-way).
+    #[derive(Debug)]
+    pub struct Site {
+        /// The driver of the supervisor and its daemons.
+        pub driver: Driver,
+        /// The directory.
+        pub dir: TempDir,
+        events: Receiver<String>,
+        tx: Sender<String>,
+    }
+
+    impl Site {
+        /// A new site, its directory named after `tag`.
+        pub fn new(driver: Driver, tag: &str) -> Site {
+            let dir = TempDir::new(tag);
+            std::fs::create_dir(dir.path().join("data")).expect("mkdir");
+            let (tx, events) = channel();
+            Site {
+                driver,
+                dir,
+                events,
+                tx,
+            }
+        }
+
+        /// The control socket.
+        pub fn sock(&self) -> PathBuf {
+            self.dir.path().join("ctl.sock")
+        }
+
+        /// The supervisor's journal (`<control socket>.journal`).
+        pub fn journal(&self) -> PathBuf {
+            self.dir.path().join("ctl.sock.journal")
+        }
+
+        /// Start `testsup`, binding its own listener if `bind`, with `env` added to its
+        /// environment; every line it or its daemons print arrives on the events ([`wait`]).
+        ///
+        /// [`wait`]: Site::wait
+        pub fn sup(&self, bind: bool, env: &[(&str, &str)]) -> Sup {
+            let mut cmd = Command::new(bin("testsup"));
+            cmd.arg(self.sock()).arg(self.driver.daemon());
+            if self.driver == Driver::Mio {
+                cmd.env("TESTSUP_DRIVER", "mio");
+            }
+            if bind {
+                cmd.args(["bind", "127.0.0.1:0"]);
+            }
+            cmd.env("TESTD_DATA", self.dir.path().join("data"))
+                .env("TESTD_SOCK", self.sock())
+                .env("TESTD_TIMING_MS", "100,4000,3000")
+                .envs(env.iter().copied())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped());
+            let mut child = cmd.spawn().expect("spawn testsup");
+            let out = child.stdout.take().expect("stdout");
+            let tx = self.tx.clone();
+            // Reads until every writer (the supervisor and the daemons it started) has closed.
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+            let stdin = child.stdin.take().expect("stdin");
+            Sup { child, stdin }
+        }
+
+        /// The next event containing `what` (others are skipped), within [`BOUND`].
+        pub fn wait(&self, what: &str) -> String {
+            let until = Instant::now() + BOUND;
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                match self.events.recv_timeout(left) {
+                    Ok(line) if line.contains(what) => return line,
+                    Ok(_) => {}
+                    Err(e) => panic!("no {what:?} event within {BOUND:?}: {e}"),
+                }
+            }
+        }
+    }
+
+    impl Drop for Site {
+        fn drop(&mut self) {
+            // Daemons still holding the lock (a test that failed half-way).
+            let lock = handoff::sys::lock::lock_file_path(&self.dir.path().join("data"));
+            for pid in handoff::sys::lock::holders(&lock).unwrap_or_default() {
+                if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
+                    let _ = w.kill();
+                    let _ = handoff::sys::spawn::wait_any(&[&w], BOUND);
+                }
+            }
+        }
+    }
+
+    /// The value of `key=` in an event line; a panic if there is none.
+    pub fn field(line: &str, key: &str) -> String {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+            .to_string()
+    }
+}
+
 // ==== BEGIN: helpers of security.rs, fd_hygiene.rs, listener_kinds.rs, many_listeners.rs ====
 // (Additive block, kept apart from the rest of the harness.)
 

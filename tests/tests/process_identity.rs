@@ -12,30 +12,21 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use handoff_proto::wire::{
     encode, DaemonStatus, HelloAck, Message, PeerRole, HANDSHAKE_VERSION, SUPPORTED_VERSIONS,
 };
-use handoff_tests::{alive, Client, Driver, TempDir, BOUND};
+use handoff_tests::testsup::{field, Site, Sup};
+use handoff_tests::{alive, root, Client, Driver, TempDir, BOUND};
 
-const TESTSUP: &str = env!("CARGO_BIN_EXE_testsup");
+/// The supervisor's log lines are part of what these tests print.
+const LOG_ON: [(&str, &str); 1] = [("HANDOFF_LOG", "on")];
 const NS_LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
 
-/// Whether this test may run: root is needed to write `ns_last_pid`. Not root: one line on
-/// stderr and a skip, unless `HANDOFF_REQUIRE_ROOT_TESTS=1`, which makes it a failure.
-fn root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("HANDOFF_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-        panic!("{test} needs root (it writes {NS_LAST_PID}); HANDOFF_REQUIRE_ROOT_TESTS=1");
-    }
-    eprintln!("SKIPPED {test}: needs root (it writes {NS_LAST_PID})");
-    false
-}
+/// Why the pid-reuse tests need root.
+const NEEDS_ROOT: &str = "it writes /proc/sys/kernel/ns_last_pid";
 
 /// Orphans of this test's processes become its children, so that it can reap a daemon whose
 /// supervisor it killed: the pid is free again only once the zombie is reaped.
@@ -102,104 +93,6 @@ fn assert_untouched(mut stranger: Child, what: &str) {
     );
 }
 
-struct Sup {
-    child: Child,
-    stdin: ChildStdin,
-}
-
-/// A data directory, a control socket and the events of the `testsup` processes started on
-/// them (their stdout, shared with the daemons they start).
-struct Site {
-    driver: Driver,
-    dir: TempDir,
-    events: Receiver<String>,
-    tx: Sender<String>,
-}
-
-impl Site {
-    fn new(driver: Driver, tag: &str) -> Site {
-        let dir = TempDir::new(tag);
-        std::fs::create_dir(dir.path().join("data")).expect("mkdir");
-        let (tx, events) = channel();
-        Site {
-            driver,
-            dir,
-            events,
-            tx,
-        }
-    }
-
-    fn sock(&self) -> std::path::PathBuf {
-        self.dir.path().join("ctl.sock")
-    }
-
-    fn journal(&self) -> std::path::PathBuf {
-        self.dir.path().join("ctl.sock.journal")
-    }
-
-    /// Start `testsup`, binding its own listener.
-    fn sup(&self) -> Sup {
-        let mut cmd = Command::new(TESTSUP);
-        cmd.arg(self.sock())
-            .arg(self.driver.daemon())
-            .args(["bind", "127.0.0.1:0"]);
-        if self.driver == Driver::Mio {
-            cmd.env("TESTSUP_DRIVER", "mio");
-        }
-        cmd.env("TESTD_DATA", self.dir.path().join("data"))
-            .env("TESTD_SOCK", self.sock())
-            .env("TESTD_TIMING_MS", "100,4000,3000")
-            .env("HANDOFF_LOG", "on")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn testsup");
-        let out = child.stdout.take().expect("stdout");
-        let tx = self.tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let stdin = child.stdin.take().expect("stdin");
-        Sup { child, stdin }
-    }
-
-    /// The next event containing `what` (others are skipped), within [`BOUND`].
-    fn wait(&self, what: &str) -> String {
-        let until = Instant::now() + BOUND;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok(line) if line.contains(what) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no {what:?} event within {BOUND:?}: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        // Daemons still holding the lock (a test that failed half-way).
-        let lock = handoff::sys::lock::lock_file_path(&self.dir.path().join("data"));
-        for pid in handoff::sys::lock::holders(&lock).unwrap_or_default() {
-            if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
-                let _ = w.kill();
-                let _ = handoff::sys::spawn::wait_any(&[&w], BOUND);
-            }
-        }
-    }
-}
-
-fn field(line: &str, key: &str) -> String {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        .to_string()
-}
-
 /// End a supervisor (end of its input) and the daemon it leaves serving.
 fn finish(mut sup: Sup, serving: u32) {
     drop(sup.stdin);
@@ -220,12 +113,12 @@ fn finish(mut sup: Sup, serving: u32) {
 /// supervisor must find the stranger is not the daemon it recorded, leave it alone, and start
 /// the daemon cold at once.
 fn journal_pid_reused_by_a_stranger_is_left_alone(driver: Driver) {
-    if !root("journal_pid_reused_by_a_stranger_is_left_alone") {
+    if !root("journal_pid_reused_by_a_stranger_is_left_alone", NEEDS_ROOT) {
         return;
     }
     become_subreaper();
     let site = Site::new(driver, "reuse-journal");
-    let mut sup = site.sup();
+    let mut sup = site.sup(true, &LOG_ON);
     site.wait("listening");
     let old: u32 = field(&site.wait("recovered"), "pid").parse().expect("pid");
     sup.child.kill().expect("SIGKILL the supervisor");
@@ -235,7 +128,7 @@ fn journal_pid_reused_by_a_stranger_is_left_alone(driver: Driver) {
     let stranger = stranger_at(old);
 
     let started = Instant::now();
-    let sup = site.sup();
+    let sup = site.sup(true, &LOG_ON);
     let addr: std::net::SocketAddr = field(&site.wait("listening"), "addr")
         .parse()
         .expect("addr");
@@ -264,7 +157,7 @@ fn format_1_journal_naming_a_stranger_leaves_it_alone(driver: Driver) {
     let stranger = idle_process().spawn().expect("spawn the stranger");
     std::fs::write(site.journal(), v1_idle_journal(stranger.id(), 7)).expect("write journal");
     let started = Instant::now();
-    let sup = site.sup();
+    let sup = site.sup(true, &LOG_ON);
     site.wait("listening");
     let serving: u32 = field(&site.wait("recovered"), "pid").parse().expect("pid");
     let took = started.elapsed();
@@ -338,7 +231,7 @@ fn a_helloack_naming_another_pid_is_refused(driver: Driver) {
             });
         }
     });
-    let sup = site.sup();
+    let sup = site.sup(true, &LOG_ON);
     site.wait("listening");
     let serving: u32 = field(&site.wait("recovered"), "pid").parse().expect("pid");
     assert_ne!(serving, named, "adopted the pid the liar named");
@@ -356,14 +249,17 @@ fn a_helloack_naming_another_pid_is_refused(driver: Driver) {
 /// stranger; the process that really holds the lock is the one killed.
 #[test]
 fn stale_lock_owner_pid_reused_by_a_stranger_is_not_killed() {
-    if !root("stale_lock_owner_pid_reused_by_a_stranger_is_not_killed") {
+    if !root(
+        "stale_lock_owner_pid_reused_by_a_stranger_is_not_killed",
+        NEEDS_ROOT,
+    ) {
         return;
     }
     let dir = TempDir::new("reuse-lock");
     let data = dir.path().join("data");
     std::fs::create_dir(&data).expect("mkdir");
     let lock = handoff::sys::lock::lock_file_path(&data);
-    // Created as the daemon creates it (0600): a looser lock file is refused outright.
+    // Mode 0600, as a daemon creates it: a lock file others may open is refused as unsafe.
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -6,104 +6,11 @@
 //! stdout, shared with the daemons it starts, carries their events (`draining pid=…`, …): the
 //! kill happens when the named event is seen, while the daemons are slowed at that point.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::io::Write;
 use std::time::Instant;
 
-use handoff_tests::{Client, Driver, TempDir, BOUND};
-
-const TESTSUP: &str = env!("CARGO_BIN_EXE_testsup");
-
-struct Sup {
-    child: Child,
-    stdin: ChildStdin,
-}
-
-struct Site {
-    driver: Driver,
-    dir: TempDir,
-    events: Receiver<String>,
-    tx: Sender<String>,
-}
-
-impl Site {
-    fn new(driver: Driver, tag: &str) -> Site {
-        let dir = TempDir::new(tag);
-        std::fs::create_dir(dir.path().join("data")).expect("mkdir");
-        let (tx, events) = channel();
-        Site {
-            driver,
-            dir,
-            events,
-            tx,
-        }
-    }
-
-    /// Start `testsup`; every line it or its daemons print arrives on `events`.
-    fn sup(&self, bind: bool, env: &[(&str, &str)]) -> Sup {
-        let mut cmd = Command::new(TESTSUP);
-        cmd.arg(self.dir.path().join("ctl.sock"))
-            .arg(self.driver.daemon());
-        if self.driver == Driver::Mio {
-            cmd.env("TESTSUP_DRIVER", "mio");
-        }
-        if bind {
-            cmd.args(["bind", "127.0.0.1:0"]);
-        }
-        cmd.env("TESTD_DATA", self.dir.path().join("data"))
-            .env("TESTD_SOCK", self.dir.path().join("ctl.sock"))
-            .env("TESTD_TIMING_MS", "100,4000,3000")
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn testsup");
-        let out = child.stdout.take().expect("stdout");
-        let tx = self.tx.clone();
-        // Reads until every writer (the supervisor and the daemons it started) has closed.
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let stdin = child.stdin.take().expect("stdin");
-        Sup { child, stdin }
-    }
-
-    /// The next event containing `prefix` (others are skipped), within [`BOUND`].
-    fn wait(&self, prefix: &str) -> String {
-        let until = Instant::now() + BOUND;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok(line) if line.contains(prefix) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no {prefix:?} event within {BOUND:?}: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let lock = handoff::sys::lock::lock_file_path(&self.dir.path().join("data"));
-        for pid in handoff::sys::lock::holders(&lock).unwrap_or_default() {
-            if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
-                let _ = w.kill();
-                let _ = handoff::sys::spawn::wait_any(&[&w], BOUND);
-            }
-        }
-    }
-}
-
-fn field(line: &str, key: &str) -> String {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        .to_string()
-}
+use handoff_tests::testsup::{field, Site};
+use handoff_tests::{Client, Driver};
 
 /// Kill the supervisor when `kill_at` is printed during a handoff to a successor started with
 /// `fail`, restart it, and check it converges on the old daemon (`old_wins`) or the new one.

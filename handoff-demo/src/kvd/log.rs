@@ -1158,7 +1158,7 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kvd::testutil::TempDir;
+    use crate::kvd::testutil::{root, TempDir};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;
     use std::time::Duration;
@@ -1711,12 +1711,7 @@ mod tests {
         if let Some(dir) = std::env::var_os(INNER) {
             return Some(dir.into());
         }
-        if !rustix::process::geteuid().is_root() {
-            assert!(
-                std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_none_or(|v| v != "1"),
-                "{name} needs root (a tmpfs mounted in a private mount namespace)"
-            );
-            eprintln!("SKIPPED {name}: needs root (a tmpfs mounted in a private mount namespace)");
+        if !root(name, "a tmpfs mounted in a private mount namespace") {
             return None;
         }
         let at = TempDir::new("tmpfs");

@@ -385,4 +385,19 @@ mod testutil {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+
+    /// Whether the test `test`, which needs root for `why` ("a tmpfs mounted"), may run:
+    /// `true` as root. Otherwise one line on stderr (`SKIPPED <test>: needs root (<why>)`)
+    /// and `false`, for the test to return at once; with `HANDOFF_REQUIRE_ROOT_TESTS=1` (CI),
+    /// a panic instead, so that a run that must prove the root-only tests cannot skip them.
+    pub fn root(test: &str, why: &str) -> bool {
+        if rustix::process::geteuid().is_root() {
+            return true;
+        }
+        if std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
+            panic!("{test} needs root ({why}), and HANDOFF_REQUIRE_ROOT_TESTS=1");
+        }
+        eprintln!("SKIPPED {test}: needs root ({why})");
+        false
+    }
 }

@@ -1,5 +1,5 @@
-//! Opening the files this layer trusts (the supervisor's journal, the data-directory lock, the
-//! control socket's path) when the process may run as root.
+//! Opening the files this layer trusts (the supervisor's journal, the supervisor lock, the
+//! data-directory lock, the control socket's path) when the process may run as root.
 //!
 //! Every such file is reached relative to its directory, opened once and checked
 //! ([`Dir::of`]): the directory must belong to this process's effective uid or to root, and
@@ -318,6 +318,33 @@ pub(crate) fn open_error(path: &Path, e: Errno, rules: &Rules) -> io::Error {
         .into();
     }
     e.into()
+}
+
+/// Open the file at `path` read-write for a `flock`, creating it (mode 0600) if it is missing:
+/// reached through its directory, opened and checked ([`Dir::of`]); an existing entry is
+/// checked against `rules` before it is opened (a FIFO or a device is never opened), the open
+/// never follows a link nor blocks (`O_NOFOLLOW | O_NONBLOCK | O_NOCTTY`, close-on-exec), and
+/// the descriptor is checked against `rules` again. The descriptor and its status.
+pub(crate) fn open_or_create(path: &Path, rules: &Rules) -> io::Result<(OwnedFd, Stat)> {
+    let (dir, name) = Dir::of(path)?;
+    if let Some(st) = dir.stat(name)? {
+        rules.check(path, &st)?;
+    }
+    let fd = rustix::fs::openat(
+        dir.fd(),
+        name,
+        OFlags::RDWR
+            | OFlags::CREATE
+            | OFlags::CLOEXEC
+            | OFlags::NOFOLLOW
+            | OFlags::NONBLOCK
+            | OFlags::NOCTTY,
+        Mode::RUSR | Mode::WUSR,
+    )
+    .map_err(|e| open_error(path, e, rules))?;
+    let st = rustix::fs::fstat(&fd)?;
+    rules.check(path, &st)?;
+    Ok((fd, st))
 }
 
 /// Open the existing file `name` of `dir` for reading, checked against `rules` before and

@@ -212,7 +212,7 @@ pub fn read(path: &Path) -> Result<Option<Journal>, JournalFileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::testutil::TempDir;
+    use crate::sys::testutil::{root, TempDir};
     use handoff_proto::HandoffId;
     use std::os::unix::fs::PermissionsExt;
 
@@ -360,20 +360,6 @@ mod tests {
         .unwrap();
     }
 
-    /// Whether this test may do what only root can; `false` (skip, said on one line) if not,
-    /// unless `HANDOFF_REQUIRE_ROOT_TESTS=1`.
-    fn root(what: &str) -> bool {
-        if rustix::process::geteuid().is_root() {
-            return true;
-        }
-        assert!(
-            std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_none_or(|v| v != "1"),
-            "{what} needs root (HANDOFF_REQUIRE_ROOT_TESTS=1)"
-        );
-        eprintln!("SKIPPED: {what} needs root");
-        false
-    }
-
     fn refused(r: Result<Option<JournalRecord>, JournalFileError>, path: &Path, says: &str) {
         let err = r.expect_err("an unsafe journal was read");
         assert!(matches!(err, JournalFileError::Unsafe(_)), "{err:?}");
@@ -443,7 +429,10 @@ mod tests {
 
     #[test]
     fn a_device_or_a_journal_of_another_uid_is_refused() {
-        if !root("a_device_or_a_journal_of_another_uid_is_refused") {
+        if !root(
+            "a_device_or_a_journal_of_another_uid_is_refused",
+            "a journal chowned to another uid",
+        ) {
             return;
         }
         let dir = TempDir::new("journal-owner");

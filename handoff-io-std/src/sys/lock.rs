@@ -42,10 +42,10 @@ use std::path::{Path, PathBuf};
 use handoff_proto::{HandoffId, LockRecord, LockResult, Pid};
 
 use crate::sys::proc::{Proven, Unproven};
-use rustix::fs::{FlockOperation, Mode, OFlags};
+use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 
-use crate::sys::fscheck::{Dir, Rules, Unsafe};
+use crate::sys::fscheck::{self, Rules, Unsafe};
 
 /// How long [`DataDirLock::acquire_or_break_stale`] waits for a dead holder's lock to go.
 pub const STALE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -181,25 +181,7 @@ pub fn try_acquire(dir: &Path) -> Result<Acquired, LockError> {
             source,
         },
     };
-    let (dirfd, name) = Dir::of(&path).map_err(io_err)?;
-    // An existing entry is checked before it is opened: a FIFO or a device is never opened.
-    if let Some(st) = dirfd.stat(name).map_err(io_err)? {
-        RULES.check(&path, &st).map_err(|u| io_err(u.into()))?;
-    }
-    let fd = rustix::fs::openat(
-        dirfd.fd(),
-        name,
-        OFlags::RDWR
-            | OFlags::CREATE
-            | OFlags::CLOEXEC
-            | OFlags::NOFOLLOW
-            | OFlags::NONBLOCK
-            | OFlags::NOCTTY,
-        Mode::RUSR | Mode::WUSR,
-    )
-    .map_err(|e| io_err(crate::sys::fscheck::open_error(&path, e, &RULES)))?;
-    let st = rustix::fs::fstat(&fd).map_err(|e| io_err(e.into()))?;
-    RULES.check(&path, &st).map_err(|u| io_err(u.into()))?;
+    let (fd, _) = fscheck::open_or_create(&path, &RULES).map_err(io_err)?;
     let file = File::from(fd);
     loop {
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
@@ -527,7 +509,7 @@ fn proc_locks_has_flock(locks: &str, pid: Pid, major: u32, minor: u32, ino: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::testutil::{is_cloexec, TempDir};
+    use crate::sys::testutil::{is_cloexec, root, TempDir};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn me() -> Pid {
@@ -715,20 +697,6 @@ garbage
         );
     }
 
-    /// Whether this test may do what only root can; `false` (skip, said on one line) if not,
-    /// unless `HANDOFF_REQUIRE_ROOT_TESTS=1`.
-    fn root(what: &str) -> bool {
-        if rustix::process::geteuid().is_root() {
-            return true;
-        }
-        assert!(
-            std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_none_or(|v| v != "1"),
-            "{what} needs root (HANDOFF_REQUIRE_ROOT_TESTS=1)"
-        );
-        eprintln!("SKIPPED: {what} needs root");
-        false
-    }
-
     /// `try_acquire` refuses the lock file as it is, saying `says`, and leaves it unchanged.
     fn refused(dir: &Path, says: &str) -> String {
         let path = lock_file_path(dir);
@@ -776,7 +744,10 @@ garbage
 
     #[test]
     fn a_lock_file_of_another_uid_is_refused() {
-        if !root("a_lock_file_of_another_uid_is_refused") {
+        if !root(
+            "a_lock_file_of_another_uid_is_refused",
+            "a lock file chowned to another uid",
+        ) {
             return;
         }
         let dir = TempDir::new("lock-owner");
@@ -813,7 +784,7 @@ garbage
             rustix::fs::CWD,
             &path,
             rustix::fs::FileType::Fifo,
-            Mode::RUSR | Mode::WUSR,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
             0,
         )
         .unwrap();

@@ -8,7 +8,7 @@
 //!   it in the mode this process needs.
 //! - [`lock`]: the data-directory `flock`, its lock record, and killing a lock holder only
 //!   once it is proven to hold the lock ([`proc::Proven::lock_holder`]).
-//! - [`fscheck`]: opening the files this layer trusts (journal, lock file, control socket path)
+//! - [`fscheck`]: opening the files this layer trusts (journal, lock files, control socket path)
 //!   relative to a checked directory, never through a link, checked with `fstat`.
 //! - [`journal_file`]: atomic replacement and reading of the supervisor's journal.
 //! - [`peercred`]: peer credentials of a control connection, and binding the control socket
@@ -42,7 +42,8 @@ pub mod supervisor_lock;
 
 #[cfg(test)]
 pub(crate) mod testutil {
-    //! A fresh temporary directory per test, made with `std` only.
+    //! Helpers of the crate's tests: a fresh temporary directory per test (made with `std`
+    //! only), descriptor checks, and the rule for tests that need root ([`root`]).
 
     use std::io;
     use std::os::fd::AsFd;
@@ -88,16 +89,39 @@ pub(crate) mod testutil {
             .contains(rustix::io::FdFlags::CLOEXEC)
     }
 
-    /// Whether a test that needs root may run: not root is one line on stderr and a skip,
-    /// unless `HANDOFF_REQUIRE_ROOT_TESTS=1`, which makes it a failure.
-    pub(crate) fn root(test: &str) -> bool {
+    /// Wait (30 s at most, on a pidfd) for `child`, which writes its output to `out`, to
+    /// exit: that output. A child that runs on is killed; one that runs on or fails is a panic
+    /// showing its output, `what` saying which.
+    pub(crate) fn finish(mut child: std::process::Child, out: &Path, what: &str) -> String {
+        use crate::sys::spawn::{wait_any, Watched};
+        let bound = std::time::Duration::from_secs(30);
+        let w = Watched::open(child.id()).expect("a pidfd on our child");
+        if wait_any(&[&w], bound).expect("wait_any") != [0] {
+            let _ = w.kill();
+            let _ = child.wait();
+            panic!("{what}: the child did not exit within {bound:?}");
+        }
+        let status = child.wait().expect("wait");
+        let text = std::fs::read_to_string(out).unwrap_or_default();
+        assert!(
+            status.success(),
+            "{what}: child {status}\n--- child output ---\n{text}"
+        );
+        text
+    }
+
+    /// Whether the test `test`, which needs root for `why` ("a file of another uid"), may run:
+    /// `true` as root. Otherwise one line on stderr (`SKIPPED <test>: needs root (<why>)`) and
+    /// `false`, for the test to return at once; with `HANDOFF_REQUIRE_ROOT_TESTS=1` (CI), a
+    /// panic instead, so that a run that must prove the root-only tests cannot skip them.
+    pub(crate) fn root(test: &str, why: &str) -> bool {
         if rustix::process::geteuid().is_root() {
             return true;
         }
-        if std::env::var("HANDOFF_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-            panic!("{test} needs root; HANDOFF_REQUIRE_ROOT_TESTS=1");
+        if std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
+            panic!("{test} needs root ({why}), and HANDOFF_REQUIRE_ROOT_TESTS=1");
         }
-        eprintln!("SKIPPED {test}: needs root");
+        eprintln!("SKIPPED {test}: needs root ({why})");
         false
     }
 

@@ -266,7 +266,7 @@ pub fn bind_unix_listener_unless_live(path: &Path) -> io::Result<UnixListener> {
 mod tests {
     use super::*;
     use crate::sys::fdpass::socketpair_cloexec;
-    use crate::sys::testutil::{is_cloexec, TempDir};
+    use crate::sys::testutil::{is_cloexec, root, TempDir};
     use std::fs::Permissions;
     use std::os::fd::AsFd;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -395,20 +395,6 @@ mod tests {
         );
     }
 
-    /// Whether this test may do what only root can; `false` (skip, said on one line) if not,
-    /// unless `HANDOFF_REQUIRE_ROOT_TESTS=1`.
-    fn root(what: &str) -> bool {
-        if rustix::process::geteuid().is_root() {
-            return true;
-        }
-        assert!(
-            std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_none_or(|v| v != "1"),
-            "{what} needs root (HANDOFF_REQUIRE_ROOT_TESTS=1)"
-        );
-        eprintln!("SKIPPED: {what} needs root");
-        false
-    }
-
     fn names(dir: &Path) -> Vec<std::ffi::OsString> {
         let mut v: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
@@ -477,7 +463,10 @@ mod tests {
 
     #[test]
     fn a_staging_entry_of_another_uid_is_left_alone() {
-        if !root("a_staging_entry_of_another_uid_is_left_alone") {
+        if !root(
+            "a_staging_entry_of_another_uid_is_left_alone",
+            "an entry chowned to another uid",
+        ) {
             return;
         }
         let dir = TempDir::new("peercred-squat");
@@ -506,8 +495,14 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
         let _c = UnixStream::connect(&path).unwrap();
         first.accept().unwrap();
-        // Stale: replaced.
+        // Stale: replaced. (A child another test is forking holds a copy of the listener
+        // until its exec, and the listener is live until then: wait for that, bounded.)
         drop(first);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while UnixStream::connect(&path).is_ok() {
+            assert!(std::time::Instant::now() < until, "the listener stays live");
+            std::thread::yield_now();
+        }
         let second = bind_unix_listener_unless_live(&path).unwrap();
         let _c = UnixStream::connect(&path).unwrap();
         second.accept().unwrap();

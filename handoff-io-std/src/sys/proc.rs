@@ -43,7 +43,7 @@ use handoff_proto::Pid;
 pub use handoff_proto::ProcessIdentity;
 use rustix::process::Signal;
 
-use crate::sys::spawn::{self, Watched};
+use crate::sys::spawn::Watched;
 
 /// Where the kernel shows this boot's id (a random UUID drawn at boot).
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
@@ -207,10 +207,15 @@ impl Proven {
 
     /// Open a pidfd on `pid`; `Gone` if nobody has it.
     fn open(pid: Pid) -> Result<Watched, Unproven> {
-        Watched::open(pid).map_err(|e| match e.kind() {
+        Watched::open(pid).map_err(|e| Proven::open_error(pid, e))
+    }
+
+    /// Opening a pidfd on `pid` failed with `e`: `Gone` if nobody has that pid.
+    fn open_error(pid: Pid, e: io::Error) -> Unproven {
+        match e.kind() {
             io::ErrorKind::NotFound => Unproven::Gone { pid },
             _ => Unproven::Io { pid, source: e },
-        })
+        }
     }
 
     fn stamp(watched: Watched) -> Result<Proven, Unproven> {
@@ -239,11 +244,7 @@ impl Proven {
     pub fn peer(sock: BorrowedFd<'_>) -> Result<Proven, Unproven> {
         let (pid, _, _) = crate::sys::peercred::peer_credentials(sock)
             .map_err(|source| Unproven::Io { pid: 0, source })?;
-        let watched = match spawn::peer_pidfd(sock) {
-            Ok(pidfd) => Watched::from_pidfd(pid, pidfd),
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => Proven::open(pid)?,
-            Err(source) => return Err(Unproven::Io { pid, source }),
-        };
+        let watched = Watched::peer(sock, pid).map_err(|e| Proven::open_error(pid, e))?;
         Proven::stamp(watched)
     }
 
@@ -369,7 +370,7 @@ fn holds_flock(pid: Pid, file: (u32, u32, u64)) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::testutil::{is_cloexec, TempDir};
+    use crate::sys::testutil::{is_cloexec, root, TempDir};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::process::{Command, Stdio};
 
@@ -482,7 +483,10 @@ mod tests {
     /// verify the process that has the pid after it.
     #[test]
     fn a_reused_pid_is_another_process() {
-        if !crate::sys::testutil::root("a_reused_pid_is_another_process") {
+        if !root(
+            "a_reused_pid_is_another_process",
+            "it writes /proc/sys/kernel/ns_last_pid",
+        ) {
             return;
         }
         let first = blocked_child();

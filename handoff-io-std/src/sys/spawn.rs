@@ -927,6 +927,18 @@ impl Watched {
         Watched { pid, pidfd }
     }
 
+    /// The process at the other end of the connected `AF_UNIX` socket `sock`, whose
+    /// `SO_PEERCRED` pid is `pid`: the kernel's own pidfd on it ([`peer_pidfd`]), or, on a
+    /// kernel without `SO_PEERPIDFD` (before 6.5), a pidfd opened on `pid`, which a process
+    /// that exited since the connect, its pid reused at once, could fool.
+    pub(crate) fn peer(sock: BorrowedFd<'_>, pid: u32) -> io::Result<Watched> {
+        match peer_pidfd(sock) {
+            Ok(pidfd) => Ok(Watched::from_pidfd(pid, pidfd)),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => Watched::open(pid),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A second handle on the same process (a close-on-exec duplicate of the pidfd).
     pub fn try_clone(&self) -> io::Result<Watched> {
         Ok(Watched {
@@ -1136,7 +1148,7 @@ pub fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
     use crate::sys::fdpass::socketpair_cloexec;
-    use crate::sys::testutil::{identity, is_cloexec, TempDir};
+    use crate::sys::testutil::{identity, is_cloexec, root, TempDir};
     use std::collections::BTreeMap;
     use std::io::{BufRead, BufReader, Write};
     use std::net::{TcpListener, UdpSocket};
@@ -1162,18 +1174,8 @@ mod tests {
     }
 
     /// Wait (bounded) for `child` to exit, reap it, and return its output file.
-    fn finish(mut child: Child, out: &Path) -> String {
-        let w = Watched::open(child.id()).unwrap();
-        let done = wait_any(&[&w], BOUND).unwrap();
-        if done != [0] {
-            let _ = w.kill();
-            let _ = child.wait();
-            panic!("child did not exit within {BOUND:?}");
-        }
-        let status = child.wait().unwrap();
-        let text = std::fs::read_to_string(out).unwrap_or_default();
-        assert!(status.success(), "child: {status}\n--- output ---\n{text}");
-        text
+    fn finish(child: Child, out: &Path) -> String {
+        crate::sys::testutil::finish(child, out, "spawn")
     }
 
     /// The descriptors of an `ls -l /proc/PID/fd` listing: number → link target.
@@ -1556,19 +1558,6 @@ mod tests {
         set_mode(to, mode);
     }
 
-    /// Whether a test that needs root may run: `true` as root; otherwise it says so in one
-    /// line and returns `false` (skip), or panics when `HANDOFF_REQUIRE_ROOT_TESTS=1`.
-    fn root_or_skip(test: &str) -> bool {
-        if rustix::process::geteuid().is_root() {
-            return true;
-        }
-        if std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
-            panic!("{test} needs root (HANDOFF_REQUIRE_ROOT_TESTS=1)");
-        }
-        eprintln!("{test}: skipped, needs root");
-        false
-    }
-
     /// The file is replaced (renamed over) after the spawn checked it and before the child
     /// execs: the child still runs the file that was checked, for a successor and for a cold
     /// start, with and without listeners.
@@ -1669,7 +1658,10 @@ mod tests {
     /// refused, even with no write bit for group or others.
     #[test]
     fn binaries_owned_by_another_user_are_refused() {
-        if !root_or_skip("binaries_owned_by_another_user_are_refused") {
+        if !root(
+            "binaries_owned_by_another_user_are_refused",
+            "files chowned to another uid",
+        ) {
             return;
         }
         let dir = TempDir::new("spawn-owner");

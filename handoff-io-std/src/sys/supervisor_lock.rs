@@ -4,7 +4,9 @@
 //! its whole life ([`SupervisorLock`]). Two supervisors on one journal therefore cannot run
 //! at once: the second is refused at start, naming the first. The lock file is created with
 //! mode 0600 and must be a regular file owned by the supervisor's uid, with no permission for
-//! group or others: anyone who can open a file can `flock` it.
+//! group or others (anyone who can open a file can `flock` it) and a single name, in a
+//! directory nobody else may write; it is opened like every file this layer trusts
+//! ([`fscheck`]).
 //!
 //! The supervisor tells every daemon it starts (successor or cold start) which file that is,
 //! in [`ENV_SUPERVISOR_LOCK`]: its device and inode as `/proc/locks` prints them
@@ -27,15 +29,26 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use handoff_proto::Pid;
-use rustix::event::{PollFd, PollFlags, Timespec};
-use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
+use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 
+use crate::sys::fscheck::{self, Rules, Unsafe};
 use crate::sys::lock;
+use crate::sys::spawn::Watched;
 
 /// The environment variable in which a supervisor names its lock file to the daemons it
 /// starts: a [`LockId`], `<major>:<minor>:<inode>` as `/proc/locks` prints it.
 pub const ENV_SUPERVISOR_LOCK: &str = "HANDOFF_SUPERVISOR_LOCK";
+
+/// What the lock file must be: besides a regular file of this process's effective uid, one
+/// that nobody else may open (whoever can open it can `flock` it), with a single name.
+const RULES: Rules = Rules {
+    forbidden_mode: 0o077,
+    max_len: None,
+    single_link: true,
+    others_could: "flock it and pass for the supervisor",
+    after_remove: " (the supervisor creates it again, with mode 0600)",
+};
 
 /// How long [`SupervisorLock::acquire`] retries a lock that only this process holds (see
 /// there).
@@ -183,8 +196,10 @@ pub struct SupervisorLock {
 
 impl SupervisorLock {
     /// Take the lock on `path` without waiting: create it (mode 0600) if missing, check it
-    /// (a regular file, not a symbolic link, owned by this process's effective uid, no
-    /// permission for group or others), and `flock` it exclusively. Held by someone else:
+    /// (in a directory of this uid or root that others may not write unless it is sticky; a
+    /// regular file, not a symbolic link, owned by this process's effective uid, no permission
+    /// for group or others, one link), and `flock` it exclusively. A file that fails a check
+    /// is [`SupervisorLockError::Unsafe`], and is left as it is. Held by someone else:
     /// [`SupervisorLockError::Held`], naming the holders. The descriptor is close-on-exec, so
     /// no daemon this supervisor starts holds the lock with it.
     ///
@@ -198,50 +213,14 @@ impl SupervisorLock {
             path: path.to_path_buf(),
             source,
         };
-        let unsafe_file = |detail: String| SupervisorLockError::Unsafe {
-            path: path.to_path_buf(),
-            detail,
-        };
-        // O_NONBLOCK: a FIFO or device planted at the path must not hang the open.
-        let file = match rustix::fs::open(
-            path,
-            OFlags::RDWR
-                | OFlags::CREATE
-                | OFlags::CLOEXEC
-                | OFlags::NOFOLLOW
-                | OFlags::NONBLOCK
-                | OFlags::NOCTTY,
-            Mode::RUSR | Mode::WUSR,
-        ) {
-            Ok(f) => f,
-            Err(Errno::LOOP) => {
-                return Err(unsafe_file(
-                    "is a symbolic link; remove it (the supervisor creates the file)".into(),
-                ))
-            }
-            Err(e) => return Err(io_err(e.into())),
-        };
-        let st = rustix::fs::fstat(&file).map_err(|e| io_err(e.into()))?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-            return Err(unsafe_file(format!(
-                "is a {:?}, not a regular file; remove it",
-                FileType::from_raw_mode(st.st_mode)
-            )));
-        }
-        let euid = rustix::process::geteuid().as_raw();
-        if st.st_uid != euid {
-            return Err(unsafe_file(format!(
-                "is owned by uid {}, not by this supervisor's uid {euid}; remove it",
-                st.st_uid
-            )));
-        }
-        let perm = st.st_mode & 0o777;
-        if perm & 0o077 != 0 {
-            return Err(unsafe_file(format!(
-                "has mode {perm:04o}: any process that can open it can flock it and pass for \
-                 the supervisor; `chmod 600` it"
-            )));
-        }
+        let (file, st) =
+            fscheck::open_or_create(path, &RULES).map_err(|e| match Unsafe::of(&e) {
+                Some(u) => SupervisorLockError::Unsafe {
+                    path: path.to_path_buf(),
+                    detail: format!("{}; {}", u.problem, u.fix),
+                },
+                None => io_err(e),
+            })?;
         let until = std::time::Instant::now() + SELF_HELD_WAIT;
         loop {
             match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
@@ -317,19 +296,8 @@ fn fdinfo_lock_id(fd: BorrowedFd<'_>) -> Option<LockId> {
 /// this check could fool. `/proc/locks` must show `pid` holding a `flock` on `id`, and then the
 /// pidfd must show the process still alive: a process that had exited (its pid free to be
 /// reused, maybe by the supervisor) is refused.
-pub fn check_peer(sock: BorrowedFd<'_>, pid: Pid, id: LockId) -> Result<OwnedFd, String> {
-    let pidfd = match crate::sys::spawn::peer_pidfd(sock) {
-        Ok(fd) => fd,
-        Err(e) if e.kind() == io::ErrorKind::Unsupported => {
-            let raw = i32::try_from(pid)
-                .ok()
-                .and_then(rustix::process::Pid::from_raw)
-                .ok_or_else(|| format!("peer pid {pid} is not a process id"))?;
-            rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
-                .map_err(|e| format!("peer pid {pid}: pidfd_open: {e}"))?
-        }
-        Err(e) => return Err(format!("peer pid {pid}: {e}")),
-    };
+pub fn check_peer(sock: BorrowedFd<'_>, pid: Pid, id: LockId) -> Result<Watched, String> {
+    let peer = Watched::peer(sock, pid).map_err(|e| format!("peer pid {pid}: {e}"))?;
     let held = lock::holds_flock(pid, id.major, id.minor, id.ino)
         .map_err(|e| format!("reading /proc/locks: {e}"))?;
     if !held {
@@ -337,17 +305,20 @@ pub fn check_peer(sock: BorrowedFd<'_>, pid: Pid, id: LockId) -> Result<OwnedFd,
             "peer pid {pid} does not hold the supervisor lock {id} ({ENV_SUPERVISOR_LOCK})"
         ));
     }
-    if has_exited(&pidfd).map_err(|e| format!("peer pid {pid}: polling its pidfd: {e}"))? {
+    if peer
+        .has_exited()
+        .map_err(|e| format!("peer pid {pid}: polling its pidfd: {e}"))?
+    {
         return Err(format!(
             "peer pid {pid} exited after connecting (its pid may name another process now)"
         ));
     }
-    Ok(pidfd)
+    Ok(peer)
 }
 
 /// The pidfd of the process that spawned this successor, taken from its channel (see
 /// [`remember_spawner`]), for the [`Admission`] the successor makes once it is the incumbent.
-static SPAWNER: std::sync::Mutex<Option<(Pid, OwnedFd)>> = std::sync::Mutex::new(None);
+static SPAWNER: std::sync::Mutex<Option<Watched>> = std::sync::Mutex::new(None);
 
 /// Remember the peer of a successor's channel, the socketpair its supervisor made and handed
 /// it at spawn: by construction the process that spawned this successor, which is the
@@ -359,7 +330,7 @@ pub(crate) fn remember_spawner(channel: BorrowedFd<'_>) {
     };
     if let Ok(pidfd) = crate::sys::spawn::peer_pidfd(channel) {
         if let Ok(mut s) = SPAWNER.lock() {
-            *s = Some((pid, pidfd));
+            *s = Some(Watched::from_pidfd(pid, pidfd));
         }
     }
 }
@@ -377,7 +348,7 @@ pub(crate) fn remember_spawner(channel: BorrowedFd<'_>) {
 #[derive(Debug)]
 pub struct Admission {
     id: LockId,
-    known: Option<(Pid, OwnedFd)>,
+    known: Option<Watched>,
 }
 
 impl Admission {
@@ -395,34 +366,13 @@ impl Admission {
 
     /// Whether the peer of `sock`, whose `SO_PEERCRED` pid is `pid`, is the supervisor.
     pub fn admit(&mut self, sock: BorrowedFd<'_>, pid: Pid) -> Result<(), String> {
-        if let Some((known, pidfd)) = &self.known {
-            if *known == pid && matches!(has_exited(pidfd), Ok(false)) {
+        if let Some(known) = &self.known {
+            if known.pid() == pid && matches!(known.has_exited(), Ok(false)) {
                 return Ok(());
             }
         }
-        let pidfd = check_peer(sock, pid, self.id)?;
-        self.known = Some((pid, pidfd));
+        self.known = Some(check_peer(sock, pid, self.id)?);
         Ok(())
-    }
-}
-
-/// Whether the process of `pidfd` has exited (readable pidfd). Does not block.
-fn has_exited(pidfd: &OwnedFd) -> io::Result<bool> {
-    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
-    let zero = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    loop {
-        match rustix::event::poll(&mut fds, Some(&zero)) {
-            Ok(_) => {
-                return Ok(fds[0]
-                    .revents()
-                    .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR))
-            }
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
     }
 }
 
@@ -430,7 +380,7 @@ fn has_exited(pidfd: &OwnedFd) -> io::Result<bool> {
 mod tests {
     use super::*;
     use crate::sys::fdpass::socketpair_cloexec;
-    use crate::sys::testutil::{is_cloexec, TempDir};
+    use crate::sys::testutil::{is_cloexec, root, TempDir};
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -546,22 +496,56 @@ mod tests {
             ),
             "{err:?}"
         );
-        // Owned by another uid (needs root to make one).
-        if rustix::process::geteuid().is_root() {
-            let theirs = dir.path().join("theirs");
-            std::fs::write(&theirs, b"").expect("write");
-            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o600))
-                .expect("chmod");
-            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
-            let err = SupervisorLock::acquire(&theirs).expect_err("another owner");
-            assert!(err.to_string().contains("owned by uid 65534"), "{err}");
-        } else {
-            assert!(
-                std::env::var_os("HANDOFF_REQUIRE_ROOT_TESTS").is_none_or(|v| v != "1"),
-                "HANDOFF_REQUIRE_ROOT_TESTS=1 but not root: cannot chown a lock file to another uid"
-            );
-            eprintln!("not root: the other-owner case of unsafe_lock_files_are_refused is skipped");
+    }
+
+    /// A second name for the lock file (a hard link), whoever made it: refused under both.
+    #[test]
+    fn a_lock_file_with_a_second_name_is_refused() {
+        let dir = TempDir::new("suplock-link");
+        let first = dir.path().join("first");
+        drop(SupervisorLock::acquire(&first).expect("first"));
+        let second = dir.path().join("second");
+        std::fs::hard_link(&first, &second).expect("link");
+        for p in [&first, &second] {
+            let err = SupervisorLock::acquire(p).expect_err("two links");
+            assert!(err.to_string().contains("has 2 links"), "{err}");
         }
+    }
+
+    /// In a directory others may write (without the sticky bit), another user could swap the
+    /// file: refused, and nothing is created there.
+    #[test]
+    fn a_lock_file_in_a_directory_others_may_write_is_refused() {
+        let dir = TempDir::new("suplock-dir");
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = SupervisorLock::acquire(&open.join("s.lock")).expect_err("open directory");
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        assert!(
+            !open.join("s.lock").exists(),
+            "created in a refused directory"
+        );
+    }
+
+    #[test]
+    fn a_lock_file_of_another_uid_is_refused() {
+        if !root(
+            "a_lock_file_of_another_uid_is_refused",
+            "a lock file chowned to another uid",
+        ) {
+            return;
+        }
+        let dir = TempDir::new("suplock-owner");
+        let theirs = dir.path().join("theirs");
+        std::fs::write(&theirs, b"").expect("write");
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+        let err = SupervisorLock::acquire(&theirs).expect_err("another owner");
+        assert!(err.to_string().contains("owned by uid 65534"), "{err}");
     }
 
     #[test]
@@ -574,9 +558,12 @@ mod tests {
         let me = std::process::id();
         // The peer (this process) holds it.
         check_peer(a.as_fd(), me, id).expect("admitted");
-        // Another file: not the supervisor lock.
+        // Another file, which nobody locks: not the supervisor lock. (A made-up inode number
+        // could be a file another test of this process holds a flock on.)
+        let unlocked = dir.path().join("unlocked");
+        std::fs::write(&unlocked, b"").expect("write");
         let other = LockId {
-            ino: id.ino + 1,
+            ino: std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&unlocked).unwrap()),
             ..id
         };
         let err = check_peer(a.as_fd(), me, other).expect_err("another lock");
@@ -606,7 +593,7 @@ mod tests {
         assert!(admission.known.is_none());
         // The holder passes the full check and is remembered by its pidfd.
         admission.admit(a.as_fd(), me).expect("the holder");
-        assert_eq!(admission.known.as_ref().map(|k| k.0), Some(me));
+        assert_eq!(admission.known.as_ref().map(Watched::pid), Some(me));
         // Remembered while it lives, so no /proc/locks reading on the next connection: it is
         // admitted even once the lock is gone (the full check would refuse it).
         drop(held);
@@ -621,9 +608,10 @@ mod tests {
         let (a, _b) = socketpair_cloexec().expect("pair");
         let pidfd = crate::sys::spawn::peer_pidfd(a.as_fd()).expect("SO_PEERPIDFD on Linux 6.5+");
         assert!(is_cloexec(&pidfd));
-        assert!(!has_exited(&pidfd).expect("poll"));
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
-            .expect("fdinfo");
+        let raw = pidfd.as_raw_fd();
+        let peer = Watched::from_pidfd(std::process::id(), pidfd);
+        assert!(!peer.has_exited().expect("poll"));
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).expect("fdinfo");
         let pid = info
             .lines()
             .find_map(|l| l.strip_prefix("Pid:"))

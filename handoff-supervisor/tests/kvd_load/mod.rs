@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 use handoff_io_std::sys::lock::{holders, lock_file_path};
 use handoff_io_std::sys::spawn::{self as hspawn, wait_any, Watched};
 
-pub const CTL: &str = env!("CARGO_BIN_EXE_handoffctl");
-pub const SUP: &str = env!("CARGO_BIN_EXE_handoff-supervisor");
+pub use crate::common::{alive, copy_executable, field, CTL, SUP};
 
 /// The bound on every single wait.
 pub const BOUND: Duration = Duration::from_secs(30);
@@ -293,15 +292,7 @@ impl Env {
 
     /// SIGTERM the supervisor and wait for its exit (bounded); SIGKILL if it does not go.
     pub fn stop(&mut self) -> Option<ExitStatus> {
-        let mut c = self.sup.take()?;
-        let w = Watched::open(c.id()).ok()?;
-        let _ = w.signal(rustix::process::Signal::TERM);
-        if wait_any(&[&w], BOUND).unwrap_or_default().is_empty() {
-            let _ = w.kill();
-            let _ = c.wait();
-            return None;
-        }
-        c.wait().ok()
+        crate::common::terminate(self.sup.take()?, BOUND)
     }
 }
 
@@ -356,14 +347,6 @@ impl StatusConn {
     }
 }
 
-pub fn field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
-    status
-        .split(' ')
-        .filter_map(|w| w.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.trim_end())
-}
-
 pub fn pid_of(status: &str) -> u32 {
     field(status, "serving_pid")
         .and_then(|p| p.parse().ok())
@@ -372,13 +355,6 @@ pub fn pid_of(status: &str) -> u32 {
 
 // ---------------------------------------------------------------------------------------
 // Processes and sockets, from /proc
-
-pub fn alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s[s.rfind(')')? + 2..].chars().next())
-        .is_some_and(|state| state != 'Z' && state != 'X')
-}
 
 pub fn cmdline(pid: u32) -> String {
     String::from_utf8_lossy(&fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
@@ -843,21 +819,4 @@ impl Written {
             }
         }
     }
-}
-
-/// Copy an executable through `cp`, a process of its own: had this (multi-threaded) test
-/// process written the copy, a child forked meanwhile by another test could still hold the
-/// descriptor open for writing when the copy is executed (ETXTBSY).
-pub fn copy_executable(from: &std::path::Path, to: &std::path::Path) {
-    let status = std::process::Command::new("cp")
-        .arg(from)
-        .arg(to)
-        .status()
-        .expect("run cp");
-    assert!(
-        status.success(),
-        "cp {} {}: {status}",
-        from.display(),
-        to.display()
-    );
 }
