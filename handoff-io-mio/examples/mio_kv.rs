@@ -14,7 +14,8 @@
 // UDP and Unix datagram listeners answer each datagram the same way, to its sender.
 //
 // Environment: `TESTD_DATA` (data directory), `TESTD_SOCK` (control socket), `TESTD_FAIL`
-// (as a successor: `exit-before-ready`, `hang-before-ready`, `no-hello`, `crash-after-lock`,
+// (as a successor: `exit-before-ready`, `hang-before-ready`, `no-hello`,
+// `hello-after-supervisor-exit`, `crash-after-lock`,
 // `slow-open=<ms>`), `TESTD_TIMING_MS` (heartbeat,silence,slack), `TESTD_DRAIN_MS` (a slow
 // drain), `TESTD_CHILD_FDS_OUT` (see `report_child_fds`). The incumbent fails its seal while
 // `<data>/fail-seal` exists. Events go to stdout, one line each: `serving pid=… role=cold|
@@ -844,6 +845,7 @@ fn main() -> Res<()> {
             std::thread::park();
         }
     }
+
     let poll = Poll::new()?;
     let mut app = App {
         pid,
@@ -891,6 +893,16 @@ fn main() -> Res<()> {
         }
         Role::Successor(s) => {
             event(&format!("successor-started pid={pid}"));
+            if app.fail == "hello-after-supervisor-exit" {
+                // Say hello only once the supervisor that spawned us is gone (getppid changes
+                // when the parent dies; 30 s at most), so a test that kills it at
+                // `successor-started` knows the handoff went no further.
+                let parent = std::os::unix::process::parent_id();
+                let until = Instant::now() + Duration::from_secs(30);
+                while std::os::unix::process::parent_id() == parent && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
             let s = handoff_io_mio::Successor::new(
                 s,
                 format!("mio_kv {pid}"),

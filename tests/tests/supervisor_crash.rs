@@ -75,7 +75,16 @@ fn crash_at(
 }
 
 fn killed_after_the_successor_started(driver: Driver) {
-    crash_at(driver, "k-spawn", "successor-started", "", &[], true);
+    // The successor waits for the supervisor's death before its hello, so the kill lands
+    // before the incumbent is touched, however fast the handoff would have run.
+    crash_at(
+        driver,
+        "k-spawn",
+        "successor-started",
+        "hello-after-supervisor-exit",
+        &[],
+        true,
+    );
 }
 
 fn killed_while_the_incumbent_drains(driver: Driver) {

@@ -13,7 +13,8 @@
 //!
 //! Configuration (environment): `TESTD_DATA` (data directory), `TESTD_SOCK` (control
 //! socket), `TESTD_FAIL` (a failure to act out as a successor: `exit-before-ready`,
-//! `hang-before-ready`, `no-hello`, `crash-after-lock`, `slow-open=<ms>`), `TESTD_TIMING_MS`
+//! `hang-before-ready`, `no-hello`, `hello-after-supervisor-exit`, `crash-after-lock`,
+//! `slow-open=<ms>`), `TESTD_TIMING_MS`
 //! (heartbeat,silence,slack in ms, optional), `TESTD_DRAIN_MS` (a slow drain). The incumbent fails its seal hook while a file
 //! `fail-seal` exists in the data directory. Events are printed on stdout, one per line
 //! (`successor-started`, `draining`, `sealed`, `opening`, `serving … role=…`, `resumed`, each
@@ -494,6 +495,9 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                 }
             }
             println!("successor-started pid={pid}");
+            if fail == "hello-after-supervisor-exit" {
+                wait_for_parent_exit();
+            }
             let s = s.with_timing(timing()).handshake(format!("testd {pid}"))?;
             let names = s.listener_names();
             let mut s = s.wait_for_begin()?;
@@ -540,4 +544,16 @@ fn new_server(pid: u32, db: Arc<Db>) -> Arc<Server> {
         open: AtomicU64::new(0),
         in_flight: (Mutex::new(0), Condvar::new()),
     })
+}
+
+/// `hello-after-supervisor-exit`: wait until the process that spawned this successor (the
+/// supervisor) has exited, so that a test can kill the supervisor at `successor-started` and
+/// know the handoff went no further. Polls `getppid` (it changes when the parent dies), for
+/// 30 s at most.
+fn wait_for_parent_exit() {
+    let parent = std::os::unix::process::parent_id();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::os::unix::process::parent_id() == parent && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
