@@ -83,6 +83,9 @@ fn check_daemon_fds(pid: u32, e: &Expected<'_>) {
     let mut per_listener: BTreeMap<u64, usize> = BTreeMap::new();
     let (mut locks, mut logs, mut control_listeners, mut sessions, mut unnamed) =
         (0, 0, 0, 0, Vec::new());
+    // The supervisor the daemon proved is remembered by a pidfd (sys::supervisor_lock::
+    // Admission): one at most.
+    let mut pidfds = 0;
     for f in fds.values() {
         let inherited = e.stdio.get(&f.fd).or_else(|| e.baseline.get(&f.fd));
         if let Some(target) = inherited {
@@ -108,6 +111,8 @@ fn check_daemon_fds(pid: u32, e: &Expected<'_>) {
                 locks += 1;
             } else if f.target == log {
                 logs += 1;
+            } else if f.target == std::path::Path::new("anon_inode:[pidfd]") {
+                pidfds += 1;
             } else {
                 problems.push(format!("unexpected fd {} -> {}", f.fd, f.target.display()));
             }
@@ -145,6 +150,11 @@ fn check_daemon_fds(pid: u32, e: &Expected<'_>) {
         if n != 2 {
             problems.push(format!("listener socket:[{ino}] is held {n} times, not 2"));
         }
+    }
+    if pidfds > 1 {
+        problems.push(format!(
+            "{pidfds} pidfds, not at most 1 (the remembered supervisor)"
+        ));
     }
     if locks != 1 {
         problems.push(format!("{} opened {locks} times, not once", lock.display()));
