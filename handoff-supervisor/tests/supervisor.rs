@@ -549,10 +549,18 @@ fn status_within(path: &Path, limit: Duration) -> Result<String, String> {
         .map_err(|e| format!("write: {e}"))?;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
+    let until = Instant::now() + limit;
     while !got.ends_with(b"\n") {
         match s.read(&mut buf) {
             Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&got))),
             Ok(n) => got.extend_from_slice(&buf[..n]),
+            // A signal to this test process (a child's exit) interrupts the read: go on
+            // waiting for what is left of the limit.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted && Instant::now() < until => {
+                let left = until.saturating_duration_since(Instant::now());
+                s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .unwrap();
+            }
             Err(e) => return Err(format!("no answer within {limit:?}: {e}")),
         }
     }
