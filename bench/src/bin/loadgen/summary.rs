@@ -106,6 +106,7 @@ pub fn summarise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::outcome::ErrKind;
 
     #[test]

@@ -233,6 +233,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::thread;
     use std::time::{Duration, Instant};
+
     /// An fdatasync that fails (here injected; a disk's EIO) leaves the batch's records in
     /// the page cache, perhaps never to reach the disk. They were not acknowledged, and a seal
     /// or a reopen must not build on them: the segment is cut back to what the last good

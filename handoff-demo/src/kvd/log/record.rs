@@ -33,13 +33,12 @@ impl Crc32 {
     }
 }
 
+/// The CRC-32 of `bytes`.
 fn crc32(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
 }
 
-// ---------------------------------------------------------------------------------------
-// Records.
-
+/// A record's body, decoded (its bytes are in the `kvd::log` docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Record<'a> {
     Header {
@@ -185,6 +184,7 @@ pub(super) fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::kvd::log::testutil::{hex, set_record, OLD_SEGMENT_1};
 
     /// The table-driven CRC-32 this log was written with before `crc32fast`, kept as the

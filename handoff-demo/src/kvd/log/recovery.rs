@@ -223,6 +223,7 @@ mod tests {
     };
     use crate::kvd::log::Wal;
     use crate::kvd::testutil::TempDir;
+
     #[test]
     fn torn_tail_is_truncated_and_the_segment_sealed() {
         let dir = TempDir::new("torn");

@@ -203,6 +203,7 @@ pub(super) fn create_segment(dir: &Path, n: u64, base: u64) -> io::Result<Active
 // ---------------------------------------------------------------------------------------
 // The fingerprint.
 
+/// FNV-1a's offset basis: the fingerprint of a log with no sealed segment.
 pub(super) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
@@ -224,6 +225,7 @@ mod tests {
     use crate::kvd::log::testutil::seg;
     use crate::kvd::log::{recover, Wal};
     use crate::kvd::testutil::TempDir;
+
     /// A segment that is a symbolic link (planted in the data directory) is refused, not
     /// followed: recovery would otherwise read, and cut or seal, whatever it points to.
     #[test]

@@ -314,6 +314,7 @@ mod tests {
     use crate::kvd::log::testutil::{append, flip_byte, names, seg};
     use crate::kvd::testutil::TempDir;
     use std::fs::{self, File};
+
     #[test]
     fn sealed_segments_verify_and_fingerprint() {
         let dir = TempDir::new("sealed");
