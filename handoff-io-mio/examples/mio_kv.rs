@@ -5,7 +5,7 @@
 //
 // It is a drop-in replacement for the end-to-end tests' `testd` (the tests' bin `testd-mio`
 // is `include!` of this file, so: plain comments, no inner attributes, one `fn main`; only
-// `handoff_io_mio`, `handoff_io_std`, `mio`, `rustix` and `std`).
+// `handoff_io_mio`, `mio`, `rustix` and `std`).
 //
 // Protocol, on every TCP and Unix stream listener, one request per line:
 //   PING → `PONG <pid>`; PID → `<pid>`; GET k → `VAL v` | `NONE`;
@@ -40,10 +40,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use handoff_io_mio::{
-    DrainReport, IncumbentEvent, SealReport, StateSnapshot, SuccessorEvent, Tokens,
-};
-use handoff_io_std::{
-    detect_role, DataDirLock, ListenerKind, ReadinessSnapshot, Role, Timing, EXIT_ABORTED,
+    detect_role, DataDirLock, DrainReport, IncumbentConfig, IncumbentEvent, ListenerKind,
+    ReadinessSnapshot, Role, SealReport, StateSnapshot, SuccessorEvent, Timing, Tokens,
+    EXIT_ABORTED,
 };
 use mio::event::{Event, Source};
 use mio::net::{TcpListener, TcpStream, UdpSocket, UnixDatagram, UnixListener, UnixStream};
@@ -883,8 +882,7 @@ fn main() -> Res<()> {
             }
             let lock = DataDirLock::acquire_or_break_stale(&data)?;
             app.db = Some(Db::open(&data)?);
-            let inc =
-                handoff_io_std::Incumbent::bind_cold_start(&sock, lock)?.with_timing(timing());
+            let inc = IncumbentConfig::bind_cold_start(&sock, lock)?.with_timing(timing());
             let inc = handoff_io_mio::Incumbent::new(inc, app.poll.registry(), INCUMBENT_TOKENS)?;
             app.start_accepting()?;
             event(&format!("serving pid={pid} role=cold"));

@@ -12,8 +12,8 @@
 //!
 //! Each role runs the matching `handoff-proto` machine over real I/O: `poll(2)` loops over
 //! non-blocking Unix sockets, listener descriptors over `SCM_RIGHTS`, `flock`, `fsync`,
-//! `SO_PEERCRED`, pidfds. [`sys`] is the system layer shared with `handoff-io-mio`.
-//! Linux only.
+//! `SO_PEERCRED`, pidfds, all in the engine crate `handoff-engine` (shared with
+//! `handoff-io-mio`). Linux only.
 //!
 //! # Differences from the 0.1.2 API
 //!
@@ -54,24 +54,22 @@
 
 pub use handoff_proto as proto;
 
-pub mod crash;
 mod daemon;
 pub mod drainable;
-pub mod engine;
-pub mod error;
-mod held;
-pub mod inherit;
 mod log;
 mod role;
 mod successor;
 pub mod supervisor;
-pub mod sys;
+
+/// The error type of every call (the engine's, shared with `handoff-io-mio`).
+pub mod error {
+    pub use handoff_engine::error::{Error, Result};
+}
 
 pub use daemon::{Incumbent, Retired};
 pub use drainable::{DrainReport, Drainable, ReadinessSnapshot, SealReport, StateSnapshot};
+pub use handoff_engine::inherit::InheritedListeners;
+pub use handoff_engine::{DataDirLock, IncumbentConfig, PeerPolicy};
 pub use handoff_proto::{AbortReason, HandoffId, ListenerKind, Timing};
-pub use inherit::InheritedListeners;
 pub use role::{detect_role, Role};
 pub use successor::{BegunSuccessor, HandshookSuccessor, Successor, EXIT_ABORTED};
-pub use sys::lock::DataDirLock;
-pub use sys::peercred::PeerPolicy;

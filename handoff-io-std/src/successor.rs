@@ -33,17 +33,17 @@ use std::time::Instant;
 use handoff_proto::{AbortReason, HandoffId, ListenerKind, ReadinessSnapshot, SealReport, Timing};
 use rustix::event::{PollFd, PollFlags};
 
-use crate::daemon::{default_build_id, Incumbent};
-use crate::engine::{SuccessorEngine, SuccessorEvent};
-use crate::error::{Context, Error, Result};
+use handoff_engine::config::default_build_id;
+use handoff_engine::error::{Context, Error, Result};
+use handoff_engine::sys::conn::{readable, wait, writable, Waker};
+use handoff_engine::{crash, DataDirLock, IncumbentConfig, SuccessorEngine, SuccessorEvent};
+
+use crate::daemon::Incumbent;
 use crate::log::log;
-use crate::sys::conn::{readable, wait, writable, Waker};
-use crate::sys::lock::DataDirLock;
 
 const ROLE: &str = "successor";
 
-/// Exit status of a successor whose handoff was aborted (`EX_TEMPFAIL`).
-pub const EXIT_ABORTED: i32 = 75;
+pub use handoff_engine::EXIT_ABORTED;
 
 /// A process started as a successor, before it has spoken to the supervisor.
 #[derive(Debug)]
@@ -229,8 +229,10 @@ impl BegunSuccessor {
             self.handoff,
             socket_path.display()
         );
-        let incumbent = Incumbent::new(socket_path, lock, received)?.with_build_id(build);
-        crate::crash::point("successor.control_bound");
+        let incumbent = Incumbent::from_config(
+            IncumbentConfig::from_parts(socket_path, lock, received)?.with_build_id(build),
+        );
+        crash::point("successor.control_bound");
         Ok(incumbent)
     }
 }

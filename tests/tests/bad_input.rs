@@ -17,8 +17,8 @@ use std::process::Command;
 
 use handoff::proto::Verdict;
 use handoff::supervisor::Supervisor;
-use handoff::sys::lock::holds_lock;
 use handoff::{AbortReason, ListenerKind};
+use handoff_engine::sys::lock::holds_lock;
 use handoff_tests::probe::Reaper;
 use handoff_tests::{test_timing, Client, Cluster, Driver, Sup, BOUND};
 

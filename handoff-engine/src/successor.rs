@@ -23,6 +23,9 @@ use crate::sys::sockcheck;
 
 const ROLE: &str = "successor";
 
+/// Exit status of a successor whose handoff was aborted (`EX_TEMPFAIL`).
+pub const EXIT_ABORTED: i32 = 75;
+
 /// What the application must know about its takeover, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SuccessorEvent {

@@ -133,7 +133,7 @@ pub enum InheritEnv {
     All,
     /// Only those named by [`DAEMON_ENV`]; what else the child needs is set in
     /// [`Command::env`]. What a supervisor gives the daemons it starts
-    /// ([`SpawnSpec`](crate::supervisor::SpawnSpec)).
+    /// ([`SpawnSpec`](crate::spec::SpawnSpec)).
     Daemon,
 }
 
@@ -1701,7 +1701,7 @@ mod tests {
         spawn: impl FnOnce(&Command) -> Child,
     ) -> Vec<String> {
         let out = dir.path().join(name);
-        let spec = crate::supervisor::SpawnSpec {
+        let spec = crate::spec::SpawnSpec {
             binary: "/bin/sh".into(),
             args: vec![
                 "-c".into(),
