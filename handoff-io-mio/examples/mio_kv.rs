@@ -707,18 +707,18 @@ impl App {
                     return Ok(());
                 };
                 for name in s.listener_names() {
-                    let kinds = [
-                        ListenerKind::Tcp,
-                        ListenerKind::Udp,
-                        ListenerKind::UnixStream,
-                        ListenerKind::UnixDatagram,
-                    ];
-                    if let Some((kind, fd)) = kinds
-                        .into_iter()
-                        .find_map(|k| s.take_fd(&name, k).map(|fd| (k, fd)))
-                    {
-                        self.listeners.push(Listener::new(kind, fd)?);
-                    }
+                    let taken = if let Some(l) = s.take::<std::net::TcpListener>(&name) {
+                        Listener::new(ListenerKind::Tcp, l)
+                    } else if let Some(l) = s.take::<std::net::UdpSocket>(&name) {
+                        Listener::new(ListenerKind::Udp, l)
+                    } else if let Some(l) = s.take::<std::os::unix::net::UnixListener>(&name) {
+                        Listener::new(ListenerKind::UnixStream, l)
+                    } else if let Some(l) = s.take::<std::os::unix::net::UnixDatagram>(&name) {
+                        Listener::new(ListenerKind::UnixDatagram, l)
+                    } else {
+                        continue;
+                    };
+                    self.listeners.push(taken?);
                 }
                 if self.fail == "exit-before-ready" {
                     std::process::exit(3);
@@ -867,13 +867,13 @@ fn main() -> Res<()> {
         Role::ColdStart { mut inherited } => {
             let names: Vec<String> = inherited.names().iter().map(|s| s.to_string()).collect();
             for n in names {
-                let l = if let Some(l) = inherited.take(&n) {
+                let l = if let Some(l) = inherited.take::<std::net::TcpListener>(&n) {
                     Listener::new(ListenerKind::Tcp, l)?
-                } else if let Some(l) = inherited.take_udp(&n) {
+                } else if let Some(l) = inherited.take::<std::net::UdpSocket>(&n) {
                     Listener::new(ListenerKind::Udp, l)?
-                } else if let Some(l) = inherited.take_unix(&n) {
+                } else if let Some(l) = inherited.take::<std::os::unix::net::UnixListener>(&n) {
                     Listener::new(ListenerKind::UnixStream, l)?
-                } else if let Some(l) = inherited.take_unix_datagram(&n) {
+                } else if let Some(l) = inherited.take::<std::os::unix::net::UnixDatagram>(&n) {
                     Listener::new(ListenerKind::UnixDatagram, l)?
                 } else {
                     continue;

@@ -54,7 +54,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::Instant;
 
@@ -71,8 +71,8 @@ pub use handoff_engine::error;
 pub use handoff_engine::role::{detect_role, Role};
 pub use handoff_engine::sys::proc::Proven;
 pub use handoff_engine::{
-    DataDirLock, IncumbentConfig, IncumbentEvent, InheritedListeners, PeerPolicy, SpawnSpec,
-    SuccessorEvent, SupervisorEngine, SupervisorEvent, EXIT_ABORTED,
+    DataDirLock, IncumbentConfig, IncumbentEvent, InheritedListeners, Listener, ListenerSet,
+    PeerPolicy, SpawnSpec, SuccessorEvent, SupervisorEngine, SupervisorEvent, EXIT_ABORTED,
 };
 pub use handoff_proto as proto;
 pub use handoff_proto::{
@@ -289,6 +289,8 @@ pub struct Successor {
     engine: SuccessorEngine,
     reg: Registration<()>,
     timing: proto::Timing,
+    /// The listeners received, once [`SuccessorEvent::Begun`] came and one was taken.
+    listeners: Option<ListenerSet>,
 }
 
 impl Successor {
@@ -306,6 +308,7 @@ impl Successor {
         let mut me = Successor {
             engine,
             timing,
+            listeners: None,
             reg: Registration::new(
                 registry,
                 Tokens {
@@ -360,10 +363,14 @@ impl Successor {
         self.engine.listener_names()
     }
 
-    /// After [`SuccessorEvent::Begun`]: the listener `name` of kind `kind`, in blocking mode
-    /// (set non-blocking yourself before registering it with mio).
-    pub fn take_fd(&self, name: &str, kind: ListenerKind) -> Option<OwnedFd> {
-        self.engine.take_fd(name, kind)
+    /// After [`SuccessorEvent::Begun`]: the listener `name`, of the type asked for
+    /// ([`ListenerSet::take`]; `None`: none by that name, another kind, or not begun), in
+    /// blocking mode (set non-blocking yourself before registering it with mio).
+    pub fn take<L: Listener>(&mut self, name: &str) -> Option<L> {
+        if self.listeners.is_none() {
+            self.listeners = self.engine.listeners();
+        }
+        self.listeners.as_mut()?.take(name)
     }
 
     /// The data is open with `lock` held: declare ready.

@@ -38,8 +38,9 @@
 //!   the holder of that supervisor's lock (`sys::supervisor_lock`), so that no other process,
 //!   even of its own uid, can take its listeners or steer a handoff.
 //! - **Listeners of every kind** (TCP, UDP, Unix stream and datagram), any number of them,
-//!   checked on receipt, close-on-exec; `take` is TCP as before, with `take_udp`, `take_unix`
-//!   and `take_unix_datagram` beside it.
+//!   checked on receipt, close-on-exec; one typed `take::<L: Listener>(name)` for a cold
+//!   start's and a successor's alike (`inherited.take("http")` infers `TcpListener` as before;
+//!   `take_listener` stays as the successor's name for it).
 //! - **`SpawnSpec` has `Default`** (25 s drain grace, 60 s deadline) and names its
 //!   environment and arguments.
 //!
@@ -64,12 +65,16 @@ pub mod supervisor;
 /// The error type of every call (the engine's, shared with `handoff-io-mio`).
 pub mod error {
     pub use handoff_engine::error::{Error, Result};
+    pub use handoff_engine::inherit::InheritError;
+    pub use handoff_engine::sys::journal_file::JournalFileError;
+    pub use handoff_engine::sys::lock::LockError;
+    pub use handoff_engine::sys::supervisor_lock::SupervisorLockError;
 }
 
 pub use daemon::{Incumbent, Retired};
 pub use drainable::{DrainReport, Drainable, ReadinessSnapshot, SealReport, StateSnapshot};
 pub use handoff_engine::inherit::InheritedListeners;
-pub use handoff_engine::{DataDirLock, IncumbentConfig, PeerPolicy};
+pub use handoff_engine::{DataDirLock, IncumbentConfig, Listener, ListenerSet, PeerPolicy};
 pub use handoff_proto::{AbortReason, HandoffId, ListenerKind, Timing};
 pub use role::{detect_role, Role};
 pub use successor::{BegunSuccessor, HandshookSuccessor, Successor, EXIT_ABORTED};

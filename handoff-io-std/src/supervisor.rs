@@ -32,9 +32,10 @@ use std::time::{Duration, Instant};
 use handoff_engine::error::{Context, Error, Result};
 use handoff_engine::sys::peercred::PeerPolicy;
 use handoff_engine::{wait_ready, SupervisorEngine, SupervisorEvent};
-use handoff_proto::{Busy, ListenerKind, Pid, Timing};
+use handoff_proto::{ListenerKind, Timing};
 
 pub use handoff_engine::spec::{HandoffOutcome, ListenerSource, Recovery, SpawnSpec};
+pub use handoff_proto::{Busy, PhaseTimes, Pid, Verdict};
 
 /// Holds the listeners and performs handoffs. Calls take `&self`; one runs at a time.
 #[derive(Debug)]

@@ -142,9 +142,9 @@ fn listeners(
 ) -> Result<SupervisorEngine, Fatal> {
     for l in &cfg.listeners {
         let taken: Option<OwnedFd> = match l.kind {
-            Kind::Tcp => inherited.take(&l.name).map(OwnedFd::from),
-            Kind::Udp => inherited.take_udp(&l.name).map(OwnedFd::from),
-            Kind::Unix => inherited.take_unix(&l.name).map(OwnedFd::from),
+            Kind::Tcp => inherited.take::<TcpListener>(&l.name).map(OwnedFd::from),
+            Kind::Udp => inherited.take::<UdpSocket>(&l.name).map(OwnedFd::from),
+            Kind::Unix => inherited.take::<UnixListener>(&l.name).map(OwnedFd::from),
         };
         if let Some(fd) = taken {
             log(format!("listener {:?}: inherited from systemd", l.name));

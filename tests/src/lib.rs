@@ -209,7 +209,7 @@ impl MioSup {
     ) -> handoff::error::Result<std::sync::MutexGuard<'_, (mio::Poll, handoff_io_mio::Supervisor)>>
     {
         self.inner.try_lock().map_err(|_| {
-            handoff::error::Error::Busy(handoff::proto::Busy {
+            handoff::error::Error::Busy(handoff::supervisor::Busy {
                 what: "another call on this supervisor is running".into(),
                 handoff: None,
             })

@@ -15,8 +15,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use handoff::proto::Verdict;
 use handoff::supervisor::Supervisor;
+use handoff::supervisor::Verdict;
 use handoff::{AbortReason, ListenerKind};
 use handoff_engine::sys::lock::holds_lock;
 use handoff_tests::probe::Reaper;

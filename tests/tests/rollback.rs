@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use handoff::proto::Verdict;
+use handoff::supervisor::Verdict;
 use handoff::AbortReason;
 use handoff_engine::sys::lock::holds_lock;
 use handoff_tests::{alive, Client, Cluster, Driver};

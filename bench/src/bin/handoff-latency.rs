@@ -264,7 +264,7 @@ struct Row {
     /// When `perform_handoff` returned (the engine's `total` stops at the step's start, before
     /// the journal's idle record written in that step).
     done_ns: u64,
-    times: handoff::proto::supervisor::PhaseTimes,
+    times: handoff::supervisor::PhaseTimes,
 }
 
 fn handoffs(args: &Args) -> String {
