@@ -37,23 +37,14 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use handoff_proto::{ListenerKind, MAX_FDS_PER_MESSAGE};
+use handoff_proto::ListenerKind;
 
 use crate::held::Held;
 pub use crate::listener::{Listener, ListenerSet};
 
 use crate::sys::sockcheck::{self, SockCheckError};
 
-/// The first inherited descriptor (`SD_LISTEN_FDS_START`).
-pub const SD_LISTEN_FDS_START: RawFd = 3;
-
-/// Most descriptors accepted in `LISTEN_FDS`, and queued on a control connection: 64 full
-/// `SCM_RIGHTS` messages ([`MAX_FDS_PER_MESSAGE`] each), 16,192. That is above the 10,000
-/// listeners the scale benchmark asks for (`BENCHMARKS.md`; this machine's descriptor limit
-/// stops it at 9,000). Four messages, 1,012, was the limit before, and refused such a cold
-/// start. A larger count is a launcher bug,
-/// not a configuration. The process's descriptor limit must allow twice the listeners.
-pub const MAX_INHERITED_FDS: usize = 64 * MAX_FDS_PER_MESSAGE;
+pub use crate::sys::{MAX_INHERITED_FDS, SD_LISTEN_FDS_START};
 
 /// The name given to a descriptor `LISTEN_FDNAMES` does not name (systemd's default).
 pub const UNKNOWN_NAME: &str = "unknown";
