@@ -16,7 +16,7 @@ use crate::sys::lock::LockError;
 use crate::sys::supervisor_lock::SupervisorLockError;
 
 /// `Result` with [`Error`], as used by every fallible call of the API and by the
-/// [`Drainable`](crate::Drainable) hooks.
+/// drivers' `Drainable` hooks.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What went wrong.

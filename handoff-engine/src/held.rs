@@ -3,10 +3,10 @@
 //!
 //! A supervisor that restarts asks the serving daemon to send its listeners back
 //! (`ReturnListeners`). The daemon's application owns the listeners it took
-//! ([`InheritedListeners::take`](crate::InheritedListeners::take),
-//! [`BegunSuccessor::take_listener`](crate::BegunSuccessor::take_listener)), so the library
+//! ([`ListenerSet::take`](crate::ListenerSet::take), on the inherited listeners or a
+//! successor's received ones), so the library
 //! keeps a duplicate of each one (close-on-exec; the same socket, so accepting through either
-//! is the same) in this process-wide list when it hands it out. [`Incumbent`](crate::Incumbent)
+//! is the same) in this process-wide list when it hands it out. [`IncumbentConfig`](crate::IncumbentConfig)
 //! takes the list when it is created.
 
 use std::os::fd::{AsFd, OwnedFd};

@@ -23,10 +23,10 @@
 //!   program opened itself. When one fails its check, none of the others is left inheritable.
 //!
 //! The same care for the other descriptor numbers that come from outside: the successor's
-//! channel named by `HANDOFF_CHANNEL_FD` ([`detect_role`](crate::detect_role)), owned only once
+//! channel named by `HANDOFF_CHANNEL_FD` ([`detect_role`](crate::role::detect_role)), owned only once
 //! it has been seen to be a connected `AF_UNIX` stream socket and otherwise left open, and a
-//! listener given to [`Supervisor::with_listener`](crate::supervisor::Supervisor::with_listener)
-//! as a raw number, only duplicated. Turning a raw descriptor number into an `OwnedFd` or a
+//! listener given to a supervisor as a raw number ([`ListenerSource`](crate::ListenerSource))
+//!, only duplicated. Turning a raw descriptor number into an `OwnedFd` or a
 //! `BorrowedFd` has no safe API: this module and `sys::spawn` hold the crate's `unsafe` code,
 //! each use with a SAFETY comment.
 //!

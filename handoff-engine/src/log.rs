@@ -1,6 +1,6 @@
 //! Diagnostics on standard error: one line per event an operator may need (a refused peer, a
 //! handoff's steps, an abort and its reason). `HANDOFF_LOG=off` silences them.
-//! The drivers write their own lines through [`enabled`] and [`line`] too.
+//! The drivers write their own lines through [`enabled()`] and [`line()`] too.
 
 use std::sync::OnceLock;
 

@@ -34,7 +34,7 @@ pub enum Role {
 /// and the listeners already taken and returns an error or an empty set.
 ///
 /// The library keeps a duplicate of every inherited listener, so that a restarted supervisor
-/// can take them back from this daemon (see [`held`](crate::held)).
+/// can take them back from this daemon (see [`crate::held`]).
 pub fn detect_role() -> Result<Role> {
     if std::env::var_os(ENV_ROLE).is_some_and(|v| v == ROLE_SUCCESSOR) {
         let channel = take_channel()?;

@@ -100,7 +100,7 @@ pub struct HandoffOutcome {
     pub times: PhaseTimes,
 }
 
-/// What [`Supervisor::resume_from_journal`] found.
+/// What a supervisor's recovery (`Supervisor::resume_from_journal` of the drivers) found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recovery {
     /// The daemon serving now.
@@ -109,7 +109,7 @@ pub struct Recovery {
     pub resolution: Option<(HandoffId, Resolution)>,
 }
 
-/// A listener for [`Supervisor::with_listener`]: anything that lends a descriptor for the
+/// A listener for a supervisor's `with_listener` (the drivers' `Supervisor`): anything that lends a descriptor for the
 /// duplicate the supervisor keeps.
 ///
 /// - `&T` for any `T: AsFd` (`&TcpListener`, `&UnixListener`, `&UdpSocket`, `&OwnedFd`, …), a

@@ -70,7 +70,7 @@ pub struct SuccessorEngine {
 
 impl SuccessorEngine {
     /// The engine of a process started as a successor, on its channel (see
-    /// [`detect_role`](crate::detect_role)).
+    /// [`detect_role`](crate::role::detect_role)).
     pub fn new(
         chan: UnixStream,
         build_id: String,

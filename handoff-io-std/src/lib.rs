@@ -44,12 +44,9 @@
 //! - **`SpawnSpec` has `Default`** (25 s drain grace, 60 s deadline) and names its
 //!   environment and arguments.
 //!
-//! `unsafe` is denied crate-wide. The exceptions, each with a SAFETY comment, are in two
-//! modules. [`inherit`]: owning the descriptors a process inherits
-//! ([`inherit::InheritedListeners::from_env`], the successor channel for [`detect_role`]), and
-//! borrowing a raw descriptor number given to [`supervisor::Supervisor::with_listener`] to
-//! duplicate it. `sys::spawn`: placing descriptors in a spawned child and executing the checked
-//! binary there (`pre_exec`, `fexecve`), and reading `SO_PEERPIDFD` (`peer_pidfd`).
+//! `unsafe` is denied crate-wide, with no exception: the code that needs it (owning inherited
+//! descriptors, placing descriptors in a spawned child, `fexecve`, `SO_PEERPIDFD`) is in
+//! `handoff-engine`'s `inherit` and `sys::spawn` modules.
 
 #![deny(unsafe_code)]
 

@@ -76,7 +76,7 @@ impl Supervisor {
     /// error is reported by the next call.
     ///
     /// `listener` is anything that lends a descriptor: `&TcpListener` (any `&impl AsFd`), a
-    /// [`BorrowedFd`], an [`OwnedFd`] (closed once duplicated), or a raw number as in the
+    /// `BorrowedFd`, an `OwnedFd` (closed once duplicated), or a raw number as in the
     /// 0.1.2 API, `listener.as_raw_fd()`; see [`ListenerSource`] for what is checked before a
     /// raw number is touched.
     pub fn with_listener(self, name: &str, listener: impl ListenerSource) -> Supervisor {

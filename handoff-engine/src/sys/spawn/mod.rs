@@ -34,8 +34,8 @@
 //! script), and the script's `$0` is `/dev/fd/N`, not its path.
 //!
 //! The module by concern: this file executes the checked binary in the child (placing the
-//! descriptors, `fexecve`); [`env`] builds what the child is given ([`Command`], its
-//! environment); [`trust`] opens and checks the binary ([`check_trusted_binary`]); [`watch`]
+//! descriptors, `fexecve`); `env` builds what the child is given ([`Command`], its
+//! environment); `trust` opens and checks the binary ([`check_trusted_binary`]); `watch`
 //! watches processes through pidfds ([`Watched`], [`wait_any`], [`peer_pidfd`]).
 //!
 //! This is the one module of [`crate::sys`] with `unsafe` code (allowed here, for it and its
@@ -77,7 +77,7 @@ pub const ENV_ROLE: &str = "HANDOFF_ROLE";
 pub const ENV_CHANNEL_FD: &str = "HANDOFF_CHANNEL_FD";
 
 /// The environment variable telling a successor how many listeners it will receive, so that
-/// [`detect_role`](crate::detect_role) can size its descriptor table while the process is still
+/// [`detect_role`](crate::role::detect_role) can size its descriptor table while the process is still
 /// single-threaded. [`spawn_with_listeners`] removes it.
 pub const ENV_LISTENER_COUNT: &str = "HANDOFF_LISTENER_COUNT";
 
