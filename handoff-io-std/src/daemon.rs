@@ -71,14 +71,9 @@ impl Incumbent {
         )?))
     }
 
-    /// The incumbent of an engine-level configuration (see [`IncumbentConfig`]).
-    pub fn from_config(config: IncumbentConfig) -> Incumbent {
+    /// The incumbent of an engine-level configuration.
+    pub(crate) fn from_config(config: IncumbentConfig) -> Incumbent {
         Incumbent { config }
-    }
-
-    /// The engine-level configuration.
-    pub fn into_config(self) -> IncumbentConfig {
-        self.config
     }
 
     /// Also hand `fd` (a listener this daemon bound itself) back to a restarted supervisor,
