@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff::sys::spawn::{wait_any, Watched};
+use handoff_engine::sys::spawn::{wait_any, Watched};
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
 const BOUND: Duration = Duration::from_secs(30);

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
-use handoff::sys::spawn::{spawn_with_listeners, Command, Watched};
+use handoff_engine::sys::spawn::{spawn_with_listeners, Command, Watched};
 
 /// How long any client operation may take before it counts as a stall failure.
 const IO_BOUND: Duration = Duration::from_secs(30);
@@ -660,7 +660,7 @@ fn main() -> std::process::ExitCode {
     // Stop: SIGTERM makes the supervisor stop kvd within its drain grace, then exit.
     if let Ok(w) = Watched::open(sup_child.id()) {
         let _ = w.signal(rustix::process::Signal::TERM);
-        if handoff::sys::spawn::wait_any(&[&w], Duration::from_secs(15))
+        if handoff_engine::sys::spawn::wait_any(&[&w], Duration::from_secs(15))
             .unwrap_or_default()
             .is_empty()
         {

@@ -5,7 +5,7 @@
 //
 // It is a drop-in replacement for the end-to-end tests' `testd` (the tests' bin `testd-mio`
 // is `include!` of this file, so: plain comments, no inner attributes, one `fn main`; only
-// `handoff_io_mio`, `handoff_io_std`, `mio`, `rustix` and `std`).
+// `handoff_io_mio`, `mio`, `rustix` and `std`).
 //
 // Protocol, on every TCP and Unix stream listener, one request per line:
 //   PING → `PONG <pid>`; PID → `<pid>`; GET k → `VAL v` | `NONE`;
@@ -40,10 +40,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use handoff_io_mio::{
-    DrainReport, IncumbentEvent, SealReport, StateSnapshot, SuccessorEvent, Tokens,
-};
-use handoff_io_std::{
-    detect_role, DataDirLock, ListenerKind, ReadinessSnapshot, Role, Timing, EXIT_ABORTED,
+    detect_role, DataDirLock, DrainReport, IncumbentConfig, IncumbentEvent, ListenerKind,
+    ReadinessSnapshot, Role, SealReport, StateSnapshot, SuccessorEvent, Timing, Tokens,
+    EXIT_ABORTED,
 };
 use mio::event::{Event, Source};
 use mio::net::{TcpListener, TcpStream, UdpSocket, UnixDatagram, UnixListener, UnixStream};
@@ -708,18 +707,18 @@ impl App {
                     return Ok(());
                 };
                 for name in s.listener_names() {
-                    let kinds = [
-                        ListenerKind::Tcp,
-                        ListenerKind::Udp,
-                        ListenerKind::UnixStream,
-                        ListenerKind::UnixDatagram,
-                    ];
-                    if let Some((kind, fd)) = kinds
-                        .into_iter()
-                        .find_map(|k| s.take_fd(&name, k).map(|fd| (k, fd)))
-                    {
-                        self.listeners.push(Listener::new(kind, fd)?);
-                    }
+                    let taken = if let Some(l) = s.take::<std::net::TcpListener>(&name) {
+                        Listener::new(ListenerKind::Tcp, l)
+                    } else if let Some(l) = s.take::<std::net::UdpSocket>(&name) {
+                        Listener::new(ListenerKind::Udp, l)
+                    } else if let Some(l) = s.take::<std::os::unix::net::UnixListener>(&name) {
+                        Listener::new(ListenerKind::UnixStream, l)
+                    } else if let Some(l) = s.take::<std::os::unix::net::UnixDatagram>(&name) {
+                        Listener::new(ListenerKind::UnixDatagram, l)
+                    } else {
+                        continue;
+                    };
+                    self.listeners.push(taken?);
                 }
                 if self.fail == "exit-before-ready" {
                     std::process::exit(3);
@@ -868,13 +867,13 @@ fn main() -> Res<()> {
         Role::ColdStart { mut inherited } => {
             let names: Vec<String> = inherited.names().iter().map(|s| s.to_string()).collect();
             for n in names {
-                let l = if let Some(l) = inherited.take(&n) {
+                let l = if let Some(l) = inherited.take::<std::net::TcpListener>(&n) {
                     Listener::new(ListenerKind::Tcp, l)?
-                } else if let Some(l) = inherited.take_udp(&n) {
+                } else if let Some(l) = inherited.take::<std::net::UdpSocket>(&n) {
                     Listener::new(ListenerKind::Udp, l)?
-                } else if let Some(l) = inherited.take_unix(&n) {
+                } else if let Some(l) = inherited.take::<std::os::unix::net::UnixListener>(&n) {
                     Listener::new(ListenerKind::UnixStream, l)?
-                } else if let Some(l) = inherited.take_unix_datagram(&n) {
+                } else if let Some(l) = inherited.take::<std::os::unix::net::UnixDatagram>(&n) {
                     Listener::new(ListenerKind::UnixDatagram, l)?
                 } else {
                     continue;
@@ -883,8 +882,7 @@ fn main() -> Res<()> {
             }
             let lock = DataDirLock::acquire_or_break_stale(&data)?;
             app.db = Some(Db::open(&data)?);
-            let inc =
-                handoff_io_std::Incumbent::bind_cold_start(&sock, lock)?.with_timing(timing());
+            let inc = IncumbentConfig::bind_cold_start(&sock, lock)?.with_timing(timing());
             let inc = handoff_io_mio::Incumbent::new(inc, app.poll.registry(), INCUMBENT_TOKENS)?;
             app.start_accepting()?;
             event(&format!("serving pid={pid} role=cold"));

@@ -2,7 +2,7 @@
 //! embedded in an application's own `mio` event loop, with no extra thread and no blocking
 //! call.
 //!
-//! Each driver wraps the role's engine from `handoff-io-std` (the same machine, SCM_RIGHTS,
+//! Each driver wraps the role's engine from `handoff-engine` (the same machine, SCM_RIGHTS,
 //! flock, fsync, peer-credential and pidfd code as the std driver), registers the engine's
 //! descriptors with your [`Registry`] under tokens you choose ([`Tokens`]), and turns what
 //! the application must do into events: a drain is an [`IncumbentEvent::Drain`] you complete
@@ -54,23 +54,30 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::Instant;
 
-use handoff_io_std::engine::{
-    IncumbentEngine, IncumbentKey, Interest as EngineInterest, SuccessorEngine, SupervisorEngine,
-    SupervisorKey,
+use std::os::unix::net::UnixStream;
+
+use handoff_engine::error::{Error, Result};
+use handoff_engine::{
+    IncumbentEngine, IncumbentKey, Interest as EngineInterest, SuccessorEngine, SupervisorKey,
 };
-use handoff_io_std::error::{Error, Result};
-use handoff_io_std::supervisor::SpawnSpec;
-use handoff_io_std::{DataDirLock, ListenerKind, ReadinessSnapshot};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
-pub use handoff_io_std::engine::{IncumbentEvent, SuccessorEvent, SupervisorEvent};
+pub use handoff_engine::error;
+pub use handoff_engine::role::{detect_role, Role};
+pub use handoff_engine::sys::proc::Proven;
+pub use handoff_engine::{
+    DataDirLock, IncumbentConfig, IncumbentEvent, InheritedListeners, Listener, ListenerSet,
+    PeerPolicy, SpawnSpec, SuccessorEvent, SupervisorEngine, SupervisorEvent, EXIT_ABORTED,
+};
 pub use handoff_proto as proto;
-pub use handoff_proto::{DrainReport, HandoffId, SealReport, StateSnapshot};
+pub use handoff_proto::{
+    DrainReport, HandoffId, ListenerKind, ReadinessSnapshot, SealReport, StateSnapshot, Timing,
+};
 
 /// The tokens a driver may use: `start`, `start + 1`, …, `start + len - 1`. Give each driver
 /// a range of its own, apart from your sockets' tokens. An incumbent needs one for its
@@ -200,13 +207,9 @@ pub struct Incumbent {
 }
 
 impl Incumbent {
-    /// Drive `inc` (bound with `handoff_io_std::Incumbent::bind_cold_start`, or made by
+    /// Drive `inc` (bound with [`IncumbentConfig::bind_cold_start`], or made by
     /// [`Successor::into_incumbent`]) in the loop of `registry`, under `tokens`.
-    pub fn new(
-        inc: handoff_io_std::Incumbent,
-        registry: &Registry,
-        tokens: Tokens,
-    ) -> io::Result<Incumbent> {
+    pub fn new(inc: IncumbentConfig, registry: &Registry, tokens: Tokens) -> io::Result<Incumbent> {
         let mut me = Incumbent {
             engine: IncumbentEngine::new(inc),
             reg: Registration::new(registry, tokens)?,
@@ -286,23 +289,26 @@ pub struct Successor {
     engine: SuccessorEngine,
     reg: Registration<()>,
     timing: proto::Timing,
+    /// The listeners received, once [`SuccessorEvent::Begun`] came and one was taken.
+    listeners: Option<ListenerSet>,
 }
 
 impl Successor {
-    /// Take over the channel of `s` (from `handoff_io_std::detect_role`), answer with
-    /// `build_id`, and register it in the loop of `registry` under `token`.
+    /// Take over the successor channel `channel` (from [`detect_role`]'s
+    /// [`Role::Successor`]), answer with `build_id`, and register it in the loop of `registry`
+    /// under `token`.
     pub fn new(
-        s: handoff_io_std::Successor,
+        channel: UnixStream,
         build_id: impl Into<String>,
         timing: proto::Timing,
         registry: &Registry,
         token: Token,
     ) -> io::Result<Successor> {
-        let engine =
-            SuccessorEngine::new(s.into_channel(), build_id.into(), timing, Instant::now())?;
+        let engine = SuccessorEngine::new(channel, build_id.into(), timing, Instant::now())?;
         let mut me = Successor {
             engine,
             timing,
+            listeners: None,
             reg: Registration::new(
                 registry,
                 Tokens {
@@ -357,10 +363,14 @@ impl Successor {
         self.engine.listener_names()
     }
 
-    /// After [`SuccessorEvent::Begun`]: the listener `name` of kind `kind`, in blocking mode
-    /// (set non-blocking yourself before registering it with mio).
-    pub fn take_fd(&self, name: &str, kind: ListenerKind) -> Option<OwnedFd> {
-        self.engine.take_fd(name, kind)
+    /// After [`SuccessorEvent::Begun`]: the listener `name`, of the type asked for
+    /// ([`ListenerSet::take`]; `None`: none by that name, another kind, or not begun), in
+    /// blocking mode (set non-blocking yourself before registering it with mio).
+    pub fn take<L: Listener>(&mut self, name: &str) -> Option<L> {
+        if self.listeners.is_none() {
+            self.listeners = self.engine.listeners();
+        }
+        self.listeners.as_mut()?.take(name)
     }
 
     /// The data is open with `lock` held: declare ready.
@@ -377,14 +387,14 @@ impl Successor {
         registry: &Registry,
         tokens: Tokens,
     ) -> Result<Incumbent> {
-        let inc = self.into_std_incumbent(socket_path)?;
+        let inc = self.into_incumbent_config(socket_path)?;
         Ok(Incumbent::new(inc, registry, tokens)?)
     }
 
     /// After [`SuccessorEvent::Committed`]: the incumbent's endpoint, bound at `socket_path`
     /// with this successor's timings and build id, to configure further (`with_peer_policy`,
     /// `with_build_id`) before [`Incumbent::new`].
-    pub fn into_std_incumbent(mut self, socket_path: &Path) -> Result<handoff_io_std::Incumbent> {
+    pub fn into_incumbent_config(mut self, socket_path: &Path) -> Result<IncumbentConfig> {
         self.reg.deregister_all();
         let timing = self.timing;
         let build = self.engine.build_id().to_string();
@@ -392,11 +402,9 @@ impl Successor {
             .engine
             .into_parts()
             .ok_or_else(|| Error::Protocol("not committed".into()))?;
-        Ok(
-            handoff_io_std::Incumbent::from_parts(socket_path, lock, listeners)?
-                .with_timing(timing)
-                .with_build_id(build),
-        )
+        Ok(IncumbentConfig::from_parts(socket_path, lock, listeners)?
+            .with_timing(timing)
+            .with_build_id(build))
     }
 }
 
@@ -458,7 +466,7 @@ impl Supervisor {
     }
 
     /// The serving daemon as a proven process: see [`SupervisorEngine::serving_process`].
-    pub fn serving_process(&self) -> Option<handoff_io_std::sys::proc::Proven> {
+    pub fn serving_process(&self) -> Option<Proven> {
         self.engine.serving_process()
     }
 

@@ -12,7 +12,7 @@
 //! Every connection is checked before the machine hears of it: its uid (`SO_PEERCRED`)
 //! against the [`PeerPolicy`], and, in a daemon started by a handoff supervisor, whether the
 //! peer is that supervisor: the process holding the supervisor lock named in
-//! `HANDOFF_SUPERVISOR_LOCK` (see [`crate::sys::supervisor_lock`]). Any other peer, even one of
+//! `HANDOFF_SUPERVISOR_LOCK` (see `handoff_engine::sys::supervisor_lock`). Any other peer, even one of
 //! the daemon's own uid, is logged and dropped unheard: it cannot take the listeners, drain
 //! the daemon or disturb a handoff. A daemon started without that variable (by hand) admits
 //! any peer of an admitted uid, and says so once at start. A control connection that sends a
@@ -21,24 +21,20 @@
 //! lock back and resumes on its own.
 
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use handoff_proto::{DrainReport, HandoffId, ListenerKind, SealReport, StateSnapshot, Timing};
+use handoff_engine::error::{Context, Result};
+use handoff_engine::sys::conn::Waker;
+use handoff_engine::PeerPolicy;
+use handoff_engine::{wait_ready, DataDirLock, IncumbentConfig, IncumbentEngine, IncumbentEvent};
+use handoff_proto::{DrainReport, HandoffId, SealReport, StateSnapshot, Timing};
 
 use crate::drainable::Drainable;
-use crate::engine::{wait_ready, IncumbentEngine, IncumbentEvent};
-use crate::error::{Context, Error, Result};
-use crate::held::{self, Held};
 use crate::log::log;
-use crate::sys::conn::Waker;
-use crate::sys::lock::DataDirLock;
-use crate::sys::peercred::{bind_unix_listener_0600, PeerPolicy};
-use crate::sys::supervisor_lock::{Admission, LockId, ENV_SUPERVISOR_LOCK};
 
 const ROLE: &str = "incumbent";
 
@@ -56,18 +52,7 @@ pub struct Retired {
 /// [`serve`](Incumbent::serve) on a dedicated thread.
 #[derive(Debug)]
 pub struct Incumbent {
-    pub(crate) control: UnixListener,
-    pub(crate) socket_path: PathBuf,
-    pub(crate) lock: Option<DataDirLock>,
-    pub(crate) lock_dir: PathBuf,
-    pub(crate) listeners: Vec<Held>,
-    pub(crate) build_id: String,
-    pub(crate) timing: Timing,
-    pub(crate) policy: PeerPolicy,
-    /// The supervisor lock whose holder alone may talk on the control socket; `None`: any
-    /// peer the policy admits.
-    pub(crate) supervisor: Option<Admission>,
-    pub(crate) exit_on_retire: bool,
+    config: IncumbentConfig,
 }
 
 impl Incumbent {
@@ -80,105 +65,52 @@ impl Incumbent {
     /// Bind only after taking the lock, as the seed example does: a daemon that answers on the
     /// control socket is taken by a recovering supervisor to be the one serving.
     pub fn bind_cold_start(socket_path: &Path, lock: DataDirLock) -> Result<Incumbent> {
-        Incumbent::new(socket_path, lock, held::take_all())
+        Ok(Incumbent::from_config(IncumbentConfig::bind_cold_start(
+            socket_path,
+            lock,
+        )?))
     }
 
-    /// An incumbent from its parts: for a driver that ran the successor's engine itself
-    /// (`handoff-io-mio`), once committed. Binds the control socket as
-    /// [`bind_cold_start`](Self::bind_cold_start) does.
-    pub fn from_parts(
-        socket_path: &Path,
-        lock: DataDirLock,
-        listeners: Vec<Held>,
-    ) -> Result<Incumbent> {
-        Incumbent::new(socket_path, lock, listeners)
-    }
-
-    pub(crate) fn new(
-        socket_path: &Path,
-        lock: DataDirLock,
-        listeners: Vec<Held>,
-    ) -> Result<Incumbent> {
-        // Read before binding: a daemon that cannot tell its supervisor must not serve.
-        let supervisor = LockId::from_env()
-            .map_err(|detail| Error::invalid(ENV_SUPERVISOR_LOCK, detail))?
-            .map(Admission::new);
-        if supervisor.is_none() {
-            log!(
-                ROLE,
-                "{ENV_SUPERVISOR_LOCK} is not set (not started by a handoff supervisor): any \
-                 process of an admitted uid may drive handoffs on {}",
-                socket_path.display()
-            );
-        }
-        let control = bind_unix_listener_0600(socket_path)
-            .context(|| format!("binding control socket {}", socket_path.display()))?;
-        control
-            .set_nonblocking(true)
-            .context(|| "making the control socket non-blocking".into())?;
-        let lock_dir = lock
-            .path()
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        Ok(Incumbent {
-            control,
-            socket_path: socket_path.to_path_buf(),
-            lock: Some(lock),
-            lock_dir,
-            listeners,
-            build_id: default_build_id(),
-            timing: Timing::default(),
-            policy: PeerPolicy::default(),
-            supervisor,
-            exit_on_retire: true,
-        })
+    /// The incumbent of an engine-level configuration.
+    pub(crate) fn from_config(config: IncumbentConfig) -> Incumbent {
+        Incumbent { config }
     }
 
     /// Also hand `fd` (a listener this daemon bound itself) back to a restarted supervisor,
     /// under `name`. The library keeps a close-on-exec duplicate.
-    pub fn with_listener(mut self, name: &str, fd: impl AsFd) -> Result<Incumbent> {
-        held::check_name(name, &self.listeners)?;
-        let kind = crate::sys::sockcheck::inspect(fd.as_fd())
-            .map_err(|e| Error::invalid(format!("listener {name:?}"), e.to_string()))?;
-        held::keep(name, ListenerKind::from(kind), fd)?;
-        self.listeners.extend(held::take_all());
-        Ok(self)
+    pub fn with_listener(self, name: &str, fd: impl AsFd) -> Result<Incumbent> {
+        Ok(Incumbent::from_config(self.config.with_listener(name, fd)?))
     }
 
     /// The build id reported to the supervisor (default: the executable's file name and the
     /// crate version).
-    pub fn with_build_id(mut self, build_id: impl Into<String>) -> Incumbent {
-        self.build_id = build_id.into();
-        self
+    pub fn with_build_id(self, build_id: impl Into<String>) -> Incumbent {
+        Incumbent::from_config(self.config.with_build_id(build_id))
     }
 
     /// Heartbeat, silence and retry timings (default [`Timing::default`]).
-    pub fn with_timing(mut self, timing: Timing) -> Incumbent {
-        self.timing = timing;
-        self
+    pub fn with_timing(self, timing: Timing) -> Incumbent {
+        Incumbent::from_config(self.config.with_timing(timing))
     }
 
     /// Which uids may connect to the control socket (default: this process's uid, and root).
-    /// Under a handoff supervisor, a peer must also hold the supervisor lock (see
-    /// [`crate::sys::supervisor_lock`]); the policy cannot widen that.
-    pub fn with_peer_policy(mut self, policy: PeerPolicy) -> Incumbent {
-        self.policy = policy;
-        self
+    /// Under a handoff supervisor, a peer must also hold the supervisor lock; the policy
+    /// cannot widen that.
+    pub fn with_peer_policy(self, policy: PeerPolicy) -> Incumbent {
+        Incumbent::from_config(self.config.with_peer_policy(policy))
     }
 
     /// Whether [`serve`](Self::serve) ends the process (status 0) when a successor has taken
     /// over (default: yes). The old binary must not touch the data after a commit, and old
     /// processes must not pile up; turn this off only to run your own shutdown, and exit
     /// promptly after `serve` returns.
-    pub fn exit_on_retire(mut self, exit: bool) -> Incumbent {
-        self.exit_on_retire = exit;
-        self
+    pub fn exit_on_retire(self, exit: bool) -> Incumbent {
+        Incumbent::from_config(self.config.exit_on_retire(exit))
     }
 
     /// The control socket's path.
     pub fn socket_path(&self) -> &Path {
-        &self.socket_path
+        self.config.socket_path()
     }
 
     /// Answer supervisors until a successor takes over: then exit the process (or return,
@@ -189,7 +121,7 @@ impl Incumbent {
     pub fn serve<D: Drainable>(self, drainable: D) -> Result<Retired> {
         let waker = Arc::new(Waker::new().context(|| "creating the loop's waker".into())?);
         let hooks = HookThread::spawn(drainable, Arc::clone(&waker))?;
-        let mut engine = IncumbentEngine::new(self);
+        let mut engine = IncumbentEngine::new(self.config);
         loop {
             while let Some(ev) = engine.poll_event() {
                 match ev {
@@ -227,15 +159,6 @@ impl Incumbent {
             }
         }
     }
-}
-
-/// `<executable file name> <crate version>`.
-pub(crate) fn default_build_id() -> String {
-    let exe = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "unknown".into());
-    format!("{exe} {}", env!("CARGO_PKG_VERSION"))
 }
 
 enum HookCall {

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 pub use handoff_proto::{DrainReport, ReadinessSnapshot, SealReport, StateSnapshot};
 
-use crate::error::Result;
+use handoff_engine::error::Result;
 
 /// What a daemon implements so it can be handed off.
 ///

@@ -12,8 +12,8 @@
 //!
 //! Each role runs the matching `handoff-proto` machine over real I/O: `poll(2)` loops over
 //! non-blocking Unix sockets, listener descriptors over `SCM_RIGHTS`, `flock`, `fsync`,
-//! `SO_PEERCRED`, pidfds. [`sys`] is the system layer shared with `handoff-io-mio`.
-//! Linux only.
+//! `SO_PEERCRED`, pidfds, all in the engine crate `handoff-engine` (shared with
+//! `handoff-io-mio`). Linux only.
 //!
 //! # Differences from the 0.1.2 API
 //!
@@ -38,40 +38,40 @@
 //!   the holder of that supervisor's lock (`sys::supervisor_lock`), so that no other process,
 //!   even of its own uid, can take its listeners or steer a handoff.
 //! - **Listeners of every kind** (TCP, UDP, Unix stream and datagram), any number of them,
-//!   checked on receipt, close-on-exec; `take` is TCP as before, with `take_udp`, `take_unix`
-//!   and `take_unix_datagram` beside it.
+//!   checked on receipt, close-on-exec; one typed `take::<L: Listener>(name)` for a cold
+//!   start's and a successor's alike (`inherited.take("http")` infers `TcpListener` as before;
+//!   `take_listener` stays as the successor's name for it).
 //! - **`SpawnSpec` has `Default`** (25 s drain grace, 60 s deadline) and names its
 //!   environment and arguments.
 //!
-//! `unsafe` is denied crate-wide. The exceptions, each with a SAFETY comment, are in two
-//! modules. [`inherit`]: owning the descriptors a process inherits
-//! ([`inherit::InheritedListeners::from_env`], the successor channel for [`detect_role`]), and
-//! borrowing a raw descriptor number given to [`supervisor::Supervisor::with_listener`] to
-//! duplicate it. `sys::spawn`: placing descriptors in a spawned child and executing the checked
-//! binary there (`pre_exec`, `fexecve`), and reading `SO_PEERPIDFD` (`peer_pidfd`).
+//! `unsafe` is denied crate-wide, with no exception: the code that needs it (owning inherited
+//! descriptors, placing descriptors in a spawned child, `fexecve`, `SO_PEERPIDFD`) is in
+//! `handoff-engine`'s `inherit` and `sys::spawn` modules.
 
 #![deny(unsafe_code)]
 
 pub use handoff_proto as proto;
 
-pub mod crash;
 mod daemon;
 pub mod drainable;
-pub mod engine;
-pub mod error;
-mod held;
-pub mod inherit;
 mod log;
 mod role;
 mod successor;
 pub mod supervisor;
-pub mod sys;
+
+/// The error type of every call (the engine's, shared with `handoff-io-mio`).
+pub mod error {
+    pub use handoff_engine::error::{Error, Result};
+    pub use handoff_engine::inherit::InheritError;
+    pub use handoff_engine::sys::journal_file::JournalFileError;
+    pub use handoff_engine::sys::lock::LockError;
+    pub use handoff_engine::sys::supervisor_lock::SupervisorLockError;
+}
 
 pub use daemon::{Incumbent, Retired};
 pub use drainable::{DrainReport, Drainable, ReadinessSnapshot, SealReport, StateSnapshot};
+pub use handoff_engine::inherit::InheritedListeners;
+pub use handoff_engine::{DataDirLock, IncumbentConfig, Listener, ListenerSet, PeerPolicy};
 pub use handoff_proto::{AbortReason, HandoffId, ListenerKind, Timing};
-pub use inherit::InheritedListeners;
 pub use role::{detect_role, Role};
 pub use successor::{BegunSuccessor, HandshookSuccessor, Successor, EXIT_ABORTED};
-pub use sys::lock::DataDirLock;
-pub use sys::peercred::PeerPolicy;

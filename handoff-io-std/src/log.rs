@@ -1,12 +1,6 @@
-//! Diagnostics on standard error: one line per event an operator may need (a refused peer, a
-//! handoff's steps, an abort and its reason). `HANDOFF_LOG=off` silences them.
+//! The engine's diagnostics shim (`handoff_engine::log`), for this driver's own lines.
 
-use std::sync::OnceLock;
-
-pub(crate) fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("HANDOFF_LOG").is_none_or(|v| v != "off"))
-}
+pub(crate) use handoff_engine::log::{enabled, line};
 
 /// `log!("incumbent", "refused peer uid {uid}")` → `handoff[1234] incumbent: refused peer …`.
 macro_rules! log {
@@ -20,12 +14,5 @@ macro_rules! log {
             ));
         }
     };
-}
-
-/// Write one whole line with a single `write(2)`, so lines of the processes sharing a
-/// stderr never interleave mid-line (`eprintln!` writes a formatted line in pieces).
-pub(crate) fn line(text: &str) {
-    use std::io::Write;
-    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 pub(crate) use log;

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! Successor ──handshake──▶ HandshookSuccessor ──wait_for_begin──▶ BegunSuccessor
-//!                                                      take_listener / announce_and_bind ──▶ Incumbent
+//!                                                      take / announce_and_bind ──▶ Incumbent
 //! ```
 //!
 //! From [`Successor::handshake`] on, a background thread ("handoff-successor") owns the
@@ -23,27 +23,28 @@
 //!   ends the process at once with status [`EXIT_ABORTED`]: an aborted successor must not
 //!   touch the data, and its exit frees the lock for the incumbent.
 
-use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Instant;
 
-use handoff_proto::{AbortReason, HandoffId, ListenerKind, ReadinessSnapshot, SealReport, Timing};
+use handoff_proto::{AbortReason, HandoffId, ReadinessSnapshot, SealReport, Timing};
 use rustix::event::{PollFd, PollFlags};
 
-use crate::daemon::{default_build_id, Incumbent};
-use crate::engine::{SuccessorEngine, SuccessorEvent};
-use crate::error::{Context, Error, Result};
+use handoff_engine::config::default_build_id;
+use handoff_engine::error::{Context, Error, Result};
+use handoff_engine::sys::conn::{readable, wait, writable, Waker};
+use handoff_engine::{
+    crash, DataDirLock, IncumbentConfig, Listener, ListenerSet, SuccessorEngine, SuccessorEvent,
+};
+
+use crate::daemon::Incumbent;
 use crate::log::log;
-use crate::sys::conn::{readable, wait, writable, Waker};
-use crate::sys::lock::DataDirLock;
 
 const ROLE: &str = "successor";
 
-/// Exit status of a successor whose handoff was aborted (`EX_TEMPFAIL`).
-pub const EXIT_ABORTED: i32 = 75;
+pub use handoff_engine::EXIT_ABORTED;
 
 /// A process started as a successor, before it has spoken to the supervisor.
 #[derive(Debug)]
@@ -65,6 +66,8 @@ pub struct BegunSuccessor {
     shared: Arc<Shared>,
     seal: SealReport,
     handoff: HandoffId,
+    /// The listeners received, new descriptors in blocking mode.
+    listeners: ListenerSet,
 }
 
 impl Successor {
@@ -125,14 +128,17 @@ impl HandshookSuccessor {
     /// Block until the incumbent has drained, sealed and released the data-directory lock
     /// (`Begin`), or the handoff failed.
     pub fn wait_for_begin(self) -> Result<BegunSuccessor> {
-        let (handoff, seal) = {
+        let (handoff, seal, listeners) = {
             let s = self.shared.wait_for(|s| s.begun.is_some())?;
-            s.begun.clone().expect("waited for it")
+            let (handoff, seal) = s.begun.clone().expect("waited for it");
+            let listeners = s.engine.as_ref().and_then(SuccessorEngine::listeners);
+            (handoff, seal, listeners.unwrap_or_default())
         };
         Ok(BegunSuccessor {
             shared: self.shared,
             seal,
             handoff,
+            listeners,
         })
     }
 
@@ -157,36 +163,25 @@ impl BegunSuccessor {
         self.handoff
     }
 
-    fn take_kind(&mut self, name: &str, kind: ListenerKind) -> Option<OwnedFd> {
-        let s = self.shared.lock();
-        s.engine.as_ref()?.take_fd(name, kind)
-    }
-
-    /// The TCP listener named `name` (`None`: no such listener, or not TCP). Each call gives
-    /// a new descriptor for the same socket, in blocking mode.
+    /// The listener named `name`, of the type asked for (`take::<UdpSocket>("dns")`;
+    /// `None`: no such listener, or another kind). In blocking mode.
     ///
     /// `O_NONBLOCK` is a property of the socket's open file description, shared by every
     /// process holding the listener (supervisor, incumbent, successor): set the mode your
     /// accept loop needs after taking it, as async runtimes do when they register a socket.
+    pub fn take<L: Listener>(&mut self, name: &str) -> Option<L> {
+        self.listeners.take(name)
+    }
+
+    /// The TCP listener named `name`: [`take::<TcpListener>`](Self::take), the 0.1.2 API's
+    /// name for it.
     pub fn take_listener(&mut self, name: &str) -> Option<std::net::TcpListener> {
-        self.take_kind(name, ListenerKind::Tcp).map(Into::into)
+        self.take(name)
     }
 
-    /// The UDP socket named `name`.
-    pub fn take_udp(&mut self, name: &str) -> Option<std::net::UdpSocket> {
-        self.take_kind(name, ListenerKind::Udp).map(Into::into)
-    }
-
-    /// The Unix stream listener named `name`.
-    pub fn take_unix(&mut self, name: &str) -> Option<std::os::unix::net::UnixListener> {
-        self.take_kind(name, ListenerKind::UnixStream)
-            .map(Into::into)
-    }
-
-    /// The Unix datagram socket named `name`.
-    pub fn take_unix_datagram(&mut self, name: &str) -> Option<std::os::unix::net::UnixDatagram> {
-        self.take_kind(name, ListenerKind::UnixDatagram)
-            .map(Into::into)
+    /// The names of the listeners not taken yet, in order.
+    pub fn listener_names(&self) -> Vec<&str> {
+        self.listeners.names()
     }
 
     /// Declare ready and, once the supervisor has committed, become the incumbent: bind the
@@ -229,8 +224,10 @@ impl BegunSuccessor {
             self.handoff,
             socket_path.display()
         );
-        let incumbent = Incumbent::new(socket_path, lock, received)?.with_build_id(build);
-        crate::crash::point("successor.control_bound");
+        let incumbent = Incumbent::from_config(
+            IncumbentConfig::from_parts(socket_path, lock, received)?.with_build_id(build),
+        );
+        crash::point("successor.control_bound");
         Ok(incumbent)
     }
 }

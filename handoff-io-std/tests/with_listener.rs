@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use handoff_io_std::error::Error;
+use handoff_engine::error::Error;
 use handoff_io_std::supervisor::Supervisor;
 
 /// A directory under the temp dir, removed on drop.

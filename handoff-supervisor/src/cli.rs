@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use crate::config::Config;
 use crate::notify::Notifier;
 use crate::server::Server;
-use handoff_io_std::InheritedListeners;
+use handoff_engine::InheritedListeners;
 
 const USAGE: &str = "usage: handoff-supervisor --config FILE [--check]";
 

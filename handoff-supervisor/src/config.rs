@@ -49,7 +49,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use handoff_io_std::sys::spawn;
+use handoff_engine::sys::spawn;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -450,7 +450,7 @@ impl Config {
             }
         };
         let trigger_uids = match &raw.trigger_uids {
-            None => handoff_io_std::PeerPolicy::default().allowed_uids,
+            None => handoff_engine::PeerPolicy::default().allowed_uids,
             Some(u) => {
                 // The socket is ours (we bind it): root and we always get in; anyone else
                 // only through the group's or others' write permission.
@@ -570,7 +570,7 @@ addr = "0.0.0.0:8080"
         );
         assert_eq!(
             c.trigger_uids,
-            handoff_io_std::PeerPolicy::default().allowed_uids
+            handoff_engine::PeerPolicy::default().allowed_uids
         );
         assert!(c.allowed_binaries.is_empty() && c.binary_dir.is_none());
     }

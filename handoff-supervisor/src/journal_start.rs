@@ -19,7 +19,7 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use handoff_io_std::sys::journal_file::{self, JournalFileError};
+use handoff_engine::sys::journal_file::{self, JournalFileError};
 
 use crate::config::Config;
 
@@ -79,7 +79,7 @@ pub fn prepare(cfg: &Config) -> Result<(), Refusal> {
 
 /// Whether a process listens on `trigger` (connected, or its accept queue is full).
 fn another_supervisor(trigger: &Path) -> bool {
-    match handoff_io_std::sys::conn::connect_nonblocking(trigger) {
+    match handoff_engine::sys::conn::connect_nonblocking(trigger) {
         Ok(_) => true,
         Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
     }

@@ -12,17 +12,17 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use handoff_io_mio::{Supervisor, SupervisorEvent, Tokens};
-use handoff_io_std::engine::SupervisorEngine;
-use handoff_io_std::error::Error as HandoffError;
-use handoff_io_std::supervisor::SpawnSpec;
-use handoff_io_std::sys::conn::connect_nonblocking;
-use handoff_io_std::sys::peercred::{
+use handoff_engine::error::Error as HandoffError;
+use handoff_engine::sys::conn::connect_nonblocking;
+use handoff_engine::sys::peercred::{
     bind_unix_listener_0600, bind_unix_listener_unless_live, peer_credentials,
 };
-use handoff_io_std::sys::proc::Proven;
-use handoff_io_std::sys::spawn::{wait_any, Watched};
-use handoff_io_std::{InheritedListeners, ListenerKind};
+use handoff_engine::sys::proc::Proven;
+use handoff_engine::sys::spawn::{wait_any, Watched};
+use handoff_engine::SpawnSpec;
+use handoff_engine::SupervisorEngine;
+use handoff_engine::{proto::ListenerKind, InheritedListeners};
+use handoff_io_mio::{Supervisor, SupervisorEvent, Tokens};
 use handoff_proto::{HandoffId, Verdict};
 use mio::net::{UnixListener as MioUnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
@@ -142,9 +142,9 @@ fn listeners(
 ) -> Result<SupervisorEngine, Fatal> {
     for l in &cfg.listeners {
         let taken: Option<OwnedFd> = match l.kind {
-            Kind::Tcp => inherited.take(&l.name).map(OwnedFd::from),
-            Kind::Udp => inherited.take_udp(&l.name).map(OwnedFd::from),
-            Kind::Unix => inherited.take_unix(&l.name).map(OwnedFd::from),
+            Kind::Tcp => inherited.take::<TcpListener>(&l.name).map(OwnedFd::from),
+            Kind::Udp => inherited.take::<UdpSocket>(&l.name).map(OwnedFd::from),
+            Kind::Unix => inherited.take::<UnixListener>(&l.name).map(OwnedFd::from),
         };
         if let Some(fd) = taken {
             log(format!("listener {:?}: inherited from systemd", l.name));
@@ -498,7 +498,7 @@ impl Server {
         self.recovering = recovering;
     }
 
-    fn outcome(&mut self, o: handoff_io_std::supervisor::HandoffOutcome) {
+    fn outcome(&mut self, o: handoff_engine::HandoffOutcome) {
         let ending = match o.verdict {
             Verdict::Committed { .. } => Ending::Committed,
             Verdict::RolledBack { .. } => Ending::RolledBack,

@@ -34,8 +34,8 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use handoff_io_std::sys::lock::{holders, lock_file_path};
-use handoff_io_std::sys::spawn::{wait_any, Watched};
+use handoff_engine::sys::lock::{holders, lock_file_path};
+use handoff_engine::sys::spawn::{wait_any, Watched};
 use handoff_supervisor::server::{IDLE_TIMEOUT, MAX_CLIENTS};
 use kvd_load::{
     cmdline, field, free_port, kvd, pid_of, processes_naming, BOUND, CTL, POLL_PAUSE, SUP,

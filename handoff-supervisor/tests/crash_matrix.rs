@@ -1,4 +1,4 @@
-//! The crash matrix: for every named crash point (`handoff_io_std::crash::POINTS`), the
+//! The crash matrix: for every named crash point (`handoff_engine::crash::POINTS`), the
 //! reference supervisor runs `kvd` under the load of [`WRITERS`] writers, the process the point
 //! belongs to is SIGKILLed there by itself (`HANDOFF_CRASH_AT`, compiled in through the
 //! `crash-points` feature this package's dev-dependency turns on), and then:
@@ -37,9 +37,9 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use handoff_io_std::crash::{self, POINTS};
-use handoff_io_std::sys::lock::{holders, lock_file_path};
-use handoff_io_std::sys::spawn::{wait_any, Watched};
+use handoff_engine::crash::{self, POINTS};
+use handoff_engine::sys::lock::{holders, lock_file_path};
+use handoff_engine::sys::spawn::{wait_any, Watched};
 
 use kvd_load::*;
 

@@ -32,8 +32,8 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Instant;
 
-use handoff_io_std::sys::lock::{holders, lock_file_path};
-use handoff_io_std::sys::spawn::{wait_any, Watched};
+use handoff_engine::sys::lock::{holders, lock_file_path};
+use handoff_engine::sys::spawn::{wait_any, Watched};
 
 use kvd_load::*;
 

@@ -662,7 +662,7 @@ fn fill_accept_queue(path: &Path) -> Vec<UnixStream> {
     let mut held = Vec::new();
     loop {
         assert!(held.len() < 100_000, "the accept queue never filled");
-        match handoff_io_std::sys::conn::connect_nonblocking(path) {
+        match handoff_engine::sys::conn::connect_nonblocking(path) {
             Ok(c) => held.push(c),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return held,
             Err(e) => panic!("connect {} (after {}): {e}", path.display(), held.len()),

@@ -339,8 +339,8 @@ impl Supervisor<'_> {
     fn wait_exit(&mut self) -> ExitStatus {
         self.stdin = None;
         // Wait on its exit through a pidfd (bounded), then reap it.
-        if let Ok(w) = handoff::sys::spawn::Watched::open(self.child.id()) {
-            let exited = handoff::sys::spawn::wait_any(&[&w], WAIT).unwrap();
+        if let Ok(w) = handoff_engine::sys::spawn::Watched::open(self.child.id()) {
+            let exited = handoff_engine::sys::spawn::wait_any(&[&w], WAIT).unwrap();
             assert!(!exited.is_empty(), "supervisor did not exit in time");
         }
         self.child.wait().unwrap()

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use handoff::engine::{SupervisorEngine, SupervisorEvent};
 use handoff::supervisor::{HandoffOutcome, Recovery, SpawnSpec, Supervisor};
 use handoff::Timing;
+use handoff_engine::{SupervisorEngine, SupervisorEvent};
 
 /// How long any single wait of a test may take before it fails.
 pub const BOUND: Duration = Duration::from_secs(30);
@@ -209,7 +209,7 @@ impl MioSup {
     ) -> handoff::error::Result<std::sync::MutexGuard<'_, (mio::Poll, handoff_io_mio::Supervisor)>>
     {
         self.inner.try_lock().map_err(|_| {
-            handoff::error::Error::Busy(handoff::proto::Busy {
+            handoff::error::Error::Busy(handoff::supervisor::Busy {
                 what: "another call on this supervisor is running".into(),
                 handoff: None,
             })
@@ -410,7 +410,7 @@ impl Cluster {
 
     /// The lock file.
     pub fn lock_file(&self) -> PathBuf {
-        handoff::sys::lock::lock_file_path(&self.data)
+        handoff_engine::sys::lock::lock_file_path(&self.data)
     }
 }
 
@@ -418,12 +418,12 @@ impl Drop for Cluster {
     /// Kill every daemon still holding the data directory (the serving one, or a leftover),
     /// so no test leaves a process behind.
     fn drop(&mut self) {
-        let mut pids = handoff::sys::lock::holders(&self.lock_file()).unwrap_or_default();
+        let mut pids = handoff_engine::sys::lock::holders(&self.lock_file()).unwrap_or_default();
         pids.extend(self.sup.serving());
         for pid in pids {
-            if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
+            if let Ok(w) = handoff_engine::sys::spawn::Watched::open(pid) {
                 let _ = w.kill();
-                let _ = handoff::sys::spawn::wait_any(&[&w], BOUND);
+                let _ = handoff_engine::sys::spawn::wait_any(&[&w], BOUND);
             }
         }
     }
@@ -501,9 +501,9 @@ pub fn alive(pid: u32) -> bool {
 
 /// Wait (bounded by [`BOUND`]) until process `pid` has exited, through a pidfd.
 pub fn wait_gone(pid: u32) -> bool {
-    match handoff::sys::spawn::Watched::open(pid) {
+    match handoff_engine::sys::spawn::Watched::open(pid) {
         Err(_) => true,
-        Ok(w) => !handoff::sys::spawn::wait_any(&[&w], BOUND)
+        Ok(w) => !handoff_engine::sys::spawn::wait_any(&[&w], BOUND)
             .expect("wait_any")
             .is_empty(),
     }
@@ -634,11 +634,11 @@ pub mod testsup {
     impl Drop for Site {
         fn drop(&mut self) {
             // Daemons still holding the lock (a test that failed half-way).
-            let lock = handoff::sys::lock::lock_file_path(&self.dir.path().join("data"));
-            for pid in handoff::sys::lock::holders(&lock).unwrap_or_default() {
-                if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
+            let lock = handoff_engine::sys::lock::lock_file_path(&self.dir.path().join("data"));
+            for pid in handoff_engine::sys::lock::holders(&lock).unwrap_or_default() {
+                if let Ok(w) = handoff_engine::sys::spawn::Watched::open(pid) {
                     let _ = w.kill();
-                    let _ = handoff::sys::spawn::wait_any(&[&w], BOUND);
+                    let _ = handoff_engine::sys::spawn::wait_any(&[&w], BOUND);
                 }
             }
         }
@@ -873,7 +873,7 @@ pub mod probe {
     /// a daemon left behind would hold the test's stdout and stderr open, and whatever reads
     /// them would wait for it.
     #[derive(Debug, Default)]
-    pub struct Reaper(std::sync::Mutex<Vec<handoff::sys::spawn::Watched>>);
+    pub struct Reaper(std::sync::Mutex<Vec<handoff_engine::sys::spawn::Watched>>);
 
     impl Reaper {
         /// A reaper watching nobody yet.
@@ -883,7 +883,7 @@ pub mod probe {
 
         /// Kill `pid` when this is dropped; returns `pid`.
         pub fn watch(&self, pid: u32) -> u32 {
-            if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
+            if let Ok(w) = handoff_engine::sys::spawn::Watched::open(pid) {
                 self.0.lock().unwrap_or_else(|p| p.into_inner()).push(w);
             }
             pid
@@ -900,7 +900,7 @@ pub mod probe {
 
     /// Kill daemon `pid` (`SIGKILL` through a pidfd) and wait, bounded, until it is gone.
     pub fn stop_daemon(pid: u32) {
-        if let Ok(w) = handoff::sys::spawn::Watched::open(pid) {
+        if let Ok(w) = handoff_engine::sys::spawn::Watched::open(pid) {
             let _ = w.kill();
         }
         assert!(super::wait_gone(pid), "daemon {pid} did not exit");

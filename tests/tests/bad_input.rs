@@ -15,10 +15,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use handoff::proto::Verdict;
 use handoff::supervisor::Supervisor;
-use handoff::sys::lock::holds_lock;
+use handoff::supervisor::Verdict;
 use handoff::{AbortReason, ListenerKind};
+use handoff_engine::sys::lock::holds_lock;
 use handoff_tests::probe::Reaper;
 use handoff_tests::{test_timing, Client, Cluster, Driver, Sup, BOUND};
 

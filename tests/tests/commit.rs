@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use handoff::sys::lock::holds_lock;
+use handoff_engine::sys::lock::holds_lock;
 use handoff_tests::{alive, wait_gone, Client, Cluster, Driver};
 
 fn commit_moves_listeners_lock_and_data_with_no_refused_connection(driver: Driver) {
@@ -136,7 +136,7 @@ fn a_trigger_during_a_handoff_is_busy(driver: Driver) {
     // Wait (bounded) until the successor holds the lock (it then opens its data for 1.5 s):
     // the first call is in the middle of its handoff.
     let until = std::time::Instant::now() + handoff_tests::BOUND;
-    while !handoff::sys::lock::holders(&c.lock_file())
+    while !handoff_engine::sys::lock::holders(&c.lock_file())
         .expect("/proc/locks")
         .iter()
         .any(|p| *p != old)

@@ -37,7 +37,7 @@ fn become_subreaper() {
 
 /// SIGKILL `pid`, one of our children, and reap it.
 fn kill_and_reap(pid: u32) {
-    let w = handoff::sys::spawn::Watched::open(pid).expect("a pidfd on our child");
+    let w = handoff_engine::sys::spawn::Watched::open(pid).expect("a pidfd on our child");
     w.kill().expect("SIGKILL");
     let p = rustix::process::Pid::from_raw(pid as i32).expect("pid");
     rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty())
@@ -98,10 +98,10 @@ fn finish(mut sup: Sup, serving: u32) {
     drop(sup.stdin);
     let status = sup.child.wait().expect("wait for testsup");
     assert!(status.success(), "testsup: {status}");
-    let w = handoff::sys::spawn::Watched::open(serving).expect("the serving daemon");
+    let w = handoff_engine::sys::spawn::Watched::open(serving).expect("the serving daemon");
     w.kill().expect("SIGKILL");
     assert!(
-        !handoff::sys::spawn::wait_any(&[&w], BOUND)
+        !handoff_engine::sys::spawn::wait_any(&[&w], BOUND)
             .expect("wait")
             .is_empty(),
         "daemon {serving} did not exit"
@@ -258,7 +258,7 @@ fn stale_lock_owner_pid_reused_by_a_stranger_is_not_killed() {
     let dir = TempDir::new("reuse-lock");
     let data = dir.path().join("data");
     std::fs::create_dir(&data).expect("mkdir");
-    let lock = handoff::sys::lock::lock_file_path(&data);
+    let lock = handoff_engine::sys::lock::lock_file_path(&data);
     // Mode 0600, as a daemon creates it: a lock file others may open is refused as unsafe.
     std::fs::OpenOptions::new()
         .write(true)
@@ -281,7 +281,7 @@ fn stale_lock_owner_pid_reused_by_a_stranger_is_not_killed() {
         .read_line(&mut line)
         .expect("read");
     assert_eq!(line, "locked\n");
-    let took = handoff::sys::lock::holders(&lock).expect("/proc/locks");
+    let took = handoff_engine::sys::lock::holders(&lock).expect("/proc/locks");
     assert_eq!(took.len(), 1, "{took:?}");
     let taker = took[0];
     assert_ne!(taker, holder.id(), "flock(1) took the lock, not the shell");
@@ -289,7 +289,7 @@ fn stale_lock_owner_pid_reused_by_a_stranger_is_not_killed() {
     std::fs::write(&lock, format!("owner={taker} committed=-\n")).expect("write the record");
     let stranger = stranger_at(taker);
 
-    let killed = handoff::sys::lock::kill_if_holder(taker, &lock);
+    let killed = handoff_engine::sys::lock::kill_if_holder(taker, &lock);
     assert!(
         matches!(killed, Ok(false)),
         "kill_if_holder({taker}): {killed:?}"
@@ -301,15 +301,15 @@ fn stale_lock_owner_pid_reused_by_a_stranger_is_not_killed() {
     // A cold start does not take the stranger for the holder: it waits for the lock, then
     // reports who holds it.
     let started = Instant::now();
-    let err = handoff::sys::lock::DataDirLock::acquire_or_break_stale(&data)
+    let err = handoff_engine::sys::lock::DataDirLock::acquire_or_break_stale(&data)
         .expect_err("the lock is held");
     eprintln!("after {:?}: {err}", started.elapsed());
     assert!(
-        matches!(err, handoff::sys::lock::LockError::Stale { owner, .. } if owner == taker),
+        matches!(err, handoff_engine::sys::lock::LockError::Stale { owner, .. } if owner == taker),
         "{err:?}"
     );
     // The process that does hold the lock is found and killed.
-    let killed = handoff::sys::lock::kill_if_holder(holder.id(), &lock);
+    let killed = handoff_engine::sys::lock::kill_if_holder(holder.id(), &lock);
     assert!(
         matches!(killed, Ok(true)),
         "kill_if_holder({}): {killed:?}",

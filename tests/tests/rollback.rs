@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use handoff::proto::Verdict;
-use handoff::sys::lock::holds_lock;
+use handoff::supervisor::Verdict;
 use handoff::AbortReason;
+use handoff_engine::sys::lock::holds_lock;
 use handoff_tests::{alive, Client, Cluster, Driver};
 
 /// Start a cluster, write, hand off to a failing successor, and check the incumbent is back.

@@ -32,9 +32,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use handoff::engine::SupervisorEngine;
 use handoff::supervisor::{SpawnSpec, Supervisor};
 use handoff_bench::{mono_ns, ms, raise_nofile, sibling, timings, Stats};
+use handoff_engine::SupervisorEngine;
 
 struct Args {
     daemon: String,
@@ -206,7 +206,7 @@ fn floor(args: &Args) -> String {
     let journal = work.0.join("journal");
     let record = [7u8; 21];
     let journal_write = timed(&mut |_| {
-        handoff::sys::journal_file::write_atomic(&journal, &record).expect("journal write");
+        handoff_engine::sys::journal_file::write_atomic(&journal, &record).expect("journal write");
     });
     let mut out = format!(
         "## Floor ({n} samples each)\n\n| what | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|\n"
@@ -264,7 +264,7 @@ struct Row {
     /// When `perform_handoff` returned (the engine's `total` stops at the step's start, before
     /// the journal's idle record written in that step).
     done_ns: u64,
-    times: handoff::proto::supervisor::PhaseTimes,
+    times: handoff::supervisor::PhaseTimes,
 }
 
 fn handoffs(args: &Args) -> String {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use handoff_io_std::sys::spawn::{wait_any, Watched};
+use handoff_engine::sys::spawn::{wait_any, Watched};
 
 pub const CTL: &str = env!("CARGO_BIN_EXE_handoffctl");
 pub const SUP: &str = env!("CARGO_BIN_EXE_handoff-supervisor");
@@ -327,9 +327,9 @@ impl Drop for Env {
         // A graceful stop stops the daemon too (bounded; SIGKILL after).
         let _ = self.stop();
         // Whoever holds the data directory is a daemon of this test.
-        let lock = handoff_io_std::sys::lock::lock_file_path(&self.dir.join("data"));
+        let lock = handoff_engine::sys::lock::lock_file_path(&self.dir.join("data"));
         self.seen
-            .extend(handoff_io_std::sys::lock::holders(&lock).unwrap_or_default());
+            .extend(handoff_engine::sys::lock::holders(&lock).unwrap_or_default());
         for p in &self.seen {
             signal(*p, "KILL");
         }

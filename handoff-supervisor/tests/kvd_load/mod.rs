@@ -22,8 +22,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use handoff_io_std::sys::lock::{holders, lock_file_path};
-use handoff_io_std::sys::spawn::{self as hspawn, wait_any, Watched};
+use handoff_engine::sys::lock::{holders, lock_file_path};
+use handoff_engine::sys::spawn::{self as hspawn, wait_any, Watched};
 
 pub use crate::common::{alive, copy_executable, field, CTL, SUP};
 

@@ -55,7 +55,7 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use handoff::sys::fdpass::{recv_with_fds, send_with_fds};
+use handoff_engine::sys::fdpass::{recv_with_fds, send_with_fds};
 use handoff_proto::wire::{
     encode, DaemonStatus, Decoder, Hello, HelloAck, Message, PeerRole, VersionRange,
     HANDSHAKE_VERSION, MAX_FRAME_LEN, SUPPORTED_VERSIONS,

@@ -418,12 +418,12 @@ fn take_all_begun(b: &mut BegunSuccessor, names: &[String]) -> Vec<Listeners> {
         .filter_map(|n| {
             if let Some(l) = b.take_listener(n) {
                 Some(Listeners::Tcp(l))
-            } else if let Some(l) = b.take_udp(n) {
+            } else if let Some(l) = b.take(n) {
                 Some(Listeners::Udp(l))
-            } else if let Some(l) = b.take_unix(n) {
+            } else if let Some(l) = b.take(n) {
                 Some(Listeners::Unix(l))
             } else {
-                b.take_unix_datagram(n).map(Listeners::UnixDgram)
+                b.take(n).map(Listeners::UnixDgram)
             }
         })
         .collect()
@@ -470,11 +470,11 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             for n in names {
                 if let Some(l) = inherited.take(&n) {
                     listeners.push(Listeners::Tcp(l));
-                } else if let Some(l) = inherited.take_udp(&n) {
+                } else if let Some(l) = inherited.take(&n) {
                     listeners.push(Listeners::Udp(l));
-                } else if let Some(l) = inherited.take_unix(&n) {
+                } else if let Some(l) = inherited.take(&n) {
                     listeners.push(Listeners::Unix(l));
-                } else if let Some(l) = inherited.take_unix_datagram(&n) {
+                } else if let Some(l) = inherited.take(&n) {
                     listeners.push(Listeners::UnixDgram(l));
                 }
             }

@@ -16,9 +16,9 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use handoff::engine::SupervisorEngine;
 use handoff::supervisor::{SpawnSpec, Supervisor};
 use handoff::{ListenerKind, Timing};
+use handoff_engine::SupervisorEngine;
 use handoff_tests::{MioSup, Sup};
 
 fn spec(testd: &std::path::Path, fail: Option<&str>) -> SpawnSpec {

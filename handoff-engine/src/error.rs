@@ -16,7 +16,7 @@ use crate::sys::lock::LockError;
 use crate::sys::supervisor_lock::SupervisorLockError;
 
 /// `Result` with [`Error`], as used by every fallible call of the API and by the
-/// [`Drainable`](crate::Drainable) hooks.
+/// drivers' `Drainable` hooks.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What went wrong.
@@ -90,14 +90,15 @@ impl Error {
     }
 
     /// A system error with what the library was doing.
-    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Error {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
         Error::Io {
             context: context.into(),
             source,
         }
     }
 
-    pub(crate) fn invalid(what: impl Into<String>, detail: impl Into<String>) -> Error {
+    /// A value the library was given or read that it cannot use: `what`, and why.
+    pub fn invalid(what: impl Into<String>, detail: impl Into<String>) -> Error {
         Error::Invalid {
             what: what.into(),
             detail: detail.into(),
@@ -121,7 +122,7 @@ impl From<handoff_proto::Error> for Error {
 }
 
 /// Adds what was being done to an `io::Result`.
-pub(crate) trait Context<T> {
+pub trait Context<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T>;
 }
 

@@ -3,10 +3,10 @@
 //!
 //! A supervisor that restarts asks the serving daemon to send its listeners back
 //! (`ReturnListeners`). The daemon's application owns the listeners it took
-//! ([`InheritedListeners::take`](crate::InheritedListeners::take),
-//! [`BegunSuccessor::take_listener`](crate::BegunSuccessor::take_listener)), so the library
+//! ([`ListenerSet::take`](crate::ListenerSet::take), on the inherited listeners or a
+//! successor's received ones), so the library
 //! keeps a duplicate of each one (close-on-exec; the same socket, so accepting through either
-//! is the same) in this process-wide list when it hands it out. [`Incumbent`](crate::Incumbent)
+//! is the same) in this process-wide list when it hands it out. [`IncumbentConfig`](crate::IncumbentConfig)
 //! takes the list when it is created.
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -44,7 +44,7 @@ fn list() -> std::sync::MutexGuard<'static, Vec<Held>> {
 }
 
 /// Keep a duplicate of `fd` under `name`. A name already kept is replaced.
-pub(crate) fn keep(name: &str, kind: ListenerKind, fd: impl AsFd) -> Result<()> {
+pub fn keep(name: &str, kind: ListenerKind, fd: impl AsFd) -> Result<()> {
     let dup = rustix::io::fcntl_dupfd_cloexec(fd, 3)
         .map_err(std::io::Error::from)
         .context(|| format!("duplicating listener {name:?}"))?;
@@ -59,17 +59,14 @@ pub(crate) fn keep(name: &str, kind: ListenerKind, fd: impl AsFd) -> Result<()> 
 }
 
 /// Everything kept so far, in the order kept; the list is left empty.
-pub(crate) fn take_all() -> Vec<Held> {
+pub fn take_all() -> Vec<Held> {
     std::mem::take(&mut *list())
 }
 
 /// What is wrong with `name` as a listener name, given the names already `taken`: it must be
 /// non-empty, free of `:` and NUL (it travels in `LISTEN_FDNAMES`), and unique (names identify
 /// listeners across a handoff). One rule for the daemon and the supervisor sides.
-pub(crate) fn name_problem<'a>(
-    name: &str,
-    mut taken: impl Iterator<Item = &'a str>,
-) -> Option<String> {
+pub fn name_problem<'a>(name: &str, mut taken: impl Iterator<Item = &'a str>) -> Option<String> {
     if name.is_empty() || name.contains(':') || name.contains('\0') {
         return Some(format!(
             "listener name {name:?} must be non-empty and contain no ':' or NUL"
@@ -84,7 +81,7 @@ pub(crate) fn name_problem<'a>(
 }
 
 /// Check that `name` can be kept next to `existing` (see [`name_problem`]).
-pub(crate) fn check_name(name: &str, existing: &[Held]) -> Result<()> {
+pub fn check_name(name: &str, existing: &[Held]) -> Result<()> {
     match name_problem(name, existing.iter().map(|h| h.name.as_str())) {
         Some(detail) => Err(Error::invalid("listener name", detail)),
         None => Ok(()),

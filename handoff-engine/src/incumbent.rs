@@ -13,8 +13,8 @@ use handoff_proto::{
 };
 
 use super::Interest;
+use crate::config::IncumbentConfig;
 use crate::crash;
-use crate::daemon::Incumbent;
 use crate::held::Held;
 use crate::log::log;
 use crate::sys::conn::{Conn, ReadStatus};
@@ -72,7 +72,7 @@ pub enum IncumbentEvent {
 /// The incumbent's non-blocking core (see the [module docs](super)).
 #[derive(Debug)]
 pub struct IncumbentEngine {
-    inc: Incumbent,
+    inc: IncumbentConfig,
     machine: handoff_proto::Incumbent,
     conns: BTreeMap<ConnId, Conn>,
     next_conn: u64,
@@ -83,7 +83,7 @@ pub struct IncumbentEngine {
 
 impl IncumbentEngine {
     /// The engine of a daemon that serves and holds the lock.
-    pub fn new(inc: Incumbent) -> IncumbentEngine {
+    pub fn new(inc: IncumbentConfig) -> IncumbentEngine {
         let cfg = DaemonConfig {
             pid: std::process::id(),
             build_id: inc.build_id.clone(),

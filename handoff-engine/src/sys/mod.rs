@@ -40,6 +40,21 @@ pub mod sockcheck;
 pub mod spawn;
 pub mod supervisor_lock;
 
+use std::os::fd::RawFd;
+
+use handoff_proto::MAX_FDS_PER_MESSAGE;
+
+/// The first inherited descriptor (`SD_LISTEN_FDS_START`).
+pub const SD_LISTEN_FDS_START: RawFd = 3;
+
+/// Most descriptors accepted in `LISTEN_FDS`, and queued on a control connection: 64 full
+/// `SCM_RIGHTS` messages ([`MAX_FDS_PER_MESSAGE`] each), 16,192. That is above the 10,000
+/// listeners the scale benchmark asks for (`BENCHMARKS.md`; this machine's descriptor limit
+/// stops it at 9,000). Four messages, 1,012, was the limit before, and refused such a cold
+/// start. A larger count is a launcher bug,
+/// not a configuration. The process's descriptor limit must allow twice the listeners.
+pub const MAX_INHERITED_FDS: usize = 64 * MAX_FDS_PER_MESSAGE;
+
 #[cfg(test)]
 pub(crate) mod testutil {
     //! Helpers of the crate's tests: a fresh temporary directory per test (made with `std`

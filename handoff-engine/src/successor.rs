@@ -1,27 +1,31 @@
 //! The successor's engine: the channel to the supervisor, the listeners it brings, the lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use handoff_proto::wire::{Message, SUPPORTED_VERSIONS};
 use handoff_proto::{
-    AbortReason, DaemonConfig, HandoffId, ListenerInfo, ListenerKind, LockResult,
-    ReadinessSnapshot, SealReport, SuccessorOutput, Timing,
+    AbortReason, DaemonConfig, HandoffId, ListenerInfo, LockResult, ReadinessSnapshot, SealReport,
+    SuccessorOutput, Timing,
 };
 
 use super::Interest;
 use crate::crash;
 use crate::error::{Error, Result};
 use crate::held::Held;
+use crate::listener::ListenerSet;
 use crate::log::log;
 use crate::sys::conn::{Conn, ReadStatus};
 use crate::sys::lock::DataDirLock;
 use crate::sys::sockcheck;
 
 const ROLE: &str = "successor";
+
+/// Exit status of a successor whose handoff was aborted (`EX_TEMPFAIL`).
+pub const EXIT_ABORTED: i32 = 75;
 
 /// What the application must know about its takeover, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,9 +62,6 @@ pub struct SuccessorEngine {
     build_id: String,
     conn: Option<Conn>,
     received: Vec<Held>,
-    /// Where each name is in `received` (`take_fd` is called once per listener: a linear
-    /// search made taking N listeners O(N²)).
-    by_name: HashMap<String, usize>,
     lock: Option<DataDirLock>,
     events: VecDeque<SuccessorEvent>,
     buf: Vec<u8>,
@@ -69,7 +70,7 @@ pub struct SuccessorEngine {
 
 impl SuccessorEngine {
     /// The engine of a process started as a successor, on its channel (see
-    /// [`detect_role`](crate::detect_role)).
+    /// [`detect_role`](crate::role::detect_role)).
     pub fn new(
         chan: UnixStream,
         build_id: String,
@@ -89,7 +90,6 @@ impl SuccessorEngine {
             // The supervisor sends the listeners it announced, and nothing else.
             conn: Some(Conn::new(chan)?.with_fd_budget(announced_listeners())),
             received: Vec::new(),
-            by_name: HashMap::new(),
             lock: None,
             events: VecDeque::new(),
             buf: Vec::new(),
@@ -175,23 +175,26 @@ impl SuccessorEngine {
         self.received.iter().map(|h| h.name.clone()).collect()
     }
 
-    /// A new descriptor for the listener `name` of kind `kind`, in blocking mode; `None`
-    /// before [`SuccessorEvent::Begun`] (the incumbent may still accept on it, and the mode is
-    /// shared) or if there is none. The engine keeps its own copy for the incumbent this
-    /// process becomes.
-    pub fn take_fd(&self, name: &str, kind: ListenerKind) -> Option<OwnedFd> {
+    /// The listeners received, to take by name and type ([`ListenerSet::take`]): a new
+    /// descriptor for each, in blocking mode; `None` before [`SuccessorEvent::Begun`] (the
+    /// incumbent may still accept on them, and the mode is shared). The engine keeps its own
+    /// copies for the incumbent this process becomes. A listener whose descriptor cannot be
+    /// duplicated now (the descriptor limit) is left out.
+    pub fn listeners(&self) -> Option<ListenerSet> {
         // Past `Begin` only: taking the lock (`begin`) or holding it.
         if self.machine.begin().is_none() && !self.machine.holds_lock() {
             return None;
         }
-        let h = self
-            .by_name
-            .get(name)
-            .map(|&i| &self.received[i])
-            .filter(|h| h.kind == kind)?;
-        let fd = rustix::io::fcntl_dupfd_cloexec(&h.fd, 3).ok()?;
-        sockcheck::normalise(fd.as_fd()).ok()?;
-        Some(fd)
+        let dup = |h: &Held| {
+            let fd = rustix::io::fcntl_dupfd_cloexec(&h.fd, 3).ok()?;
+            sockcheck::normalise(fd.as_fd()).ok()?;
+            Some(Held {
+                name: h.name.clone(),
+                kind: h.kind,
+                fd,
+            })
+        };
+        Some(ListenerSet::from_held(self.received.iter().filter_map(dup)))
     }
 
     /// The application opened the data with `lock` held: declare ready. `lock` is what lets
@@ -224,7 +227,6 @@ impl SuccessorEngine {
             return None;
         }
         let lock = self.lock.take()?;
-        self.by_name.clear();
         Some((lock, std::mem::take(&mut self.received)))
     }
 
@@ -317,10 +319,9 @@ impl SuccessorEngine {
         for (info, fd) in batch.iter().zip(fds) {
             // Checked now, but left in whatever blocking mode it is: `O_NONBLOCK` lives on the
             // open file description, shared with the incumbent, which may still be serving.
-            // `take_fd` sets blocking mode once the incumbent has stopped (after `Begin`).
+            // `listeners` sets blocking mode once the incumbent has stopped (after `Begin`).
             sockcheck::check(fd.as_fd(), info.kind)
                 .map_err(|e| format!("listener {:?}: {e}", info.name))?;
-            self.by_name.insert(info.name.clone(), self.received.len());
             self.received.push(Held {
                 name: info.name.clone(),
                 kind: info.kind,

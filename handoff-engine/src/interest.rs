@@ -1,4 +1,6 @@
-//! The non-blocking cores of the three roles, shared by both drivers.
+//! The driving contract of the engines ([`IncumbentEngine`](crate::IncumbentEngine),
+//! [`SuccessorEngine`](crate::SuccessorEngine), [`SupervisorEngine`](crate::SupervisorEngine)),
+//! the non-blocking cores of the three roles, shared by both drivers.
 //!
 //! An engine owns a role's machine and its descriptors (control socket, connections,
 //! pidfds) and performs every output the machine asks for that needs no decision from the
@@ -9,8 +11,8 @@
 //!
 //! A driver wraps an engine in a loop of one shape:
 //!
-//! 1. wait until a descriptor of [`interests`](IncumbentEngine::interests) is ready or
-//!    [`poll_timeout`](IncumbentEngine::poll_timeout) passes;
+//! 1. wait until a descriptor of [`interests`](crate::IncumbentEngine::interests) is ready or
+//!    [`poll_timeout`](crate::IncumbentEngine::poll_timeout) passes;
 //! 2. feed what happened: `ready(now, key, readable, writable)`, `handle_timeout(now)`, hook
 //!    results;
 //! 3. drain `poll_event()` until it returns `None`, acting on each event;
@@ -19,10 +21,6 @@
 //! The std driver does this with `poll(2)` (and runs hooks on a thread); `handoff-io-mio`
 //! registers the interests with a `mio::Registry` and hands the events to the application.
 
-mod incumbent;
-mod successor;
-mod supervisor;
-
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::time::Instant;
@@ -30,12 +28,6 @@ use std::time::Instant;
 use rustix::event::{PollFd, PollFlags};
 
 use crate::sys::conn::{readable, wait, writable};
-
-pub use crate::held::Held;
-
-pub use incumbent::{IncumbentEngine, IncumbentEvent, IncumbentKey};
-pub use successor::{SuccessorEngine, SuccessorEvent};
-pub use supervisor::{SupervisorEngine, SupervisorEvent, SupervisorKey};
 
 /// A descriptor an engine wants watched, and for what.
 #[derive(Debug)]

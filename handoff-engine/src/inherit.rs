@@ -23,10 +23,10 @@
 //!   program opened itself. When one fails its check, none of the others is left inheritable.
 //!
 //! The same care for the other descriptor numbers that come from outside: the successor's
-//! channel named by `HANDOFF_CHANNEL_FD` ([`detect_role`](crate::detect_role)), owned only once
+//! channel named by `HANDOFF_CHANNEL_FD` ([`detect_role`](crate::role::detect_role)), owned only once
 //! it has been seen to be a connected `AF_UNIX` stream socket and otherwise left open, and a
-//! listener given to [`Supervisor::with_listener`](crate::supervisor::Supervisor::with_listener)
-//! as a raw number, only duplicated. Turning a raw descriptor number into an `OwnedFd` or a
+//! listener given to a supervisor as a raw number ([`ListenerSource`](crate::ListenerSource))
+//!, only duplicated. Turning a raw descriptor number into an `OwnedFd` or a
 //! `BorrowedFd` has no safe API: this module and `sys::spawn` hold the crate's `unsafe` code,
 //! each use with a SAFETY comment.
 //!
@@ -35,24 +35,16 @@
 //! close-on-exec once taken; a child's `LISTEN_PID` check fails anyway.
 
 use std::io;
-use std::net::{TcpListener, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixDatagram, UnixListener};
 
-use handoff_proto::{ListenerInfo, ListenerKind, MAX_FDS_PER_MESSAGE};
+use handoff_proto::ListenerKind;
+
+use crate::held::Held;
+pub use crate::listener::{Listener, ListenerSet};
 
 use crate::sys::sockcheck::{self, SockCheckError};
 
-/// The first inherited descriptor (`SD_LISTEN_FDS_START`).
-pub const SD_LISTEN_FDS_START: RawFd = 3;
-
-/// Most descriptors accepted in `LISTEN_FDS`, and queued on a control connection: 64 full
-/// `SCM_RIGHTS` messages ([`MAX_FDS_PER_MESSAGE`] each), 16,192. That is above the 10,000
-/// listeners the scale benchmark asks for (`BENCHMARKS.md`; this machine's descriptor limit
-/// stops it at 9,000). Four messages, 1,012, was the limit before, and refused such a cold
-/// start. A larger count is a launcher bug,
-/// not a configuration. The process's descriptor limit must allow twice the listeners.
-pub const MAX_INHERITED_FDS: usize = 64 * MAX_FDS_PER_MESSAGE;
+pub use crate::sys::{MAX_INHERITED_FDS, SD_LISTEN_FDS_START};
 
 /// The name given to a descriptor `LISTEN_FDNAMES` does not name (systemd's default).
 pub const UNKNOWN_NAME: &str = "unknown";
@@ -203,14 +195,12 @@ pub fn parse(
 }
 
 /// Inherited listeners: each named, checked to be a listener of a known kind, close-on-exec
-/// and in blocking mode. Take them out by name with the takers; what is never taken is closed
-/// on drop.
-#[derive(Debug, Default)]
-pub struct InheritedListeners {
-    entries: Vec<(String, ListenerKind, OwnedFd)>,
-}
+/// and in blocking mode. Take them out by name and type with
+/// [`take`](ListenerSet::take); what is never taken is closed on drop. The same type as a
+/// successor's received listeners ([`ListenerSet`]).
+pub type InheritedListeners = ListenerSet;
 
-impl InheritedListeners {
+impl ListenerSet {
     /// The listeners this process inherited (`sd_listen_fds(3)`): checked, named, close-on-exec
     /// and blocking. Empty if none were meant for this process. Call it early, before the
     /// program opens descriptors of its own; a second call returns an empty set (the
@@ -263,11 +253,6 @@ impl InheritedListeners {
         InheritedListeners::from_owned(owned)
     }
 
-    /// No listeners.
-    pub fn empty() -> InheritedListeners {
-        InheritedListeners::default()
-    }
-
     /// Check and set up descriptors this process owns: each must be a listener (see
     /// [`sockcheck::inspect`]); each is made close-on-exec and blocking
     /// ([`sockcheck::normalise`]). On error every descriptor given is closed (the whole of
@@ -301,76 +286,9 @@ impl InheritedListeners {
                     source,
                 });
             }
-            entries.push((name, kind, fd));
+            entries.push(Held { name, kind, fd });
         }
-        Ok(InheritedListeners { entries })
-    }
-
-    /// Remove and return the first entry named `name` of kind `kind`.
-    fn take_kind(&mut self, name: &str, kind: ListenerKind) -> Option<OwnedFd> {
-        let i = self
-            .entries
-            .iter()
-            .position(|(n, k, _)| n == name && *k == kind)?;
-        Some(self.entries.remove(i).2)
-    }
-
-    /// The TCP listener named `name`. `None` if there is none, or if `name` is another kind
-    /// (the entry then stays).
-    pub fn take(&mut self, name: &str) -> Option<TcpListener> {
-        self.take_kind(name, ListenerKind::Tcp)
-            .map(TcpListener::from)
-    }
-
-    /// The UDP socket named `name`, as [`take`](Self::take).
-    pub fn take_udp(&mut self, name: &str) -> Option<UdpSocket> {
-        self.take_kind(name, ListenerKind::Udp).map(UdpSocket::from)
-    }
-
-    /// The Unix stream listener named `name`, as [`take`](Self::take).
-    pub fn take_unix(&mut self, name: &str) -> Option<UnixListener> {
-        self.take_kind(name, ListenerKind::UnixStream)
-            .map(UnixListener::from)
-    }
-
-    /// The Unix datagram socket named `name`, as [`take`](Self::take).
-    pub fn take_unix_datagram(&mut self, name: &str) -> Option<UnixDatagram> {
-        self.take_kind(name, ListenerKind::UnixDatagram)
-            .map(UnixDatagram::from)
-    }
-
-    /// The names of the listeners not taken yet, in descriptor order.
-    pub fn names(&self) -> Vec<&str> {
-        self.entries.iter().map(|(n, _, _)| n.as_str()).collect()
-    }
-
-    /// The listeners not taken yet, as the protocol describes them.
-    pub fn infos(&self) -> Vec<ListenerInfo> {
-        self.entries
-            .iter()
-            .map(|(name, kind, _)| ListenerInfo {
-                name: name.clone(),
-                kind: *kind,
-            })
-            .collect()
-    }
-
-    /// Whether every listener has been taken.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Every listener not taken yet, borrowed.
-    pub(crate) fn borrow_all(&self) -> impl Iterator<Item = (&str, ListenerKind, BorrowedFd<'_>)> {
-        self.entries
-            .iter()
-            .map(|(n, k, fd)| (n.as_str(), *k, fd.as_fd()))
-    }
-
-    /// Everything not taken yet, for the supervisor: `(name, kind, descriptor)` in descriptor
-    /// order.
-    pub fn into_parts(self) -> Vec<(String, ListenerKind, OwnedFd)> {
-        self.entries
+        Ok(ListenerSet::from_held(entries))
     }
 }
 
@@ -507,9 +425,10 @@ pub(crate) fn dup_raw_socket(fd: RawFd) -> Result<OwnedFd, String> {
 mod tests {
     use super::*;
     use crate::sys::testutil::{is_cloexec, TempDir};
+    use handoff_proto::ListenerInfo;
     use std::io::{Read, Write};
-    use std::net::TcpStream;
-    use std::os::unix::net::UnixStream;
+    use std::net::{TcpListener, TcpStream, UdpSocket};
+    use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
     use std::process::{Command, Stdio};
     use std::time::Duration;
 
@@ -714,18 +633,18 @@ mod tests {
         );
 
         // Wrong kind or unknown name: None, and the entry stays.
-        assert!(inh.take("dns").is_none());
-        assert!(inh.take_udp("http").is_none());
-        assert!(inh.take_unix("log").is_none());
-        assert!(inh.take_unix_datagram("admin").is_none());
-        assert!(inh.take("nope").is_none());
+        assert!(inh.take::<TcpListener>("dns").is_none());
+        assert!(inh.take::<UdpSocket>("http").is_none());
+        assert!(inh.take::<UnixListener>("log").is_none());
+        assert!(inh.take::<UnixDatagram>("admin").is_none());
+        assert!(inh.take::<TcpListener>("nope").is_none());
         assert_eq!(inh.names(), ["http", "dns", "admin", "log"]);
 
-        let http = inh.take("http").unwrap();
+        let http: TcpListener = inh.take("http").unwrap();
         assert_eq!(http.local_addr().unwrap(), tcp_addr);
         assert!(is_cloexec(&http) && !is_nonblocking(&http));
-        assert!(inh.take("http").is_none());
-        let dns = inh.take_udp("dns").unwrap();
+        assert!(inh.take::<TcpListener>("http").is_none());
+        let dns = inh.take::<UdpSocket>("dns").unwrap();
         assert_eq!(dns.local_addr().unwrap(), udp_addr);
         assert!(is_cloexec(&dns) && !is_nonblocking(&dns));
         assert_eq!(inh.names(), ["admin", "log"]);
@@ -808,10 +727,10 @@ mod tests {
         assert_eq!(inh.names(), ["http", "dns", "admin"]);
         // Taken once per process: a second call finds nothing.
         assert!(InheritedListeners::from_env().unwrap().is_empty());
-        assert!(inh.take_udp("http").is_none());
-        let http = inh.take("http").unwrap();
-        let dns = inh.take_udp("dns").unwrap();
-        let admin = inh.take_unix("admin").unwrap();
+        assert!(inh.take::<UdpSocket>("http").is_none());
+        let http: TcpListener = inh.take("http").unwrap();
+        let dns = inh.take::<UdpSocket>("dns").unwrap();
+        let admin = inh.take::<UnixListener>("admin").unwrap();
         assert!(inh.is_empty());
         assert_eq!(
             http.local_addr().unwrap().to_string(),

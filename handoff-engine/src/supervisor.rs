@@ -37,7 +37,7 @@ use super::Interest;
 use crate::crash;
 use crate::error::{Error, Result};
 use crate::log::log;
-use crate::supervisor::{HandoffOutcome, Recovery, SpawnSpec};
+use crate::spec::{HandoffOutcome, Recovery, SpawnSpec};
 use crate::sys::conn::{Conn, ReadStatus};
 use crate::sys::journal_file;
 use crate::sys::peercred::{peer_credentials, PeerPolicy};
@@ -318,7 +318,7 @@ impl SupervisorEngine {
     fn config(&self) -> SupervisorConfig {
         SupervisorConfig {
             pid: std::process::id(),
-            build_id: crate::daemon::default_build_id(),
+            build_id: crate::config::default_build_id(),
             versions: SUPPORTED_VERSIONS,
             timing: self.timing,
             listeners: self

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
-use crate::inherit::MAX_INHERITED_FDS;
 use crate::sys::fdpass::{recv_with_fds_upto, send_some_with_fds};
+use crate::sys::MAX_INHERITED_FDS;
 
 /// The largest descriptor budget a connection can have: every listener a handoff can pass.
 pub const MAX_FD_BUDGET: usize = MAX_INHERITED_FDS;
