@@ -74,9 +74,10 @@ pub struct SpawnSpec {
     /// Environment variables for the daemon, on top of the few it inherits from the
     /// supervisor (see above).
     pub env: Vec<(OsString, OsString)>,
-    /// How long the incumbent's drain may take. Default 25 s.
+    /// How long the incumbent's drain may take. Default [`Timing::drain_grace`].
     pub drain_grace: Duration,
-    /// The whole handoff must commit within this, or it is rolled back. Default 60 s.
+    /// The whole handoff must commit within this, or it is rolled back. Default
+    /// [`Timing::deadline`].
     pub deadline: Duration,
 }
 
@@ -86,8 +87,8 @@ impl Default for SpawnSpec {
             binary: PathBuf::new(),
             args: Vec::new(),
             env: Vec::new(),
-            drain_grace: Duration::from_secs(25),
-            deadline: Duration::from_secs(60),
+            drain_grace: Timing::default().drain_grace,
+            deadline: Timing::default().deadline,
         }
     }
 }
@@ -205,7 +206,9 @@ impl Supervisor {
         self.map(|s| s.with_cold_start(spec))
     }
 
-    /// Heartbeat, silence and retry timings (default [`Timing::default`]).
+    /// Every timing: heartbeats, silence, retries, the recovery wait and the crash backoff
+    /// (default [`Timing::default`]). Set [`with_recovery_wait`](Self::with_recovery_wait)
+    /// after it, or it is overwritten.
     pub fn with_timing(self, timing: Timing) -> Supervisor {
         self.map(|s| s.with_timing(timing))
     }
@@ -216,7 +219,7 @@ impl Supervisor {
     }
 
     /// How long a recovery waits for a process still resolving a handoff, or for a daemon it
-    /// started cold to answer (default 30 s).
+    /// started cold to answer: sets [`Timing::recovery_wait`] (default 30 s).
     pub fn with_recovery_wait(self, wait: Duration) -> Supervisor {
         self.map(|s| s.with_recovery_wait(wait))
     }
@@ -338,8 +341,10 @@ fn recover(engine: &mut SupervisorEngine) -> Result<Recovery> {
     let now = Instant::now();
     engine.start_recovery(now)?;
     // The machine gives up waiting for a resolving process after `recovery_wait` and starts
-    // the daemon cold; a daemon started cold gets another `recovery_wait` to answer.
-    let bound = now + 3 * engine.recovery_wait() + 4 * engine.timing().slack;
+    // the daemon cold; a daemon started cold gets another `recovery_wait` to answer. Each
+    // of the two may overshoot by one crash backoff (its attempts are spaced by it).
+    let t = engine.timing();
+    let bound = now + 3 * t.recovery_wait + 4 * t.slack + 2 * t.backoff_max;
     match run(engine, bound)? {
         SupervisorEvent::Recovered(r) => Ok(r),
         SupervisorEvent::Failed(e) => Err(e),
