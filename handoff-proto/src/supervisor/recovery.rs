@@ -431,6 +431,21 @@ mod tests {
         m.poll_timeout().unwrap() - now
     }
 
+    /// `pid` answers the `Connect` asked for, serving, and is adopted.
+    fn adopt(m: &mut Supervisor, now: Instant, pid: Pid) {
+        m.handle_connected(now, pid).unwrap();
+        let ack = HelloAck {
+            role: PeerRole::Incumbent,
+            version: SUPPORTED_VERSIONS.max,
+            pid,
+            build_id: "d".into(),
+            status: DaemonStatus::Serving,
+        };
+        m.handle_message(now, Peer::Incumbent, Message::HelloAck(ack))
+            .unwrap();
+        m.handle_journal_written(now).unwrap();
+    }
+
     #[test]
     fn cold_starts_back_off_doubling_to_the_maximum_and_reset_once_stable() {
         let mut now = Instant::now();
@@ -452,17 +467,7 @@ mod tests {
         now += wait;
         m.handle_timeout(now);
         assert!(drain(&mut m).contains(&SupervisorOutput::Connect));
-        m.handle_connected(now, 20).unwrap();
-        let ack = HelloAck {
-            role: PeerRole::Incumbent,
-            version: SUPPORTED_VERSIONS.max,
-            pid: 20,
-            build_id: "d".into(),
-            status: DaemonStatus::Serving,
-        };
-        m.handle_message(now, Peer::Incumbent, Message::HelloAck(ack))
-            .unwrap();
-        m.handle_journal_written(now).unwrap();
+        adopt(&mut m, now, 20);
         assert_eq!(m.incumbent(), Some(20));
         drain(&mut m);
         // ... but dies before it is stable: the backoff goes on where it was.
@@ -487,17 +492,7 @@ mod tests {
         now += wait;
         m.handle_timeout(now);
         drain(&mut m);
-        m.handle_connected(now, 40).unwrap();
-        let ack = HelloAck {
-            role: PeerRole::Incumbent,
-            version: SUPPORTED_VERSIONS.max,
-            pid: 40,
-            build_id: "d".into(),
-            status: DaemonStatus::Serving,
-        };
-        m.handle_message(now, Peer::Incumbent, Message::HelloAck(ack))
-            .unwrap();
-        m.handle_journal_written(now).unwrap();
+        adopt(&mut m, now, 40);
         drain(&mut m);
         now += ms(1000);
         m.handle_exited(now, 40);
