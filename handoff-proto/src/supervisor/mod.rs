@@ -1,8 +1,8 @@
 //! The supervisor: holds the listeners, runs one handoff at a time, journals before every
 //! irreversible step, and recovers from its own restart.
 //!
-//! The machine has two halves: [`handoff`] runs a handoff (spawn, greet, pass the listeners,
-//! drain, seal, begin, commit or abort), and [`recovery`] finds whoever serves after a restart
+//! The machine has two halves: `handoff` runs a handoff (spawn, greet, pass the listeners,
+//! drain, seal, begin, commit or abort), and `recovery` finds whoever serves after a restart
 //! or a crash (journal decision, listener reclaim, cold start with backoff). This module holds
 //! the state they share, the public inputs, and the channels.
 
