@@ -11,8 +11,13 @@ pub fn run(data: &[u8]) {
     match Config::parse(text) {
         Ok(cfg) => {
             assert!(
-                cfg.drain_grace < cfg.deadline,
+                cfg.timing.drain_grace < cfg.timing.deadline,
                 "drain grace not below the deadline"
+            );
+            assert_eq!(
+                cfg.timing.check(),
+                Ok(()),
+                "timings that do not fit accepted"
             );
             assert!(cfg.binary.is_absolute(), "relative binary accepted");
             assert!(cfg.allowed_binaries.iter().all(|p| p.is_absolute()));

@@ -489,9 +489,11 @@ impl SupHarness {
             pid: 1,
             build_id: "supervisor".into(),
             versions: SUPPORTED_VERSIONS,
-            timing: Timing::default(),
+            timing: Timing {
+                recovery_wait: Duration::from_secs(2),
+                ..Timing::default()
+            },
             listeners: listeners(n_listeners),
-            recovery_wait: Duration::from_secs(2),
         };
         Self {
             m: Supervisor::with_incumbent(cfg, INCUMBENT, HandoffId(0)),

@@ -9,7 +9,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use handoff_proto::journal::Resolution;
-use handoff_proto::{AbortReason, HandoffId, PhaseTimes, Pid, Verdict};
+use handoff_proto::{AbortReason, HandoffId, PhaseTimes, Pid, Timing, Verdict};
 
 use crate::sys::spawn;
 
@@ -48,9 +48,10 @@ pub struct SpawnSpec {
     /// Environment variables for the daemon, on top of the few it inherits from the
     /// supervisor (see above).
     pub env: Vec<(OsString, OsString)>,
-    /// How long the incumbent's drain may take. Default 25 s.
+    /// How long the incumbent's drain may take. Default [`Timing::drain_grace`].
     pub drain_grace: Duration,
-    /// The whole handoff must commit within this, or it is rolled back. Default 60 s.
+    /// The whole handoff must commit within this, or it is rolled back. Default
+    /// [`Timing::deadline`].
     pub deadline: Duration,
 }
 
@@ -60,8 +61,8 @@ impl Default for SpawnSpec {
             binary: PathBuf::new(),
             args: Vec::new(),
             env: Vec::new(),
-            drain_grace: Duration::from_secs(25),
-            deadline: Duration::from_secs(60),
+            drain_grace: Timing::default().drain_grace,
+            deadline: Timing::default().deadline,
         }
     }
 }

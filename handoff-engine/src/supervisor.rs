@@ -93,7 +93,6 @@ pub struct SupervisorEngine {
     setup_error: Option<String>,
     timing: Timing,
     policy: PeerPolicy,
-    recovery_wait: Duration,
     cold_start: Option<SpawnSpec>,
     machine: Option<handoff_proto::Supervisor>,
     inc: Option<Conn>,
@@ -138,7 +137,6 @@ impl SupervisorEngine {
             setup_error: None,
             timing: Timing::default(),
             policy: PeerPolicy::default(),
-            recovery_wait: Duration::from_secs(30),
             cold_start: None,
             machine: None,
             inc: None,
@@ -233,7 +231,7 @@ impl SupervisorEngine {
         self
     }
 
-    /// Heartbeat, silence and retry timings.
+    /// Every timing: heartbeats, silence, retries, the recovery wait and the crash backoff.
     pub fn with_timing(mut self, timing: Timing) -> SupervisorEngine {
         self.timing = timing;
         self
@@ -246,9 +244,10 @@ impl SupervisorEngine {
     }
 
     /// How long a recovery waits for a process still resolving a handoff, or for a daemon it
-    /// started cold to answer.
+    /// started cold to answer: sets [`Timing::recovery_wait`] (after `with_timing`, which
+    /// sets it too).
     pub fn with_recovery_wait(mut self, wait: Duration) -> SupervisorEngine {
-        self.recovery_wait = wait;
+        self.timing.recovery_wait = wait;
         self
     }
 
@@ -259,7 +258,7 @@ impl SupervisorEngine {
 
     /// The recovery wait in use.
     pub fn recovery_wait(&self) -> Duration {
-        self.recovery_wait
+        self.timing.recovery_wait
     }
 
     /// The serving daemon, when known and no handoff or recovery runs.
@@ -329,7 +328,6 @@ impl SupervisorEngine {
                     kind: l.kind,
                 })
                 .collect(),
-            recovery_wait: self.recovery_wait,
         }
     }
 

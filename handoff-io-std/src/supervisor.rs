@@ -107,7 +107,9 @@ impl Supervisor {
         self.map(|s| s.with_cold_start(spec))
     }
 
-    /// Heartbeat, silence and retry timings (default [`Timing::default`]).
+    /// Every timing: heartbeats, silence, retries, the recovery wait and the crash backoff
+    /// (default [`Timing::default`]). Set [`with_recovery_wait`](Self::with_recovery_wait)
+    /// after it, or it is overwritten.
     pub fn with_timing(self, timing: Timing) -> Supervisor {
         self.map(|s| s.with_timing(timing))
     }
@@ -118,7 +120,7 @@ impl Supervisor {
     }
 
     /// How long a recovery waits for a process still resolving a handoff, or for a daemon it
-    /// started cold to answer (default 30 s).
+    /// started cold to answer: sets [`Timing::recovery_wait`] (default 30 s).
     pub fn with_recovery_wait(self, wait: Duration) -> Supervisor {
         self.map(|s| s.with_recovery_wait(wait))
     }
@@ -179,8 +181,10 @@ fn recover(engine: &mut SupervisorEngine) -> Result<Recovery> {
     let now = Instant::now();
     engine.start_recovery(now)?;
     // The machine gives up waiting for a resolving process after `recovery_wait` and starts
-    // the daemon cold; a daemon started cold gets another `recovery_wait` to answer.
-    let bound = now + 3 * engine.recovery_wait() + 4 * engine.timing().slack;
+    // the daemon cold; a daemon started cold gets another `recovery_wait` to answer. Each
+    // of the two may overshoot by one crash backoff (its attempts are spaced by it).
+    let t = engine.timing();
+    let bound = now + 3 * t.recovery_wait + 4 * t.slack + 2 * t.backoff_max;
     match run(engine, bound)? {
         SupervisorEvent::Recovered(r) => Ok(r),
         SupervisorEvent::Failed(e) => Err(e),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::channel::{Channel, ConnId};
 use crate::error::{Error, Misuse, PeerMisbehaved};
-use crate::timer::Timers;
+use crate::timer::{TimerKey, Timers};
 use crate::types::{
     DrainReport, HandoffId, ListenerInfo, LockRecord, Pid, SealReport, StateSnapshot, Timing,
     MAX_FDS_PER_MESSAGE,
@@ -169,11 +169,23 @@ enum Phase {
     Retired,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum T {
-    Heartbeat = 0,
-    Deadline = 1,
-    Retry = 2,
+    Heartbeat,
+    Deadline,
+    Retry,
+}
+
+impl TimerKey for T {
+    type Slots = [Option<Instant>; 3];
+
+    fn slot(self) -> usize {
+        match self {
+            T::Heartbeat => 0,
+            T::Deadline => 1,
+            T::Retry => 2,
+        }
+    }
 }
 
 /// The incumbent's state machine.
@@ -203,7 +215,7 @@ pub struct Incumbent {
     cfg: DaemonConfig,
     phase: Phase,
     conns: BTreeMap<ConnId, Channel>,
-    timers: Timers<3>,
+    timers: Timers<T>,
     out: VecDeque<IncumbentOutput>,
     /// The last handoff that ended in a resume, and the snapshot then: a repeated `Abort` for
     /// it is answered again.
@@ -561,7 +573,7 @@ impl Incumbent {
                     },
                 );
                 let at = now + self.cfg.timing.retry_interval;
-                self.timers.set(T::Retry as usize, at);
+                self.timers.set(T::Retry, at);
             }
         }
         Ok(())
@@ -576,7 +588,7 @@ impl Incumbent {
                     self.phase = Phase::Serving;
                 } else {
                     self.phase = Phase::Starting { acquiring: false };
-                    self.timers.set(T::Retry as usize, retry_at);
+                    self.timers.set(T::Retry, retry_at);
                 }
                 Ok(())
             }
@@ -633,7 +645,7 @@ impl Incumbent {
                         if let Some(pid) = kill {
                             self.out.push_back(IncumbentOutput::KillLockHolder { pid });
                         }
-                        self.timers.set(T::Retry as usize, retry_at);
+                        self.timers.set(T::Retry, retry_at);
                     }
                 }
                 Ok(())
@@ -653,17 +665,17 @@ impl Incumbent {
         for conn in silent {
             self.close(conn);
         }
-        if self.timers.expire(T::Heartbeat as usize, now) {
+        if self.timers.expire(T::Heartbeat, now) {
             if let Some(conn) = self.handoff_conn() {
                 self.send(conn, Message::Heartbeat);
                 let at = now + self.cfg.timing.heartbeat_interval;
-                self.timers.set(T::Heartbeat as usize, at);
+                self.timers.set(T::Heartbeat, at);
             }
         }
-        if self.timers.expire(T::Deadline as usize, now) {
+        if self.timers.expire(T::Deadline, now) {
             self.on_deadline(now);
         }
-        if self.timers.expire(T::Retry as usize, now) {
+        if self.timers.expire(T::Retry, now) {
             match &mut self.phase {
                 Phase::Starting { acquiring } => {
                     *acquiring = true;
@@ -774,10 +786,8 @@ impl Incumbent {
             ack: false,
         });
         let deadline = Duration::from_millis(deadline_ms);
-        self.timers
-            .set(T::Deadline as usize, now + deadline + t.slack);
-        self.timers
-            .set(T::Heartbeat as usize, now + t.heartbeat_interval);
+        self.timers.set(T::Deadline, now + deadline + t.slack);
+        self.timers.set(T::Heartbeat, now + t.heartbeat_interval);
         let grace = Duration::from_millis(drain_grace_ms).min(deadline);
         self.out
             .push_back(IncumbentOutput::CallDrain { handoff: id, grace });
@@ -812,7 +822,7 @@ impl Incumbent {
                     self.out.push_back(IncumbentOutput::Close { conn });
                 }
             }
-            self.timers.stop(T::Heartbeat as usize);
+            self.timers.stop(T::Heartbeat);
             self.abort_handoff();
         }
     }
@@ -859,7 +869,7 @@ impl Incumbent {
                     killed,
                 };
                 if late < 2 {
-                    self.timers.set(T::Deadline as usize, now + slack);
+                    self.timers.set(T::Deadline, now + slack);
                 } else if !acquiring {
                     let id = h.id;
                     self.retire(id);
@@ -869,7 +879,7 @@ impl Incumbent {
                 self.lose_supervisor();
                 // Check again after another slack: if we are still reclaiming then, the lock
                 // holder is stuck.
-                self.timers.set(T::Deadline as usize, now + slack);
+                self.timers.set(T::Deadline, now + slack);
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::channel::Channel;
 use crate::error::{Error, Misuse, PeerMisbehaved};
 use crate::incumbent::{DaemonConfig, LockResult};
-use crate::timer::Timers;
+use crate::timer::{TimerKey, Timers};
 use crate::types::{
     AbortReason, HandoffId, ListenerInfo, ReadinessSnapshot, SealReport, MAX_FDS_PER_MESSAGE,
 };
@@ -83,10 +83,21 @@ enum Phase {
     Failed,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum T {
-    Heartbeat = 0,
-    Deadline = 1,
+    Heartbeat,
+    Deadline,
+}
+
+impl TimerKey for T {
+    type Slots = [Option<Instant>; 2];
+
+    fn slot(self) -> usize {
+        match self {
+            T::Heartbeat => 0,
+            T::Deadline => 1,
+        }
+    }
 }
 
 /// The successor's state machine.
@@ -112,7 +123,7 @@ pub struct Successor {
     cfg: DaemonConfig,
     phase: Phase,
     ch: Channel,
-    timers: Timers<2>,
+    timers: Timers<T>,
     out: VecDeque<SuccessorOutput>,
 }
 
@@ -258,10 +269,8 @@ impl Successor {
                 build_id: bounded_text(self.cfg.build_id.clone()),
                 status: DaemonStatus::Successor,
             }));
-            self.timers.set(
-                T::Heartbeat as usize,
-                now + self.cfg.timing.heartbeat_interval,
-            );
+            self.timers
+                .set(T::Heartbeat, now + self.cfg.timing.heartbeat_interval);
             self.phase = Phase::AwaitWelcome;
             return Ok(());
         }
@@ -288,7 +297,7 @@ impl Successor {
                 Phase::AwaitWelcome,
             ) => {
                 let d = Duration::from_millis(deadline_ms) + self.cfg.timing.slack;
-                self.timers.set(T::Deadline as usize, now + d);
+                self.timers.set(T::Deadline, now + d);
                 self.phase = Phase::Listeners {
                     handoff,
                     expected: listeners,
@@ -388,18 +397,16 @@ impl Successor {
         if !self.waiting() {
             return;
         }
-        if self.timers.expire(T::Deadline as usize, now) {
+        if self.timers.expire(T::Deadline, now) {
             return self.fail(AbortReason::DeadlineExceeded);
         }
         if self.ch.last_heard + self.cfg.timing.peer_silence <= now {
             return self.fail(AbortReason::PeerSilent);
         }
-        if self.timers.expire(T::Heartbeat as usize, now) {
+        if self.timers.expire(T::Heartbeat, now) {
             self.send(Message::Heartbeat);
-            self.timers.set(
-                T::Heartbeat as usize,
-                now + self.cfg.timing.heartbeat_interval,
-            );
+            self.timers
+                .set(T::Heartbeat, now + self.cfg.timing.heartbeat_interval);
         }
     }
 

@@ -200,23 +200,50 @@ pub struct LockRecord {
     pub committed: Option<HandoffId>,
 }
 
-/// Timings every machine needs. One value is shared by all roles of a deployment; the per
-/// handoff drain grace and deadline travel in the messages.
+/// The timing policy of a deployment: every duration the role machines, the drivers and the
+/// reference supervisor use, each with its default. This is the one place these values and
+/// their defaults are defined and documented: `SpawnSpec::default` reads `drain_grace` and
+/// `deadline` from [`Timing::default`], the supervisor engine hands the whole value to its
+/// machine, and the reference supervisor's TOML accepts every field as `<field>_secs` (float
+/// seconds). One value is shared by all roles of a deployment; a handoff's drain grace and
+/// deadline travel in its messages. [`Timing::check`] says whether the values fit together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Timing {
     /// How often a party sends `Heartbeat` while a handoff runs. The machines schedule these
-    /// themselves; application code never has to.
+    /// themselves; application code never has to. Default 500 ms; must be shorter than
+    /// `peer_silence`.
     pub heartbeat_interval: Duration,
-    /// A peer that sends nothing for this long during a handoff is considered lost.
+    /// A peer that sends nothing for this long during a handoff is considered lost. Default
+    /// 5 s.
     pub peer_silence: Duration,
     /// Time allowed past a handoff's deadline for aborts and acknowledgements to finish. The
     /// supervisor's outcome comes by `deadline + 2 × slack` at the latest (an unacknowledged
     /// commit is abandoned at `deadline + slack`, and its abort takes up to one slack more), and
     /// an incumbent that lost its supervisor exits by `deadline + 3 × slack` if it cannot get
-    /// the lock back (invariant I5).
+    /// the lock back (invariant I5). Default 5 s.
     pub slack: Duration,
-    /// How often a waiting party retries the data-directory lock or a reconnect.
+    /// How often a waiting party retries the data-directory lock or a reconnect. Default
+    /// 50 ms.
     pub retry_interval: Duration,
+    /// How long a recovering supervisor waits for a process that is still resolving a handoff
+    /// before it kills the leftovers and starts the daemon cold; a daemon it started cold gets
+    /// as long again to answer. Default 30 s.
+    pub recovery_wait: Duration,
+    /// The crash backoff: the first wait between two recovery attempts (or cold starts). Each
+    /// further attempt waits twice as long as the one before, up to `backoff_max`, and never
+    /// less than `retry_interval`. Default 100 ms; at most `backoff_max`.
+    pub backoff_min: Duration,
+    /// The longest wait between two recovery attempts. Default 10 s.
+    pub backoff_max: Duration,
+    /// A daemon that served this long before it was lost starts the backoff over at
+    /// `backoff_min`. Default 10 s.
+    pub stable_after: Duration,
+    /// How long the incumbent's drain may take, unless a trigger says otherwise. Default
+    /// 25 s; must be shorter than `deadline`.
+    pub drain_grace: Duration,
+    /// The whole handoff, trigger to commit, must fit in this, unless a trigger says otherwise
+    /// (see `slack` for what aborting adds). Default 60 s.
+    pub deadline: Duration,
 }
 
 impl Default for Timing {
@@ -226,6 +253,96 @@ impl Default for Timing {
             peer_silence: Duration::from_secs(5),
             slack: Duration::from_secs(5),
             retry_interval: Duration::from_millis(50),
+            recovery_wait: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            stable_after: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(25),
+            deadline: Duration::from_secs(60),
         }
+    }
+}
+
+/// Two [`Timing`] values that do not fit together.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {why}")]
+pub struct TimingError {
+    /// The field at fault (of the two, the one a user most likely set).
+    pub field: &'static str,
+    /// The other field of the pair.
+    pub other: &'static str,
+    /// What is wrong, naming both values.
+    pub why: String,
+}
+
+impl Timing {
+    /// The fields, by name, for messages and configuration keys.
+    pub const FIELDS: [&'static str; 10] = [
+        "heartbeat_interval",
+        "peer_silence",
+        "slack",
+        "retry_interval",
+        "recovery_wait",
+        "backoff_min",
+        "backoff_max",
+        "stable_after",
+        "drain_grace",
+        "deadline",
+    ];
+
+    /// The field named `name` (one of [`Timing::FIELDS`]).
+    pub fn field_mut(&mut self, name: &str) -> Option<&mut Duration> {
+        Some(match name {
+            "heartbeat_interval" => &mut self.heartbeat_interval,
+            "peer_silence" => &mut self.peer_silence,
+            "slack" => &mut self.slack,
+            "retry_interval" => &mut self.retry_interval,
+            "recovery_wait" => &mut self.recovery_wait,
+            "backoff_min" => &mut self.backoff_min,
+            "backoff_max" => &mut self.backoff_max,
+            "stable_after" => &mut self.stable_after,
+            "drain_grace" => &mut self.drain_grace,
+            "deadline" => &mut self.deadline,
+            _ => return None,
+        })
+    }
+
+    /// Whether the values fit together: a heartbeat comes before the silence limit, the drain
+    /// grace is shorter than the deadline, and the backoff's minimum is at most its maximum.
+    pub fn check(&self) -> Result<(), TimingError> {
+        let pairs = [
+            (
+                "heartbeat_interval",
+                self.heartbeat_interval,
+                "peer_silence",
+                self.peer_silence,
+                "shorter than",
+            ),
+            (
+                "drain_grace",
+                self.drain_grace,
+                "deadline",
+                self.deadline,
+                "shorter than",
+            ),
+            (
+                "backoff_min",
+                self.backoff_min,
+                "backoff_max",
+                self.backoff_max,
+                "at most",
+            ),
+        ];
+        for (field, a, other, b, rel) in pairs {
+            let ok = if rel == "at most" { a <= b } else { a < b };
+            if !ok {
+                return Err(TimingError {
+                    field,
+                    other,
+                    why: format!("{field} ({a:?}) must be {rel} {other} ({b:?})"),
+                });
+            }
+        }
+        Ok(())
     }
 }

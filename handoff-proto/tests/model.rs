@@ -104,6 +104,11 @@ fn config(builds: Vec<Build>, crashes: u8, bug: Option<Bug>) -> Config {
             peer_silence: ms(2000),
             slack: ms(4),
             retry_interval: ms(4),
+            // No crash backoff: recovery retries every retry_interval (the backoff's timer is
+            // the same retry timer, only later; its doubling is unit-tested).
+            backoff_min: Duration::ZERO,
+            backoff_max: Duration::ZERO,
+            ..Timing::default()
         },
         spec: HandoffSpec {
             drain_grace: ms(5),

@@ -98,6 +98,10 @@ impl Run {
                 peer_silence: ms(silence),
                 slack: ms(slack),
                 retry_interval: ms((slack * self.retry_pct / 100).max(2)),
+                // No crash backoff: recovery retries every retry_interval, as before it.
+                backoff_min: Duration::ZERO,
+                backoff_max: Duration::ZERO,
+                ..Timing::default()
             },
             spec: HandoffSpec {
                 drain_grace: ms((d * self.grace_pct / 100).max(1)),
@@ -723,9 +727,11 @@ fn recovery_does_not_adopt_a_daemon_that_exited_while_returning_the_listeners() 
         pid: 1,
         build_id: "s".into(),
         versions: SUPPORTED_VERSIONS,
-        timing: Timing::default(),
+        timing: Timing {
+            recovery_wait: Duration::from_secs(2),
+            ..Timing::default()
+        },
         listeners: listeners.clone(),
-        recovery_wait: Duration::from_secs(2),
     };
     // The journal names an interrupted handoff from incumbent 3 to successor 5; the
     // successor is gone, the incumbent still serves.

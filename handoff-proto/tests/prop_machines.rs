@@ -1427,9 +1427,11 @@ impl SupHarness {
             pid: 1,
             build_id: "supervisor".into(),
             versions: SUPPORTED_VERSIONS,
-            timing: Timing::default(),
+            timing: Timing {
+                recovery_wait: Duration::from_secs(2),
+                ..Timing::default()
+            },
             listeners: listeners(n_listeners),
-            recovery_wait: Duration::from_secs(2),
         };
         Self {
             m: Supervisor::with_incumbent(cfg, INCUMBENT, HandoffId(0)),
@@ -2252,9 +2254,11 @@ fn plain_cfg() -> SupervisorConfig {
         pid: 1,
         build_id: "s".into(),
         versions: SUPPORTED_VERSIONS,
-        timing: Timing::default(),
+        timing: Timing {
+            recovery_wait: Duration::from_secs(2),
+            ..Timing::default()
+        },
         listeners: Vec::new(),
-        recovery_wait: Duration::from_secs(2),
     }
 }
 

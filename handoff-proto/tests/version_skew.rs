@@ -36,12 +36,14 @@ fn supervisor(versions: VersionRange) -> Supervisor {
             pid: 1,
             build_id: "sup".into(),
             versions,
-            timing: Timing::default(),
+            timing: Timing {
+                recovery_wait: Duration::from_secs(5),
+                ..Timing::default()
+            },
             listeners: vec![ListenerInfo {
                 name: "http".into(),
                 kind: ListenerKind::Tcp,
             }],
-            recovery_wait: Duration::from_secs(5),
         },
         10,
         HandoffId(0),

@@ -8,6 +8,7 @@
 //! env              = { RUST_LOG = "info" }            # optional: the daemon's environment
 //! drain_grace_secs = 25                               # optional, default 25
 //! deadline_secs    = 60                               # optional, default 60
+//! recovery_wait_secs = 30                             # optional: every `Timing` field, see below
 //! journal          = "/run/my-daemon/handoff.journal" # optional, default <control_socket>.journal
 //! trigger_uids     = [0, 1000]                        # optional, default: our uid and root
 //! trigger_group    = "my-daemon-ops"                  # optional: the trigger socket's group
@@ -22,6 +23,15 @@
 //! ```
 //!
 //! Unknown keys are errors. Every error names the key and the line.
+//!
+//! **Timings.** Every field of [`handoff_proto::Timing`] can be set as `<field>_secs`, in
+//! seconds (a float in [0.001, 86400]); a key left out keeps the default documented there:
+//! `heartbeat_interval_secs` (0.5), `peer_silence_secs` (5), `slack_secs` (5),
+//! `retry_interval_secs` (0.05), `recovery_wait_secs` (30), `backoff_min_secs` (0.1),
+//! `backoff_max_secs` (10), `stable_after_secs` (10), `drain_grace_secs` (25) and
+//! `deadline_secs` (60). The values must fit together ([`Timing::check`]): the heartbeat
+//! shorter than the silence limit, the drain grace shorter than the deadline, the backoff's
+//! minimum at most its maximum; an error names the key set and its line.
 //!
 //! **Binaries.** `binary`, `allowed_binaries` and `binary_dir` must be writable by nobody but
 //! root and the supervisor's user: each file (symlinks resolved) and the directory it is in
@@ -50,6 +60,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use handoff_engine::sys::spawn;
+use handoff_proto::Timing;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -77,6 +88,14 @@ struct Raw {
     args: Vec<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    heartbeat_interval_secs: Option<Spanned<f64>>,
+    peer_silence_secs: Option<Spanned<f64>>,
+    slack_secs: Option<Spanned<f64>>,
+    retry_interval_secs: Option<Spanned<f64>>,
+    recovery_wait_secs: Option<Spanned<f64>>,
+    backoff_min_secs: Option<Spanned<f64>>,
+    backoff_max_secs: Option<Spanned<f64>>,
+    stable_after_secs: Option<Spanned<f64>>,
     drain_grace_secs: Option<Spanned<f64>>,
     deadline_secs: Option<Spanned<f64>>,
     journal: Option<Spanned<PathBuf>>,
@@ -88,6 +107,26 @@ struct Raw {
     binary_dir: Option<Spanned<PathBuf>>,
     #[serde(default)]
     listeners: Vec<RawListener>,
+}
+
+impl Raw {
+    /// The value given for `field` of [`Timing`] (key `<field>_secs`).
+    fn timing(&self, field: &str) -> Option<&Spanned<f64>> {
+        match field {
+            "heartbeat_interval" => &self.heartbeat_interval_secs,
+            "peer_silence" => &self.peer_silence_secs,
+            "slack" => &self.slack_secs,
+            "retry_interval" => &self.retry_interval_secs,
+            "recovery_wait" => &self.recovery_wait_secs,
+            "backoff_min" => &self.backoff_min_secs,
+            "backoff_max" => &self.backoff_max_secs,
+            "stable_after" => &self.stable_after_secs,
+            "drain_grace" => &self.drain_grace_secs,
+            "deadline" => &self.deadline_secs,
+            _ => &None,
+        }
+        .as_ref()
+    }
 }
 
 /// `trigger_group`: a name, or a gid (a number, or a string of digits).
@@ -140,10 +179,8 @@ pub struct Config {
     pub args: Vec<String>,
     /// Extra environment.
     pub env: BTreeMap<String, String>,
-    /// The incumbent's drain limit.
-    pub drain_grace: Duration,
-    /// A handoff's overall limit.
-    pub deadline: Duration,
+    /// Every timing, the drain grace and deadline of a handoff among them.
+    pub timing: Timing,
     /// The journal file.
     pub journal: PathBuf,
     /// Uids admitted on the trigger socket.
@@ -236,40 +273,35 @@ impl Config {
             file: None,
             message: format!("`{key}` (line {}): {what}", line_of(text, span.start)),
         };
-        let secs = |key: &str, v: &Option<Spanned<f64>>, default: u64| match v {
-            None => Ok(Duration::from_secs(default)),
-            Some(s) => {
-                let x = *s.get_ref();
-                // At least a millisecond (a smaller value would round to a zero duration);
-                // NaN fails the range test too.
-                let bad = || {
-                    err(
-                        key,
-                        s.span(),
-                        format!("{x} is not a number of seconds in [0.001, 86400]"),
-                    )
-                };
-                if !(0.001..=86_400.0).contains(&x) {
-                    return Err(bad());
-                }
-                Duration::try_from_secs_f64(x).map_err(|_| bad())
+        let secs = |key: &str, s: &Spanned<f64>| {
+            let x = *s.get_ref();
+            // At least a millisecond (a smaller value would round to a zero duration);
+            // NaN fails the range test too.
+            let bad = || {
+                err(
+                    key,
+                    s.span(),
+                    format!("{x} is not a number of seconds in [0.001, 86400]"),
+                )
+            };
+            if !(0.001..=86_400.0).contains(&x) {
+                return Err(bad());
             }
+            Duration::try_from_secs_f64(x).map_err(|_| bad())
         };
-        let drain_grace = secs("drain_grace_secs", &raw.drain_grace_secs, 25)?;
-        let deadline = secs("deadline_secs", &raw.deadline_secs, 60)?;
-        if drain_grace >= deadline {
-            let s = raw
-                .drain_grace_secs
-                .as_ref()
-                .or(raw.deadline_secs.as_ref())
-                .map_or(0..0, |s| s.span());
-            return Err(err(
-                "drain_grace_secs",
-                s,
-                format!(
-                    "the drain grace ({drain_grace:?}) must be shorter than deadline_secs ({deadline:?})"
-                ),
-            ));
+        let mut timing = Timing::default();
+        for field in Timing::FIELDS {
+            if let (Some(v), Some(slot)) = (raw.timing(field), timing.field_mut(field)) {
+                *slot = secs(&format!("{field}_secs"), v)?;
+            }
+        }
+        if let Err(e) = timing.check() {
+            // Blame the key of the pair that was set (the first if both were).
+            let (field, span) = [e.field, e.other]
+                .into_iter()
+                .find_map(|f| raw.timing(f).map(|v| (f, v.span())))
+                .unwrap_or((e.field, 0..0));
+            return Err(err(&format!("{field}_secs"), span, e.why));
         }
         let nonempty = |key: &str, p: &Spanned<PathBuf>| {
             if p.get_ref().as_os_str().is_empty() {
@@ -480,8 +512,7 @@ impl Config {
             binary,
             args: raw.args,
             env: raw.env,
-            drain_grace,
-            deadline,
+            timing,
             journal,
             trigger_uids,
             trigger_group,
@@ -559,8 +590,8 @@ addr = "0.0.0.0:8080"
     fn seed_example_parses_with_defaults() {
         let c = Config::parse(GOOD).unwrap();
         assert_eq!(c.binary, PathBuf::from("/usr/local/bin/d"));
-        assert_eq!(c.drain_grace, Duration::from_secs(25));
-        assert_eq!(c.deadline, Duration::from_secs(60));
+        assert_eq!(c.timing.drain_grace, Duration::from_secs(25));
+        assert_eq!(c.timing.deadline, Duration::from_secs(60));
         assert_eq!(c.journal, PathBuf::from("/run/d/handoff.sock.journal"));
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.listeners[0].kind, Kind::Tcp);
@@ -759,7 +790,7 @@ kind = "unix"
             assert!(
                 r.is_err(),
                 "drain_grace_secs = {bad}: accepted as {:?}",
-                r.map(|c| c.drain_grace)
+                r.map(|c| c.timing.drain_grace)
             );
             let e = error(&text);
             assert!(
@@ -773,7 +804,89 @@ kind = "unix"
         }
         let c = Config::parse(&GOOD.replace("drain_grace_secs = 25", "drain_grace_secs = 0.001"))
             .unwrap();
-        assert_eq!(c.drain_grace, Duration::from_millis(1));
+        assert_eq!(c.timing.drain_grace, Duration::from_millis(1));
+    }
+
+    /// GOOD with `<field>_secs = value`, and that key's line: the two keys GOOD has are
+    /// replaced (lines 5 and 6), any other is added (line 7).
+    fn with_timing(field: &str, value: &str) -> (String, usize) {
+        let key = format!("{field}_secs = {value}");
+        match field {
+            "drain_grace" => (GOOD.replace("drain_grace_secs = 25", &key), 5),
+            "deadline" => (GOOD.replace("deadline_secs    = 60", &key), 6),
+            _ => (with(&key), 7),
+        }
+    }
+
+    #[test]
+    fn every_timing_is_a_key_and_a_good_value_is_honoured() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.timing, Timing::default());
+        // One key at a time, each with a value that fits the other defaults.
+        for (field, v) in [
+            ("heartbeat_interval", 0.25),
+            ("peer_silence", 7.0),
+            ("slack", 3.0),
+            ("retry_interval", 0.02),
+            ("recovery_wait", 12.0),
+            ("backoff_min", 0.2),
+            ("backoff_max", 20.0),
+            ("stable_after", 30.5),
+            ("drain_grace", 20.0),
+            ("deadline", 90.0),
+        ] {
+            let c = Config::parse(&with_timing(field, &v.to_string()).0)
+                .unwrap_or_else(|e| panic!("{field}_secs = {v}: {e}"));
+            let mut want = Timing::default();
+            *want.field_mut(field).unwrap() = Duration::from_secs_f64(v);
+            assert_eq!(c.timing, want, "{field}_secs = {v}");
+        }
+    }
+
+    #[test]
+    fn a_bad_timing_names_its_key_and_line() {
+        for field in Timing::FIELDS {
+            let (text, line) = with_timing(field, "-1");
+            let e = error(&text);
+            assert!(
+                e.contains(&format!("`{field}_secs` (line {line})"))
+                    && e.contains("is not a number of seconds"),
+                "{field}: {e}"
+            );
+            let e = error(&with_timing(field, "\"soon\"").0);
+            assert!(
+                e.contains(&format!("{field}_secs")) && e.contains(&format!("line {line}")),
+                "{field}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn timings_that_do_not_fit_together_name_the_key_set() {
+        for (keys, key, line) in [
+            ("heartbeat_interval_secs = 6", "heartbeat_interval_secs", 7),
+            ("peer_silence_secs = 0.2", "peer_silence_secs", 7),
+            (
+                "heartbeat_interval_secs = 2\npeer_silence_secs = 1",
+                "heartbeat_interval_secs",
+                7,
+            ),
+            ("backoff_min_secs = 20", "backoff_min_secs", 7),
+            ("backoff_max_secs = 0.05", "backoff_max_secs", 7),
+            (
+                "backoff_min_secs = 3\nbackoff_max_secs = 2",
+                "backoff_min_secs",
+                7,
+            ),
+        ] {
+            let e = error(&with(keys));
+            assert!(
+                e.contains(&format!("`{key}` (line {line})")) && e.contains("must be"),
+                "{keys}: {e}"
+            );
+        }
+        let c = Config::parse(&with("backoff_min_secs = 2\nbackoff_max_secs = 2")).unwrap();
+        assert_eq!(c.timing.backoff_min, c.timing.backoff_max);
     }
 
     #[test]

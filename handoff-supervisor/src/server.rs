@@ -49,12 +49,6 @@ const MAX_OUTPUT: usize = 1 << 20;
 /// every client waits for a handoff or is being closed is it refused
 /// (`error: too many clients`).
 pub const MAX_CLIENTS: usize = 64;
-/// First and last wait between two recovery attempts.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// See [`BACKOFF_MIN`].
-pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// A daemon that served this long before it died resets the backoff.
-const STABLE: Duration = Duration::from_secs(10);
 
 const TRIGGER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -124,8 +118,6 @@ pub struct Server {
     serving_binary: Option<PathBuf>,
     last_error: Option<String>,
     recovering: bool,
-    backoff: Duration,
-    gate_until: Option<Instant>,
     recovered_at: Option<Instant>,
     ready_sent: bool,
     /// SIGTERM/SIGINT arrived: stop once the running handoff (if any) has ended.
@@ -295,6 +287,7 @@ impl Server {
         let engine = SupervisorEngine::new(&cfg.control_socket)
             .map_err(|e| Fatal(e.to_string()))?
             .with_journal(&cfg.journal)
+            .with_timing(cfg.timing)
             .with_cold_start(spec);
         let engine = listeners(&cfg, engine, &mut inherited)?;
         for name in inherited.names() {
@@ -343,8 +336,6 @@ impl Server {
             last_error: None,
             // The first recovery runs (start_recovery above).
             recovering: true,
-            backoff: BACKOFF_MIN,
-            gate_until: Some(Instant::now() + BACKOFF_MIN),
             recovered_at: None,
             ready_sent: false,
             stopping: false,
@@ -407,12 +398,7 @@ impl Server {
 
     fn next_deadline(&self) -> Option<Instant> {
         let sup = self.sup.as_ref()?;
-        let mut t = sup.poll_timeout();
-        if self.recovering {
-            if let Some(g) = self.gate_until {
-                t = t.map(|t| t.max(g));
-            }
-        }
+        let t = sup.poll_timeout();
         let clients = self
             .clients
             .values()
@@ -425,18 +411,9 @@ impl Server {
         [t, clients].into_iter().flatten().min()
     }
 
-    /// Let time pass for the engine; while recovering, no more often than the backoff allows
-    /// (each recovery attempt, and each cold start, waits for a timer of the engine).
+    /// Let time pass for the engine. The crash backoff between recovery attempts and cold
+    /// starts is the machine's own (`Timing::backoff_min` and after): nothing is withheld.
     fn engine_time(&mut self) {
-        let now = Instant::now();
-        if self.recovering {
-            let due = self.sup().poll_timeout().is_some_and(|t| t <= now);
-            if !due || self.gate_until.is_some_and(|g| now < g) {
-                return;
-            }
-            self.gate_until = Some(now + self.backoff);
-            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-        }
         if let Err(e) = self.sup().handle_timeout() {
             log(format!("engine registration: {e}"));
         }
@@ -470,10 +447,15 @@ impl Server {
                 SupervisorEvent::Outcome(o) => self.outcome(o),
                 SupervisorEvent::Failed(e) => {
                     let msg = e.to_string();
-                    log(format!(
-                        "recovery: {msg} (next attempt in {:?})",
-                        self.backoff
-                    ));
+                    // The machine has scheduled its next attempt, after its backoff.
+                    let next = self
+                        .sup
+                        .as_ref()
+                        .and_then(Supervisor::poll_timeout)
+                        .map_or(Duration::ZERO, |t| {
+                            t.saturating_duration_since(Instant::now())
+                        });
+                    log(format!("recovery: {msg} (next attempt in {next:?})"));
                     self.notify(&notify::status(&format!("recovering: {msg}")));
                     self.last_error = Some(msg);
                 }
@@ -481,19 +463,9 @@ impl Server {
         }
         let Some(sup) = self.sup.as_ref() else { return };
         let recovering = sup.needs_recovery() && self.current.is_none();
-        if recovering && !self.recovering {
-            let now = Instant::now();
-            if self
-                .recovered_at
-                .is_none_or(|t| now.saturating_duration_since(t) >= STABLE)
-            {
-                self.backoff = BACKOFF_MIN;
-            }
-            self.gate_until = Some(now + self.backoff);
-            if self.recovered_at.is_some() {
-                log("the serving daemon is gone: recovering");
-                self.notify(&notify::status("recovering: the serving daemon is gone"));
-            }
+        if recovering && !self.recovering && self.recovered_at.is_some() {
+            log("the serving daemon is gone: recovering");
+            self.notify(&notify::status("recovering: the serving daemon is gone"));
         }
         self.recovering = recovering;
     }
@@ -616,8 +588,8 @@ impl Server {
             Err(e) => return Some(format!("error: {e}")),
         };
         let mut spec = cold_spec(&self.cfg, binary.clone());
-        spec.drain_grace = self.cfg.drain_grace;
-        spec.deadline = self.cfg.deadline;
+        spec.drain_grace = self.cfg.timing.drain_grace;
+        spec.deadline = self.cfg.timing.deadline;
         match self.sup().trigger(spec) {
             Ok(id) => {
                 self.stats.handoffs += 1;
@@ -703,12 +675,12 @@ impl Server {
             let _ = w.signal(rustix::process::Signal::TERM);
         }
         let all: Vec<&Watched> = watched.iter().collect();
-        let left = wait_all(&all, self.cfg.drain_grace);
+        let left = wait_all(&all, self.cfg.timing.drain_grace);
         for w in &left {
             log(format!(
                 "pid {} still runs after {:?}: SIGKILL",
                 w.pid(),
-                self.cfg.drain_grace
+                self.cfg.timing.drain_grace
             ));
             let _ = w.kill();
         }
@@ -1075,8 +1047,8 @@ fn cold_spec(cfg: &Config, binary: PathBuf) -> SpawnSpec {
             .iter()
             .map(|(k, v)| (OsString::from(k), OsString::from(v)))
             .collect(),
-        drain_grace: cfg.drain_grace,
-        deadline: cfg.deadline,
+        drain_grace: cfg.timing.drain_grace,
+        deadline: cfg.timing.deadline,
     }
 }
 

@@ -61,6 +61,7 @@ pub fn test_timing() -> Timing {
         peer_silence: Duration::from_millis(4000),
         slack: Duration::from_millis(3000),
         retry_interval: Duration::from_millis(20),
+        ..Timing::default()
     }
 }
 

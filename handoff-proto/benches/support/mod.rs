@@ -136,9 +136,11 @@ impl Sim {
             pid: SUP,
             build_id: "supervisor-1".into(),
             versions: SUPPORTED_VERSIONS,
-            timing,
+            timing: Timing {
+                recovery_wait: Duration::from_secs(5),
+                ..timing
+            },
             listeners: listeners(n),
-            recovery_wait: Duration::from_secs(5),
         };
         let mut sim = Sim {
             now,

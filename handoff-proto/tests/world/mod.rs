@@ -113,9 +113,11 @@ impl Config {
             pid: SUP_PID,
             build_id: String::new(),
             versions: SUPPORTED_VERSIONS,
-            timing: self.timing,
+            timing: Timing {
+                recovery_wait: self.recovery_wait,
+                ..self.timing
+            },
             listeners: listeners(),
-            recovery_wait: self.recovery_wait,
         }
     }
 }

@@ -47,6 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         peer_silence: Duration::from_millis(4000),
         slack: Duration::from_millis(3000),
         retry_interval: Duration::from_millis(20),
+        ..Timing::default()
     };
     let mut sup = SupervisorEngine::new(&sock)?
         .with_timing(timing)
