@@ -114,9 +114,11 @@ macro_rules! ensure_eq {
     };
 }
 
+pub mod handoff;
 pub mod incumbent;
 pub mod successor;
 pub mod supervisor;
+pub mod world;
 
 /// Monotonic time: a fixed base plus an offset that only grows.
 #[derive(Debug)]
