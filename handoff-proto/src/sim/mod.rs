@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 
-use crate::wire::{encode, Decoder, Frame, Message, VersionRange, HANDSHAKE_VERSION};
+use crate::wire::{
+    decode_body, encode, Decoder, Frame, Message, VersionRange, HANDSHAKE_VERSION, MAX_FRAME_LEN,
+};
 use crate::{DaemonConfig, HandoffId, ListenerInfo, ListenerKind, Pid, Timing};
 
 /// A broken invariant: what was expected, and where the harness checked it.
@@ -185,6 +187,45 @@ pub fn check_frame(frame: &Frame) -> Result<(), Violation> {
     ensure_eq!(d.next_message(), Ok(Some(frame.message.clone())));
     record(Direction::FromMachine, &bytes);
     Ok(())
+}
+
+/// The frames a channel could have delivered, found by length alone (ignoring the version
+/// checks, which only ever reject more). A superset of what the machine decoded, so facts
+/// "X was received" derived from it are never missing something the machine saw.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    buf: Vec<u8>,
+    dead: bool,
+}
+
+impl Scan {
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Vec<Message> {
+        let mut out = Vec::new();
+        if self.dead {
+            return out;
+        }
+        self.buf.extend_from_slice(bytes);
+        while self.buf.len() >= 4 {
+            let len = u32::from_le_bytes(self.buf[0..4].try_into().unwrap());
+            if !(2..=MAX_FRAME_LEN).contains(&len) {
+                self.dead = true;
+                break;
+            }
+            let total = 4 + len as usize;
+            if self.buf.len() < total {
+                break;
+            }
+            match decode_body(&self.buf[6..total]) {
+                Ok(m) => out.push(m),
+                Err(_) => {
+                    self.dead = true;
+                    break;
+                }
+            }
+            self.buf.drain(..total);
+        }
+        out
+    }
 }
 
 /// Frame `msg` the way a well-behaved peer does: `Hello`/`HelloAck` and anything before

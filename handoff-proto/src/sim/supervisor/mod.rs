@@ -18,10 +18,8 @@ mod ops;
 
 pub use ops::{internal, IncMsg, Op, PidSel, SuccMsg, SupOp};
 
-use super::{check_frame, frame_as_peer, listeners, trace, Clock, Reached, Violation};
-use crate::wire::{
-    decode_body, DaemonStatus, HelloAck, Message, PeerRole, MAX_FRAME_LEN, SUPPORTED_VERSIONS,
-};
+use super::{check_frame, frame_as_peer, listeners, trace, Clock, Reached, Scan, Violation};
+use crate::wire::{DaemonStatus, HelloAck, Message, PeerRole, SUPPORTED_VERSIONS};
 use crate::{
     DrainReport, HandoffId, HandoffSpec, JournalRecord, Peer, Pid, ReadinessSnapshot, SealReport,
     StateSnapshot, Supervisor, SupervisorConfig, SupervisorOutput, Timing, Verdict,
@@ -85,45 +83,6 @@ fn peer_ix(p: Peer) -> usize {
     match p {
         Peer::Incumbent => 0,
         Peer::Successor => 1,
-    }
-}
-
-/// The frames a channel could have delivered, found by length alone (ignoring the version
-/// checks, which only ever reject more). A superset of what the machine decoded, so facts
-/// "X was received" derived from it are never missing something the machine saw.
-#[derive(Debug, Default)]
-struct Scan {
-    buf: Vec<u8>,
-    dead: bool,
-}
-
-impl Scan {
-    fn push(&mut self, bytes: &[u8]) -> Vec<Message> {
-        let mut out = Vec::new();
-        if self.dead {
-            return out;
-        }
-        self.buf.extend_from_slice(bytes);
-        while self.buf.len() >= 4 {
-            let len = u32::from_le_bytes(self.buf[0..4].try_into().unwrap());
-            if !(2..=MAX_FRAME_LEN).contains(&len) {
-                self.dead = true;
-                break;
-            }
-            let total = 4 + len as usize;
-            if self.buf.len() < total {
-                break;
-            }
-            match decode_body(&self.buf[6..total]) {
-                Ok(m) => out.push(m),
-                Err(_) => {
-                    self.dead = true;
-                    break;
-                }
-            }
-            self.buf.drain(..total);
-        }
-        out
     }
 }
 
