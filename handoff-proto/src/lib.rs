@@ -31,6 +31,8 @@ pub mod channel;
 pub mod error;
 pub mod incumbent;
 pub mod journal;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod successor;
 pub mod supervisor;
 mod timer;

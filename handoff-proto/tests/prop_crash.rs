@@ -1,4 +1,4 @@
-//! Property tests of crash recovery, over the same world as the model check (`world/mod.rs`)
+//! Property tests of crash recovery, over the same world as the model check (`handoff_proto::sim::world`)
 //! and the real machines, in runs the exhaustive check cannot reach: 3–8 handoffs in a row
 //! with a random mix of builds, up to six crashes of any party at any step (also part-way
 //! through a step's outputs), a supervisor restart from the journal after every supervisor
@@ -25,11 +25,14 @@
 //! line per step.
 
 mod prop_support;
-mod world;
 
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
+use handoff_proto::sim::world::{
+    Action, App, Bug, Build, Config, Machine, Party, VerdictKind, World, MAX_CUT,
+};
+use handoff_proto::sim::Violation;
 use handoff_proto::supervisor::HandoffSpec;
 use handoff_proto::{JournalRecord, Resolution, Timing};
 use prop_support::cases;
@@ -37,10 +40,14 @@ use proptest::prelude::*;
 use proptest::test_runner::{
     Config as ProptestConfig, RngSeed, TestCaseError, TestError, TestRunner,
 };
-use world::{Action, App, Bug, Build, Config, Machine, Party, VerdictKind, World, MAX_CUT};
+
+/// A violation's message, as the run's failure.
+fn message(v: Violation) -> String {
+    v.message().to_owned()
+}
 
 /// A message, end-of-file or exit notification is delivered within this (see `world`).
-const MSG_DELAY: u64 = world::MSG_DELAY;
+const MSG_DELAY: u64 = handoff_proto::sim::world::MSG_DELAY;
 
 /// The longest settling phase, in steps: a run that has not settled by then is a liveness
 /// failure (runs settle in a few thousand steps at most).
@@ -349,7 +356,7 @@ impl<'a> Sim<'a> {
             self.w.actions(&self.cfg, &mut acts);
             let quiet = acts.iter().all(|a| is_crash(a) || *a == Action::Trigger);
             if quiet {
-                self.w.settled_correctly(&self.cfg)?;
+                self.w.settled_correctly(&self.cfg).map_err(message)?;
                 if !acts.contains(&Action::Trigger) {
                     if walking {
                         // Only crashes are left to do: take one now or settle.
@@ -524,7 +531,7 @@ impl<'a> Sim<'a> {
         }
 
         // The invariants, in every state.
-        w.safety()?;
+        w.safety().map_err(message)?;
         let holder = w.sup.as_ref().is_some_and(|s| s.m.holds_listeners())
             || w.procs.iter().any(|p| p.alive && p.has_listeners);
         if !holder && w.sup.is_some() {
@@ -539,7 +546,7 @@ impl<'a> Sim<'a> {
             // `settled_correctly` checks at the end.
             reached.set("listeners lost to a double fault, bound anew");
         }
-        if !w.within_deadline(&self.cfg) {
+        if w.within_deadline(&self.cfg).is_err() {
             return Err("I5: the handoff ran past deadline + 2 slack".into());
         }
         Ok(true)
@@ -555,7 +562,7 @@ impl<'a> Sim<'a> {
         let Some(sup) = &w.sup else {
             return Err("settled with the supervisor dead".into());
         };
-        w.settled_correctly(&self.cfg)?;
+        w.settled_correctly(&self.cfg).map_err(message)?;
         let serving = sup.m.incumbent().expect("settled_correctly checked it");
         match &w.journal {
             Some(JournalRecord::Idle {
