@@ -84,6 +84,14 @@ impl Model for HandoffModel {
                 "incumbent learned the commit from the lock record",
                 |_, s: &World| s.mark_seen,
             ),
+            Property::sometimes(
+                "recovery backed off longer than the retry interval",
+                |m: &HandoffModel, s: &World| {
+                    s.sup.as_ref().is_some_and(|sup| {
+                        sup.m.next_backoff() > m.cfg.timing.retry_interval.max(m.cfg.timing.backoff_min)
+                    })
+                },
+            ),
         ]
     }
 }
@@ -215,6 +223,31 @@ fn heartbeats_keep_slow_hooks_alive() {
         assert_holds(&c);
         pin(&c, if crashes == 0 { 1_057_071 } else { 184_490 });
         assert!(c.discovery("commit reached").is_some());
+    }
+}
+
+#[test]
+fn crash_backoff_keeps_every_invariant_with_every_crash() {
+    // The other runs set no crash backoff, so a recovery retries every `retry_interval`. Here
+    // each retry and cold-start re-check waits the machine's own backoff, longer than the
+    // retry interval and doubling: recovery must still end with one serving process.
+    let mut cfg = config(vec![Build::Good, Build::FailsOnOpen], 1, None);
+    cfg.timing.backoff_min = ms(6);
+    cfg.timing.backoff_max = ms(12);
+    cfg.timing.stable_after = ms(20);
+    let (c, took) = check(cfg);
+    report("crash backoff, two handoffs, every crash", &c, took);
+    assert_holds(&c);
+    pin(&c, 257_925);
+    for name in [
+        "commit reached",
+        "rollback after drain reached",
+        "supervisor restart recovered from the journal",
+        "recovery adopted a committed successor",
+        "recovery found the incumbent rolled back",
+        "recovery backed off longer than the retry interval",
+    ] {
+        assert!(c.discovery(name).is_some(), "never reached: {name}");
     }
 }
 
