@@ -243,14 +243,6 @@ impl SupervisorEngine {
         self
     }
 
-    /// How long a recovery waits for a process still resolving a handoff, or for a daemon it
-    /// started cold to answer: sets [`Timing::recovery_wait`] (after `with_timing`, which
-    /// sets it too).
-    pub fn with_recovery_wait(mut self, wait: Duration) -> SupervisorEngine {
-        self.timing.recovery_wait = wait;
-        self
-    }
-
     /// The timings in use.
     pub fn timing(&self) -> Timing {
         self.timing

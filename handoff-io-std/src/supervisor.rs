@@ -54,15 +54,6 @@ impl Supervisor {
         })
     }
 
-    /// A supervisor over an engine configured with its `with_*` methods (the mio driver
-    /// takes the same engine).
-    pub fn from_engine(engine: SupervisorEngine) -> Supervisor {
-        Supervisor {
-            engine: Mutex::new(engine),
-            serving: AtomicU32::new(0),
-        }
-    }
-
     fn map(self, f: impl FnOnce(SupervisorEngine) -> SupervisorEngine) -> Supervisor {
         let engine = self.engine.into_inner().unwrap_or_else(|p| p.into_inner());
         Supervisor {
@@ -108,8 +99,7 @@ impl Supervisor {
     }
 
     /// Every timing: heartbeats, silence, retries, the recovery wait and the crash backoff
-    /// (default [`Timing::default`]). Set [`with_recovery_wait`](Self::with_recovery_wait)
-    /// after it, or it is overwritten.
+    /// (default [`Timing::default`]).
     pub fn with_timing(self, timing: Timing) -> Supervisor {
         self.map(|s| s.with_timing(timing))
     }
@@ -117,12 +107,6 @@ impl Supervisor {
     /// Which uids the serving daemon may run as (default: ours, and root).
     pub fn with_peer_policy(self, policy: PeerPolicy) -> Supervisor {
         self.map(|s| s.with_peer_policy(policy))
-    }
-
-    /// How long a recovery waits for a process still resolving a handoff, or for a daemon it
-    /// started cold to answer: sets [`Timing::recovery_wait`] (default 30 s).
-    pub fn with_recovery_wait(self, wait: Duration) -> Supervisor {
-        self.map(|s| s.with_recovery_wait(wait))
     }
 
     fn busy(&self) -> Result<MutexGuard<'_, SupervisorEngine>> {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use handoff_engine::error::Error;
 use handoff_io_std::supervisor::Supervisor;
+use handoff_io_std::Timing;
 
 /// A directory under the temp dir, removed on drop.
 struct Dir(PathBuf);
@@ -32,9 +33,12 @@ impl Drop for Dir {
 /// What a recovery reports for `sup`: nobody serves at its (absent) control socket, unless the
 /// listener given was refused, which is reported first.
 fn recover(sup: Supervisor) -> Error {
-    sup.with_recovery_wait(Duration::from_millis(100))
-        .resume_from_journal()
-        .unwrap_err()
+    sup.with_timing(Timing {
+        recovery_wait: Duration::from_millis(100),
+        ..Timing::default()
+    })
+    .resume_from_journal()
+    .unwrap_err()
 }
 
 #[test]

@@ -61,6 +61,7 @@ pub fn test_timing() -> Timing {
         peer_silence: Duration::from_millis(4000),
         slack: Duration::from_millis(3000),
         retry_interval: Duration::from_millis(20),
+        recovery_wait: Duration::from_secs(5),
         ..Timing::default()
     }
 }
@@ -366,17 +367,27 @@ impl Cluster {
 
     /// A supervisor of `self.driver`'s kind for this cluster, cold-starting with `cold`.
     fn build_sup(&self, cold: SpawnSpec) -> Sup {
-        let mut e = SupervisorEngine::new(&self.sock)
-            .expect("supervisor")
-            .with_timing(test_timing())
-            .with_recovery_wait(Duration::from_secs(5))
-            .with_cold_start(cold);
-        for (name, l) in &self.listeners {
-            e = e.with_listener_fd(name, l.fd());
-        }
         match self.driver {
-            Driver::Std => Sup::Std(Supervisor::from_engine(e)),
-            Driver::Mio => Sup::Mio(MioSup::new(e)),
+            Driver::Std => {
+                let mut s = Supervisor::new(&self.sock)
+                    .expect("supervisor")
+                    .with_timing(test_timing())
+                    .with_cold_start(cold);
+                for (name, l) in &self.listeners {
+                    s = s.with_listener_fd(name, l.fd());
+                }
+                Sup::Std(s)
+            }
+            Driver::Mio => {
+                let mut e = SupervisorEngine::new(&self.sock)
+                    .expect("supervisor")
+                    .with_timing(test_timing())
+                    .with_cold_start(cold);
+                for (name, l) in &self.listeners {
+                    e = e.with_listener_fd(name, l.fd());
+                }
+                Sup::Mio(MioSup::new(e))
+            }
         }
     }
 

@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 
 use handoff::supervisor::{SpawnSpec, Supervisor};
 use handoff_bench::{mono_ns, ms, raise_nofile, sibling, timings, Stats};
-use handoff_engine::SupervisorEngine;
 
 struct Args {
     daemon: String,
@@ -310,13 +309,12 @@ fn handoffs(args: &Args) -> String {
         drain_grace: Duration::from_secs(10),
         deadline: Duration::from_secs(30),
     };
-    let mut engine = SupervisorEngine::new(&sock)
+    let mut sup = Supervisor::new(&sock)
         .expect("supervisor")
         .with_cold_start(spec.clone());
     for (name, l) in &listeners {
-        engine = engine.with_listener_fd(name, l);
+        sup = sup.with_listener_fd(name, l);
     }
-    let sup = Supervisor::from_engine(engine);
     let first_pid = sup.resume_from_journal().expect("cold start").serving;
     let mut children = Vec::new();
     let mut rows = Vec::with_capacity(args.handoffs);

@@ -47,27 +47,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         peer_silence: Duration::from_millis(4000),
         slack: Duration::from_millis(3000),
         retry_interval: Duration::from_millis(20),
+        recovery_wait: Duration::from_secs(5),
         ..Timing::default()
     };
-    let mut sup = SupervisorEngine::new(&sock)?
-        .with_timing(timing)
-        .with_recovery_wait(Duration::from_secs(5))
-        .with_cold_start(spec(&testd, None));
-    let _listener;
-    if args.get(3).map(String::as_str) == Some("bind") {
+    let listener = if args.get(3).map(String::as_str) == Some("bind") {
         let l = TcpListener::bind(&args[4])?;
         println!("listening addr={}", l.local_addr()?);
-        sup = sup.with_listener_fd("http", &l);
-        _listener = Some(l);
+        Some(l)
     } else {
-        sup = sup.expect_listener("http", ListenerKind::Tcp);
-        _listener = None;
-    }
+        None
+    };
     // `TESTSUP_DRIVER=mio`: the mio supervisor driver, in a mio loop of this process.
     let sup = if std::env::var("TESTSUP_DRIVER").as_deref() == Ok("mio") {
-        Sup::Mio(MioSup::new(sup))
+        let e = SupervisorEngine::new(&sock)?
+            .with_timing(timing)
+            .with_cold_start(spec(&testd, None));
+        Sup::Mio(MioSup::new(match &listener {
+            Some(l) => e.with_listener_fd("http", l),
+            None => e.expect_listener("http", ListenerKind::Tcp),
+        }))
     } else {
-        Sup::Std(Supervisor::from_engine(sup))
+        let s = Supervisor::new(&sock)?
+            .with_timing(timing)
+            .with_cold_start(spec(&testd, None));
+        Sup::Std(match &listener {
+            Some(l) => s.with_listener_fd("http", l),
+            None => s.expect_listener("http", ListenerKind::Tcp),
+        })
     };
     let rec = sup.resume_from_journal()?;
     println!("recovered pid={}", rec.serving);
